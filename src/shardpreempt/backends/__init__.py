@@ -1,0 +1,109 @@
+"""Backend registry: URL scheme -> backend class, imported only when its scheme is used.
+
+Every backend takes ``(url, **options)``; options may also come from the URL's query string. A
+backend's client library is an optional extra (``pip install 'shardpreempt[redis]'``); a missing one
+is a :class:`~shardpreempt.errors.MissingExtra` naming the extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from ..errors import ConfigError, MissingExtra
+from ..typing import Backend
+
+#: scheme -> (module, class, extra that provides its client library or None)
+REGISTRY: dict[str, tuple[str, str, str | None]] = {
+    "memory": ("memory", "MemoryBackend", None),
+    "file": ("file", "FileBackend", None),
+    "redis": ("redis", "RedisBackend", "redis"),
+    "rediss": ("redis", "RedisBackend", "redis"),
+    "postgresql": ("postgres", "PostgresBackend", "postgresql"),
+    "postgres": ("postgres", "PostgresBackend", "postgresql"),
+    "mysql": ("mysql", "MySQLBackend", "mysql"),
+    "mariadb": ("mysql", "MySQLBackend", "mysql"),
+    "etcd": ("etcd", "EtcdBackend", "etcd"),
+    "zookeeper": ("zookeeper", "ZooKeeperBackend", "zookeeper"),
+}
+
+#: The client library each extra provides (the top-level module imported by its backend).
+EXTRA_MODULES = {"redis": "redis", "postgresql": "psycopg", "mysql": "pymysql", "etcd": "etcd3gw",
+                 "zookeeper": "kazoo"}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and any secret query option) replaced by ``***``: safe to print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if sep else f"{user}@{hostport}"
+    from ..model import SECRET_KEY
+
+    query = "&".join(
+        f"{k}={'***' if SECRET_KEY.search(k) else v}" for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def url_options(url: str) -> dict[str, str]:
+    """The query-string options of ``url``."""
+    return dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+
+
+def option(options: dict[str, Any], name: str, kind: type, default: Any, *, url: str) -> Any:
+    """Read and convert one backend option, with a clear error naming the URL and the option."""
+    raw = options.pop(name, default)
+    if raw is None or isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    try:
+        if kind is bool:
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        value = kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name!r} must be {kind.__name__}, got {raw!r}", source=redact_url(url)) from None
+    if isinstance(value, (int, float)) and value < 0:
+        raise ConfigError(f"option {name!r} must not be negative, got {raw!r}", source=redact_url(url))
+    return value
+
+
+def reject_unknown(options: dict[str, Any], url: str) -> None:
+    """Fail on options a backend did not consume."""
+    if options:
+        names = ", ".join(sorted(options))
+        raise ConfigError(f"unknown backend option(s): {names}", source=redact_url(url))
+
+
+def open_backend(url: str, **options: Any) -> Backend:
+    """Open the backend named by ``url``'s scheme, e.g. ``file:///var/lib/shardpreempt``."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"backend URL must look like scheme://..., got {redact_url(str(url))!r}")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise ConfigError(f"unknown backend scheme {scheme!r} (known: {known})", source=redact_url(url))
+    module_name, class_name, extra = REGISTRY[scheme]
+    if extra is not None:
+        try:
+            importlib.import_module(EXTRA_MODULES[extra])
+        except ImportError as exc:
+            raise MissingExtra(
+                f"the {scheme}:// backend needs its client library: pip install 'shardpreempt[{extra}]'"
+            ) from exc
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    cls = getattr(module, class_name)
+    backend: Backend = cls(url, **options)
+    return backend
+
+
+__all__ = ["REGISTRY", "open_backend", "redact_url"]

@@ -1,0 +1,244 @@
+"""``file://[PATH]`` — the embedded default: one ``flock`` per shard in a private directory.
+
+URL grammar: ``file:///abs/path`` or ``file://`` for the default, a private per-user directory
+(``$XDG_STATE_HOME/shardpreempt/locks``, else ``~/.local/state/shardpreempt/locks``). Options (query
+string or keywords): ``durable`` (bool, default false: fsync the token after each bump, so a power
+loss cannot roll a token back), ``poll`` (seconds a waiting worker sleeps between attempts, default
+0.01).
+
+The directory is created 0700 and refused if it is a symlink, owned by another user, or writable by
+group or others. Each shard key maps to ``sha256(key)[:40].lock``, opened with ``O_NOFOLLOW`` and
+never unlinked (unlinking a lock file lets two holders lock two different inodes). Acquisition takes
+the keys in sorted order with non-blocking ``flock`` and rolls back every lock taken if one is busy.
+
+Token source: a counter in the first bytes of the lock file, read and bumped while the lock is held,
+so it increases across holders, process crashes and restarts. Caveats: ``flock`` is local to one
+kernel; it does not coordinate machines and is unreliable on NFS. Locks die with the process, so
+failover needs no ttl (capabilities: session-bound, not server expiry, not cross-host; waiting is a
+short poll).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import resource
+import socket
+import stat
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
+from ..model import Holder, Lease
+from ..typing import Capabilities
+from . import option, reject_unknown, url_options
+
+RECORD_SIZE = 512  # token line + holder JSON, written with one pwrite
+
+
+def default_directory() -> Path:
+    """The private per-user lock directory used when the URL names none."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "shardpreempt" / "locks"
+
+
+def lock_name(key: str) -> str:
+    """File name for a key: a hash, so any identity (slashes, NUL, 1 MB long) is a safe name."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".lock"
+
+
+def _secure_directory(path: Path, url: str) -> Path:
+    if not path.is_absolute():
+        raise ConfigError(f"lock directory must be an absolute path, got {str(path)!r}", source=url)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot create lock directory {str(path)!r}: {exc.strerror}", source=url) from exc
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"lock directory {str(path)!r} is a symlink or not a directory", source=url)
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"lock directory {str(path)!r} is owned by uid {st.st_uid}, not by us", source=url)
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            f"lock directory {str(path)!r} is writable by group or others (mode {st.st_mode & 0o777:o}); "
+            "use a private one (chmod 700)",
+            source=url,
+        )
+    return path
+
+
+def _read_record(fd: int) -> tuple[int, dict[str, Any]]:
+    raw = os.pread(fd, RECORD_SIZE, 0)
+    if not raw.strip():
+        return 0, {}
+    first, _, rest = raw.partition(b"\n")
+    try:
+        token = int(first)
+        holder = json.loads(rest) if rest.strip() else {}
+    except ValueError as exc:
+        raise BackendProtocolError(f"unreadable lock record ({raw[:40]!r})") from exc
+    return token, holder
+
+
+def _write_record(fd: int, token: int, holder: dict[str, Any], durable: bool) -> None:
+    body = b"%d\n%s" % (token, json.dumps(holder, separators=(",", ":")).encode())
+    if len(body) > RECORD_SIZE:  # an owner id this long is refused rather than truncated
+        raise ConfigError(f"owner id too long for a lock record ({len(body)} bytes)")
+    os.pwrite(fd, body.ljust(RECORD_SIZE), 0)
+    if durable:
+        os.fsync(fd)
+
+
+def _flock_holders() -> set[tuple[int, int, int]] | None:
+    """(major, minor, inode) of every file with an flock, from /proc/locks; None if not Linux."""
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    held = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[3] == "WRITE":
+            major, minor, inode = fields[5].split(":")
+            held.add((int(major, 16), int(minor, 16), int(inode)))
+    return held
+
+
+def _ensure_fd_room(extra: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = extra + 256
+    if want > soft and soft != resource.RLIM_INFINITY:
+        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+class FileBackend:
+    """Per-shard ``flock`` in a private directory (one machine)."""
+
+    capabilities = Capabilities(server_expiry=False, cross_host=False, session_bound=True, blocking_wait=False)
+
+    def __init__(self, url: str = "file://", **options: Any) -> None:
+        opts = {**url_options(url), **options}
+        self.durable = option(opts, "durable", bool, False, url=url)
+        self.poll = option(opts, "poll", float, 0.01, url=url)
+        reject_unknown(opts, url)
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError("file:// URLs name a local directory: file:///abs/path", source=url)
+        raw = unquote(parts.path)
+        self.directory = _secure_directory(Path(raw) if raw else default_directory(), url)
+        self.url = f"file://{self.directory}"
+        self._held: dict[str, list[int]] = {}  # session -> fds holding the locks
+        self._host = socket.gethostname()
+
+    def _open(self, key: str) -> int:
+        path = self.directory / lock_name(key)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BackendError(f"refusing lock file {str(path)!r}: it is a symlink") from exc
+            raise BackendError(f"cannot open lock file {str(path)!r}: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise BackendError(f"refusing lock file {str(path)!r}: not a regular file of ours")
+        return fd
+
+    def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        """Lock every key (sorted, non-blocking) or roll back and return None."""
+        ordered = sorted(set(keys))
+        _ensure_fd_room(len(ordered) + sum(len(v) for v in self._held.values()))
+        fds: list[int] = []
+        try:
+            for key in ordered:
+                fd = self._open(key)
+                fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._close_all(fds)
+                    return None
+            holder = {"owner": owner, "pid": os.getpid(), "host": self._host, "since": time.time()}
+            tokens = {}
+            for key, fd in zip(ordered, fds):
+                token = _read_record(fd)[0] + 1
+                _write_record(fd, token, holder, self.durable)
+                tokens[key] = token
+        except BaseException:
+            self._close_all(fds)
+            raise
+        session = uuid.uuid4().hex
+        self._held[session] = fds
+        return Lease(tuple(keys), owner, tokens, ttl, session=session)
+
+    @staticmethod
+    def _close_all(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)  # closing the only descriptor of the open file drops its flock
+
+    def renew(self, lease: Lease) -> Lease:
+        """Nothing to renew: the kernel holds the locks while we live."""
+        if lease.session not in self._held:
+            raise LeaseLost("lease was released", lease.keys)
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        """Clear the holder record (the token stays) and unlock; idempotent."""
+        fds = self._held.pop(lease.session, None)
+        if fds is None:
+            return
+        try:
+            for fd in fds:
+                token, _ = _read_record(fd)
+                _write_record(fd, token, {}, self.durable)
+        finally:
+            self._close_all(fds)
+
+    def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
+        """Read each lock record; a record counts only while its file is flocked (from /proc/locks)."""
+        held = _flock_holders()
+        out: dict[str, Holder | None] = {}
+        for key in keys:
+            out[key] = self._inspect_one(key, held)
+        return out
+
+    def _inspect_one(self, key: str, held: set[tuple[int, int, int]] | None) -> Holder | None:
+        try:
+            fd = os.open(self.directory / lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if held is not None:
+                locked = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in held
+            else:  # no /proc/locks: probe; a shared lock succeeds only when nobody holds it
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    locked = False
+                except BlockingIOError:
+                    locked = True
+            token, rec = _read_record(fd)
+        finally:
+            os.close(fd)
+        if not locked or not rec.get("owner"):
+            return None
+        return Holder(rec["owner"], token, None, rec.get("pid"), rec.get("host"), rec.get("since"))
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        """flock has no notification across files: sleep one poll interval (at most ``timeout``)."""
+        time.sleep(max(0.0, min(timeout, self.poll)))
+
+    def close(self) -> None:
+        """Release everything still held."""
+        for session in list(self._held):
+            self.release(Lease((), "", {}, 0.0, session=session))

@@ -1,0 +1,122 @@
+"""Frozen value types: Shard, Slice, Lease, Holder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+#: A settings key whose name matches this is a secret: never printed, logged or put in an event.
+SECRET_KEY = re.compile(r"pass|secret|token|key|credential|auth|private", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``settings`` with every secret value replaced by ``***``."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        if SECRET_KEY.search(name):
+            out[name] = REDACTED
+        elif isinstance(value, Mapping):
+            out[name] = redact_settings(value)
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work with a stable identity; ``settings`` may hold secrets and never print."""
+
+    identity: str
+    name: str = ""
+    settings: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        if not self.name:
+            object.__setattr__(self, "name", self.identity)
+
+    def __repr__(self) -> str:
+        return f"Shard(identity={self.identity!r}, name={self.name!r}, settings={redact_settings(self.settings)!r})"
+
+    def public(self) -> dict[str, Any]:
+        """Identity, name and redacted settings, safe for status and logs."""
+        return {"identity": self.identity, "name": self.name, "settings": redact_settings(self.settings)}
+
+
+@dataclass(frozen=True)
+class Slice:
+    """An ordered group of shards; its ``id`` is a stable hash of its digest."""
+
+    index: int
+    shards: tuple[Shard, ...]
+
+    @property
+    def digest(self) -> list[str]:
+        """The identities of the slice's shards, in order."""
+        return [s.identity for s in self.shards]
+
+    @property
+    def id(self) -> str:
+        """Stable across runs and machines: the same shards in the same order give the same id."""
+        blob = json.dumps(self.digest, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The lock keys of the slice (the shard identities)."""
+        return tuple(self.digest)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a successful acquire returns.
+
+    ``tokens`` maps each key to its fencing token (strictly increasing per key across all holders).
+    ``deadline`` is a local monotonic time: past it the holder must treat the lease as lost, whatever
+    the server says (``math.inf`` for backends whose locks die with the process, such as ``file://``).
+    ``session`` is the backend's handle for the holder's liveness session (opaque to callers).
+    """
+
+    keys: tuple[str, ...]
+    owner: str
+    tokens: Mapping[str, int]
+    ttl: float
+    deadline: float = math.inf
+    session: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", MappingProxyType(dict(self.tokens)))
+
+    def with_deadline(self, deadline: float) -> Lease:
+        """The same lease with a new local deadline (after a renewal)."""
+        return Lease(self.keys, self.owner, self.tokens, self.ttl, deadline, self.session)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a key, for status: owner id, token, and what the backend knows about expiry."""
+
+    owner: str
+    token: int
+    expires_in: float | None = None  # seconds left by the server's clock; None: held until the holder dies
+    pid: int | None = None
+    host: str | None = None
+    since: float | None = None  # unix time the hold began, where the backend records it
+
+    def public(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "owner": self.owner,
+            "token": self.token,
+            "expires_in": self.expires_in,
+            "pid": self.pid,
+            "host": self.host,
+            "since": self.since,
+        }

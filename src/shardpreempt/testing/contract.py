@@ -1,0 +1,278 @@
+"""The backend contract suite (DESIGN §3), public so third-party backends can run it too.
+
+Use it from pytest: subclass :class:`BackendContract` in a test module and provide a fixture
+``backend_url`` that returns a URL of a fresh, empty namespace on a running server, and optionally
+``backend_server`` (an :class:`~shardpreempt.testing.servers.EphemeralServer`, or ``None``) for the
+restart test. ``ttl`` (class attribute) is the short lease time the expiry tests use.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from ..backends import open_backend
+from ..errors import LeaseLost
+from ..typing import Backend
+from .history import check
+from .wait import wait_until
+
+
+def new_owner(tag: str = "t") -> str:
+    """A unique owner id."""
+    return f"{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def hammer(url: str, keys: list[str], seconds: float, ttl: float, seed: int) -> list[dict[str, Any]]:
+    """Acquire random overlapping subsets of ``keys`` for ``seconds``; return acquired/released events."""
+    rng = random.Random(seed)
+    backend = open_backend(url)
+    owner = new_owner(f"h{seed}")
+    events: list[dict[str, Any]] = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            subset = rng.sample(keys, rng.randint(1, max(1, len(keys) // 2)))
+            lease = backend.try_acquire(subset, owner, ttl)
+            if lease is None:
+                backend.wait(subset, 0.002)
+                continue
+            t = time.time()
+            events += [{"t": t, "event": "acquired", "shard": k, "owner": owner, "token": lease.tokens[k]}
+                       for k in lease.keys]
+            time.sleep(rng.uniform(0, 0.003))  # hold a little, so a broken backend shows an overlap
+            t = time.time()
+            events += [{"t": t, "event": "released", "shard": k, "owner": owner} for k in lease.keys]
+            backend.release(lease)
+    finally:
+        backend.close()
+    return events
+
+
+HOLDER_SCRIPT = """
+import sys, time
+from shardpreempt.backends import open_backend
+b = open_backend(sys.argv[1])
+ttl = float(sys.argv[3])
+lease = b.try_acquire(sys.argv[4:], sys.argv[2], ttl)
+print("token", lease.tokens[sys.argv[4]] if lease else -1, flush=True)
+while True:
+    time.sleep(ttl / 4)
+    b.renew(lease)
+"""
+
+
+class BackendContract:
+    """The behaviour every backend must show; each test states one rule."""
+
+    ttl = 1.0
+    processes = 4
+    hammer_seconds = 2.0
+
+    @pytest.fixture
+    def open_(self, backend_url: str) -> Iterator[Callable[[], Backend]]:
+        """Open new backend instances (new connections) on the test's namespace."""
+        opened: list[Backend] = []
+
+        def make() -> Backend:
+            backend = open_backend(backend_url)
+            opened.append(backend)
+            return backend
+
+        yield make
+        for backend in opened:
+            backend.close()
+
+    def test_acquire_gives_tokens_and_inspect_reports_holder(self, open_: Callable[[], Backend]) -> None:
+        """An acquire holds every key with a positive token, and inspect names the owner."""
+        b = open_()
+        owner = new_owner()
+        lease = b.try_acquire(["a", "b", "c"], owner, 30)
+        assert lease is not None
+        assert set(lease.tokens) == {"a", "b", "c"} and all(t > 0 for t in lease.tokens.values())
+        seen = open_().inspect(["a", "b", "c", "free"])
+        assert seen["free"] is None
+        for key in "abc":
+            holder = seen[key]
+            assert holder is not None and holder.owner == owner and holder.token == lease.tokens[key]
+
+    def test_all_or_nothing_under_contention(self, open_: Callable[[], Backend]) -> None:
+        """When one key of a slice is held elsewhere, the acquire fails and holds nothing."""
+        a, b = open_(), open_()
+        assert a.try_acquire(["k2"], new_owner("a"), 30) is not None
+        assert b.try_acquire(["k1", "k2", "k3"], new_owner("b"), 30) is None
+        seen = b.inspect(["k1", "k3"])
+        assert seen == {"k1": None, "k3": None}
+        assert b.try_acquire(["k1", "k3"], new_owner("b"), 30) is not None
+
+    def test_release_is_idempotent_and_never_frees_another_holder(self, open_: Callable[[], Backend]) -> None:
+        """Releasing twice is harmless and a stale release leaves the new holder's key alone."""
+        a, b = open_(), open_()
+        lease = a.try_acquire(["x", "y"], new_owner("a"), 30)
+        assert lease is not None
+        a.release(lease)
+        a.release(lease)
+        other = b.try_acquire(["x"], new_owner("b"), 30)
+        assert other is not None
+        a.release(lease)
+        holder = b.inspect(["x"])["x"]
+        assert holder is not None and holder.owner == other.owner
+
+    def test_tokens_strictly_increase_across_holders(self, open_: Callable[[], Backend]) -> None:
+        """Each new holder of a key gets a higher token than every earlier one."""
+        backends = [open_(), open_()]
+        last = 0
+        for i in range(6):
+            lease = backends[i % 2].try_acquire(["tok"], new_owner(str(i)), 30)
+            assert lease is not None
+            assert lease.tokens["tok"] > last
+            last = lease.tokens["tok"]
+            backends[i % 2].release(lease)
+
+    def test_wait_returns_when_a_key_is_released(self, open_: Callable[[], Backend]) -> None:
+        """A waiting worker wakes when the holder releases, well before its timeout."""
+        a, b = open_(), open_()
+        lease = a.try_acquire(["w"], new_owner("a"), 30)
+        assert lease is not None
+        woke: list[float] = []
+
+        def waiter() -> None:
+            start = time.monotonic()
+            while b.try_acquire(["w"], new_owner("b"), 30) is None:
+                b.wait(["w"], 5.0)
+                if time.monotonic() - start > 20:
+                    return
+            woke.append(time.monotonic() - start)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        a.release(lease)
+        thread.join(30)
+        assert woke and woke[0] < 5.0
+
+    def test_inspect_many_keys(self, open_: Callable[[], Backend]) -> None:
+        """inspect answers for thousands of keys, held and free, correctly."""
+        b = open_()
+        keys = [f"shard-{i}" for i in range(3000)]
+        lease = b.try_acquire(keys[:1000], new_owner(), 60)
+        assert lease is not None
+        seen = open_().inspect(keys)
+        assert sum(h is not None for h in seen.values()) == 1000
+        assert all(seen[k] is not None and seen[k].token == lease.tokens[k] for k in keys[:1000])  # type: ignore[union-attr]
+
+    def test_renew_keeps_the_lease_past_its_ttl(self, open_: Callable[[], Backend]) -> None:
+        """A holder that renews keeps its keys beyond the ttl."""
+        a, b = open_(), open_()
+        lease = a.try_acquire(["r"], new_owner("a"), self.ttl)
+        assert lease is not None
+        end = time.monotonic() + self.ttl * 2.5
+        while time.monotonic() < end:
+            lease = a.renew(lease)
+            assert b.try_acquire(["r"], new_owner("b"), self.ttl) is None
+            time.sleep(self.ttl / 5)
+
+    def test_expiry_hands_the_key_to_the_next_owner_with_a_higher_token(
+        self, open_: Callable[[], Backend]
+    ) -> None:
+        """A lease that is not renewed expires; the next owner gets the key with a higher token."""
+        a, b = open_(), open_()
+        if not a.capabilities.server_expiry:
+            pytest.skip("backend has no server-side expiry (holds end with the process)")
+        lease = a.try_acquire(["e1", "e2"], new_owner("a"), self.ttl)
+        assert lease is not None
+        taken = wait_until(lambda: b.try_acquire(["e1", "e2"], new_owner("b"), 30), self.ttl * 5 + 5,
+                           message="expired key taken over")
+        assert all(taken.tokens[k] > lease.tokens[k] for k in ("e1", "e2"))
+        with pytest.raises(LeaseLost):
+            a.renew(lease)
+        a.release(lease)  # stale: must not free b's keys
+        assert all(h is not None and h.owner == taken.owner for h in b.inspect(["e1", "e2"]).values())
+
+    def test_renew_after_expiry_raises_lease_lost(self, open_: Callable[[], Backend]) -> None:
+        """Renewing a lease whose ttl ran out raises LeaseLost, even if nobody took the keys."""
+        a = open_()
+        if not a.capabilities.server_expiry:
+            pytest.skip("backend has no server-side expiry")
+        lease = a.try_acquire(["l"], new_owner("a"), self.ttl)
+        assert lease is not None
+        wait_until(lambda: open_().inspect(["l"])["l"] is None, self.ttl * 5 + 5, interval=0.05,
+                   message="lease expiry")
+        with pytest.raises(LeaseLost):
+            a.renew(lease)
+
+    def test_killed_holder_frees_its_keys(self, backend_url: str, open_: Callable[[], Backend]) -> None:
+        """SIGKILL of a holder process frees its keys (at once, or after the ttl) for a higher token."""
+        if backend_url.startswith("memory:"):
+            pytest.skip("memory:// is in-process")
+        ttl = self.ttl
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, backend_url, new_owner("k"), str(ttl),
+                                 "d1", "d2"],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            assert line and line[0] == "token" and int(line[1]) > 0, line
+            b = open_()
+            assert b.try_acquire(["d1"], new_owner("b"), 30) is None
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        taken = wait_until(lambda: b.try_acquire(["d1", "d2"], new_owner("b"), 30), ttl * 5 + 5,
+                           message="killed holder's keys taken over")
+        assert taken.tokens["d1"] > int(line[1])
+
+    def test_exclusivity_between_processes(self, backend_url: str) -> None:
+        """Processes racing for overlapping key sets never hold one key at once; tokens only rise."""
+        keys = [f"p{i}" for i in range(6)]
+        if backend_url.startswith("memory:"):
+            pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(self.processes)
+        else:
+            pool = concurrent.futures.ProcessPoolExecutor(self.processes,
+                                                          mp_context=multiprocessing.get_context("spawn"))
+        with pool:
+            futures = [pool.submit(hammer, backend_url, keys, self.hammer_seconds, 30.0, seed)
+                       for seed in range(self.processes)]
+            events = [e for f in futures for e in f.result()]
+        report = check(events)
+        acquired = sum(e["event"] == "acquired" for e in events)
+        assert acquired >= self.processes, "the race produced too few acquisitions to mean anything"
+        assert report.ok, report.violations[:5]
+
+    def test_tokens_increase_across_a_server_restart(self, open_: Callable[[], Backend],
+                                                     backend_server: Any) -> None:
+        """After the server restarts (losing volatile state), tokens still only go up."""
+        if backend_server is None:
+            pytest.skip("no restartable server for this backend")
+        a = open_()
+        lease = a.try_acquire(["rs"], new_owner("a"), 30)
+        assert lease is not None
+        a.release(lease)
+        backend_server.restart(lose_data=True)
+        b = open_()
+        again = wait_until(lambda: _try(b, ["rs"]), 30, interval=0.1, message="acquire after restart")
+        assert again.tokens["rs"] > lease.tokens["rs"]
+
+
+def _try(backend: Backend, keys: list[str]) -> Any:
+    from ..errors import BackendUnavailable
+
+    try:
+        return backend.try_acquire(keys, new_owner("r"), 30)
+    except BackendUnavailable:
+        return None
+
+
+__all__ = ["BackendContract", "hammer", "new_owner"]
