@@ -79,8 +79,9 @@ class Lease:
     """What a successful acquire returns.
 
     ``tokens`` maps each key to its fencing token (strictly increasing per key across all holders).
-    ``deadline`` is a local monotonic time: past it the holder must treat the lease as lost, whatever
-    the server says (``math.inf`` for backends whose locks die with the process, such as ``file://``).
+    ``deadline`` is a local monotonic time: the start of the request that granted or renewed the lease
+    plus ``ttl`` (``math.inf`` for backends whose locks die with the process, such as ``file://``).
+    The claimer treats the lease as lost a safety margin *before* it, whatever the server says.
     ``session`` is the backend's handle for the holder's liveness session (opaque to callers).
     """
 
