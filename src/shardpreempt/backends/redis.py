@@ -1,0 +1,359 @@
+"""``redis://`` and ``rediss://`` — locks in one Redis server (redis-py), atomic by Lua scripts.
+
+URL grammar::
+
+    redis://[[user]:password@]host[:port][/db][?option=value&...]
+    rediss://...                      (TLS)
+
+Host defaults to ``localhost``, port to 6379, db to 0. Options (query string or keywords):
+
+=================== =============== ==========================================================
+``prefix``          ``shardpreempt:`` prepended to every key and to the pub/sub channel
+``connect_timeout`` 2.0             seconds to open a connection (TCP, TLS and AUTH)
+``timeout``         2.0             seconds to wait for any one reply
+``ssl_ca_certs``    (system CAs)    ``rediss://`` only: CA bundle file to verify the server with
+``ssl_ca_path``     —               ``rediss://`` only: directory of CA certificates
+``ssl_certfile``    —               ``rediss://`` only: client certificate (mutual TLS)
+``ssl_keyfile``     —               ``rediss://`` only: the client certificate's private key
+``ssl_cert_reqs``   ``required``    ``rediss://`` only: ``required``, ``optional`` or ``none``
+``ssl_check_hostname`` true         ``rediss://`` only: check the certificate names the host
+=================== =============== ==========================================================
+
+Layout: ``{prefix}session:{sid}`` is the owner's liveness session (value: JSON with pid and host),
+with a ``PX`` expiry; ``sid`` is ``owner + "/" + random``. ``{prefix}shard:{key}`` holds
+``"<token> <since µs> <sid>"`` while held and ``"<token>"`` once released (the last token is kept).
+A key is free when its value names no session or a session key that no longer exists, so renewing
+touches only the session (``PEXPIRE``, one round trip, never shortening it) and per-shard state is
+written only when ownership changes. ``try_acquire`` and ``release`` are one ``EVALSHA`` each,
+whatever the number of keys; ``release`` publishes on ``{prefix}released`` and ``wait`` listens
+there on a subscription kept open across calls.
+
+Token source: ``max(last token + 1, TIME in µs)`` in the acquire script, from the server's own clock.
+While Redis keeps its data, ``last + 1`` alone guarantees growth; after a restart that lost
+everything (no persistence, failover to a lagging replica), growth rests on the assumption that the
+server's clock never steps back further than the time between two grants of a shard, and that a
+shard is granted at most once per microsecond. Tokens are near 1.7e15 (below 2**53, exact in Lua).
+
+Capabilities: server expiry (``PX``, the server's clock), cross host, not session bound, blocking
+wait (pub/sub; any release wakes every waiter, which then retries; expiry does not notify).
+Caveats: one Redis server (no Cluster: the scripts touch keys outside their ``KEYS``); replication
+is asynchronous, so a failover can lose a fresh grant (use one primary, or accept the risk). The
+first call after a dropped connection raises ``BackendUnavailable``; the next one reconnects.
+Each backend object uses one connection per calling thread, plus one for pub/sub once it waits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+import redis.client
+import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
+from ..model import Holder, Lease
+from ..typing import Capabilities
+from . import option, redact_url, reject_unknown, url_options
+
+log = logging.getLogger("shardpreempt.backends.redis")
+
+MGET_BATCH = 10_000  # keys per MGET in inspect: big enough for few commands, small enough not to stall
+
+# Codes the acquire script returns first; anything else is a BackendProtocolError.
+BUSY, GRANTED, CORRUPT = 0, 1, 2
+
+ACQUIRE = """
+-- KEYS[1] cached session key, KEYS[2] fresh session key, KEYS[3..] shard keys
+-- ARGV[1] ttl ms, ARGV[2] cached sid, ARGV[3] fresh sid, ARGV[4] session key prefix, ARGV[5] session value
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes on Redis < 5
+local sid, skey = ARGV[2], KEYS[1]
+if redis.call('EXISTS', skey) == 0 then sid, skey = ARGV[3], KEYS[2] end
+local last = {}
+for i = 3, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local token, holder = string.match(v, '^(%d+) %d+ (.*)$')  -- held: token, since, sid
+    if not token then token = string.match(v, '^(%d+)$') end  -- released: the last token only
+    if not token then return {2, KEYS[i]} end
+    if holder and holder ~= sid and redis.call('EXISTS', ARGV[4] .. holder) == 1 then return {0} end
+    last[i] = tonumber(token)
+  else
+    last[i] = 0
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[1])
+if redis.call('PTTL', skey) < ttl then redis.call('SET', skey, ARGV[5], 'PX', ttl) end
+local out = {1, sid}
+for i = 3, #KEYS do
+  local token = math.max(last[i] + 1, now)
+  redis.call('SET', KEYS[i], string.format('%d %d %s', token, now, sid))
+  out[#out + 1] = string.format('%d', token)
+end
+return out
+"""
+
+RENEW = """
+-- KEYS[1] session key, ARGV[1] ttl ms; 1 = extended (never shortened), 0 = session gone
+local left = redis.call('PTTL', KEYS[1])
+if left == -2 then return 0 end
+if left < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+RELEASE = """
+-- KEYS shard keys, ARGV[1] sid, ARGV[2] channel; returns how many keys were freed
+local n = 0
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local token, holder = string.match(v, '^(%d+) %d+ (.*)$')
+    if holder == ARGV[1] then
+      redis.call('SET', KEYS[i], token)
+      n = n + 1
+    end
+  end
+end
+if n > 0 then redis.call('PUBLISH', ARGV[2], n) end
+return n
+"""
+
+TLS_OPTIONS: dict[str, type] = {"ssl_ca_certs": str, "ssl_ca_path": str, "ssl_certfile": str,
+                                "ssl_keyfile": str, "ssl_cert_reqs": str, "ssl_check_hostname": bool}
+# Server errors that mean "not now" rather than "never": retrying later may succeed.
+TRANSIENT = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "OOM")
+
+
+def _owner_of(sid: str) -> str:
+    return sid.rsplit("/", 1)[0]
+
+
+class RedisBackend:
+    """Locks in Redis: one session key per owner, shard keys pointing at it, Lua for atomicity."""
+
+    capabilities = Capabilities(server_expiry=True, cross_host=True, session_bound=False, blocking_wait=True)
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = redact_url(url)
+        opts = {**url_options(url), **options}
+        self.prefix = option(opts, "prefix", str, "shardpreempt:", url=url)
+        self.connect_timeout = option(opts, "connect_timeout", float, 2.0, url=url)
+        self.timeout = option(opts, "timeout", float, 2.0, url=url)
+        parts = urlsplit(url)
+        tls = {name: option(opts, name, kind, None, url=url) for name, kind in TLS_OPTIONS.items()}
+        tls = {name: value for name, value in tls.items() if value is not None}
+        reject_unknown(opts, url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigError("URL scheme must be redis:// or rediss://", source=self.url)
+        if tls and parts.scheme != "rediss":
+            raise ConfigError(f"TLS options need rediss://: {', '.join(sorted(tls))}", source=self.url)
+        try:
+            port = parts.port or 6379
+            db = int(parts.path.strip("/") or 0)
+        except ValueError:
+            raise ConfigError("expected redis://host:port/db, port and db numbers", source=self.url) from None
+        self._password = unquote(parts.password) if parts.password else None
+        self._client = redis.Redis(
+            host=parts.hostname or "localhost", port=port, db=db,
+            username=unquote(parts.username) if parts.username else None, password=self._password,
+            socket_connect_timeout=self.connect_timeout, socket_timeout=self.timeout, socket_keepalive=True,
+            # No retries in the client: the claimer owns retry and backoff, and a quick failure is the
+            # signal it needs. The pool reconnects on the next call after a dropped connection.
+            retry=Retry(NoBackoff(), 0), decode_responses=True, driver_info=None,
+            ssl=parts.scheme == "rediss", **tls,
+        )
+        self._acquire = self._client.register_script(ACQUIRE)
+        self._renew = self._client.register_script(RENEW)
+        self._release = self._client.register_script(RELEASE)
+        self._channel = f"{self.prefix}released"
+        self._pubsub: redis.client.PubSub | None = None
+        self._sessions: dict[str, str] = {}  # owner -> the sid it last held; replaced when found dead
+        self._host = socket.gethostname()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _shard_key(self, key: str) -> str:
+        return f"{self.prefix}shard:{key}"
+
+    def _session_key(self, sid: str) -> str:
+        return f"{self.prefix}session:{sid}"
+
+    @contextmanager
+    def _edge(self, operation: str) -> Iterator[None]:
+        """Translate redis-py errors, once, into the project's exceptions (URL redacted)."""
+        try:
+            yield
+        except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError,
+                redis.exceptions.NoPermissionError) as exc:
+            text = self._scrub(exc)
+            raise ConfigError(f"{operation}: authentication failed: {text}", source=self.url) from exc
+        except redis.exceptions.ResponseError as exc:
+            text = self._scrub(exc)
+            if "DB index" in text or "invalid DB" in text:
+                raise ConfigError(f"{operation}: no such database: {text}", source=self.url) from exc
+            if getattr(exc, "status_code", None) in TRANSIENT or text.startswith(TRANSIENT):
+                raise BackendUnavailable(f"{self.url}: {operation}: server busy: {text}") from exc
+            raise BackendProtocolError(f"{self.url}: {operation}: {text}") from exc
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise BackendUnavailable(f"{self.url}: {operation}: {self._scrub(exc)}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise BackendError(f"{self.url}: {operation}: {self._scrub(exc)}") from exc
+
+    def _scrub(self, exc: BaseException) -> str:
+        # redis-py does not echo passwords, but a message is cheap to make certain of.
+        text = str(exc) or type(exc).__name__
+        return text.replace(self._password, "***") if self._password else text
+
+    @staticmethod
+    def _ms(ttl: float) -> int:
+        if not ttl > 0 or math.isinf(ttl):
+            raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        return max(1, math.ceil(ttl * 1000))
+
+    # -- the contract ---------------------------------------------------------------------------
+    def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        """Hold every key or none, in one script run (one round trip)."""
+        unique = list(dict.fromkeys(keys))
+        fresh = f"{owner}/{uuid.uuid4().hex}"
+        cached = self._sessions.get(owner, fresh)
+        value = json.dumps({"pid": os.getpid(), "host": self._host}, separators=(",", ":"))
+        start = time.monotonic()
+        with self._edge("acquire"):
+            reply = self._acquire(
+                keys=[self._session_key(cached), self._session_key(fresh), *map(self._shard_key, unique)],
+                args=[self._ms(ttl), cached, fresh, self._session_key(""), value],
+            )
+        code = reply[0] if isinstance(reply, list) and reply else None
+        if code == BUSY:
+            return None
+        if code == GRANTED and len(reply) == len(unique) + 2:
+            sid = str(reply[1])
+            self._sessions[owner] = sid
+            tokens = {key: int(token) for key, token in zip(unique, reply[2:], strict=True)}
+            log.debug("acquired %d keys for %s (session %s)", len(unique), owner, sid)
+            return Lease(tuple(keys), owner, tokens, ttl, start + ttl, sid)
+        if code == CORRUPT:
+            raise BackendProtocolError(f"{self.url}: unreadable shard record at {reply[1]!r}")
+        raise BackendProtocolError(f"{self.url}: unexpected reply from the acquire script: {reply!r:.200}")
+
+    def renew(self, lease: Lease) -> Lease:
+        """Extend the owner's session (never shortening it): one round trip, whatever the key count."""
+        start = time.monotonic()
+        with self._edge("renew"):
+            reply = self._renew(keys=[self._session_key(lease.session)], args=[self._ms(lease.ttl)])
+        if reply == 1:
+            return lease.with_deadline(start + lease.ttl)
+        if reply == 0:
+            if self._sessions.get(lease.owner) == lease.session:
+                del self._sessions[lease.owner]  # the next acquire must start a new session
+            raise LeaseLost("session expired", lease.keys)
+        raise BackendProtocolError(f"{self.url}: unexpected reply from the renew script: {reply!r:.200}")
+
+    def release(self, lease: Lease) -> None:
+        """Free the keys still pointing at this lease's session and notify waiters; idempotent."""
+        if not lease.keys:
+            return
+        with self._edge("release"):
+            reply = self._release(keys=[self._shard_key(k) for k in dict.fromkeys(lease.keys)],
+                                  args=[lease.session, self._channel])
+        if not isinstance(reply, int):
+            raise BackendProtocolError(f"{self.url}: unexpected reply from the release script: {reply!r:.99}")
+        log.debug("released %d of %d keys of %s", reply, len(lease.keys), lease.owner)
+
+    def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
+        """Holder of each key: one pipelined round trip of MGETs, one more for the live sessions."""
+        unique = list(dict.fromkeys(keys))
+        with self._edge("inspect"):
+            pipe = self._client.pipeline(transaction=False)
+            for i in range(0, len(unique), MGET_BATCH):
+                pipe.mget([self._shard_key(k) for k in unique[i:i + MGET_BATCH]])
+            values = [v for batch in pipe.execute() for v in batch] if unique else []
+            records: dict[str, tuple[int, int, str]] = {}
+            for key, value in zip(unique, values, strict=True):
+                if value is None:
+                    continue
+                fields = str(value).split(" ", 2)
+                if len(fields) == 3:
+                    try:
+                        records[key] = (int(fields[0]), int(fields[1]), fields[2])
+                    except ValueError:
+                        raise BackendProtocolError(f"{self.url}: unreadable shard record: {key!r}") from None
+            sids = list(dict.fromkeys(sid for _, _, sid in records.values()))
+            sessions: dict[str, tuple[int, Any]] = {}
+            if sids:
+                pipe = self._client.pipeline(transaction=False)
+                for sid in sids:
+                    pipe.pttl(self._session_key(sid))
+                    pipe.get(self._session_key(sid))
+                answers = pipe.execute()
+                sessions = {sid: (answers[2 * i], answers[2 * i + 1]) for i, sid in enumerate(sids)}
+        out: dict[str, Holder | None] = dict.fromkeys(keys)
+        for key, (token, since_us, sid) in records.items():
+            pttl, raw = sessions[sid]
+            if raw is None or pttl == -2:
+                continue  # the session expired: the key is free
+            info = self._session_info(raw)
+            out[key] = Holder(_owner_of(sid), token, pttl / 1000 if pttl >= 0 else None,
+                              info.get("pid"), info.get("host"), since_us / 1e6)
+        return out
+
+    @staticmethod
+    def _session_info(raw: Any) -> dict[str, Any]:
+        try:
+            info = json.loads(raw)
+        except (TypeError, ValueError):
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        """Block until a release is published on the prefix's channel, or ``timeout`` passes.
+
+        The subscription starts on the first call and stays open, so releases between a failed
+        acquire and the next ``wait`` queue up. The first call returns as soon as the subscription is
+        confirmed: a release may have happened before it, and the caller should simply try again.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        try:
+            with self._edge("wait"):
+                if self._pubsub is None:
+                    pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]  # redis-py lacks the hint
+                    pubsub.subscribe(self._channel)
+                    self._pubsub = pubsub
+                    pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                    return
+                if self._pubsub.get_message(timeout=max(0.0, deadline - time.monotonic())) is None:
+                    return
+                while self._pubsub.get_message(timeout=0.0) is not None:
+                    pass  # coalesce queued notifications: one wake-up is enough to retry
+        except BackendError:
+            # Notifications may have been lost with the connection: start over on the next call.
+            self._drop_pubsub()
+            raise
+
+    def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except (redis.exceptions.RedisError, OSError):
+                log.debug("ignoring error while closing the pub/sub connection", exc_info=True)
+
+    def close(self) -> None:
+        """Drop the connections (held keys stay held until their session expires)."""
+        self._drop_pubsub()
+        try:
+            self._client.close()
+        except (redis.exceptions.RedisError, OSError):
+            log.debug("ignoring error while closing %s", self.url, exc_info=True)
