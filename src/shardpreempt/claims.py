@@ -1,0 +1,243 @@
+"""The claimer: acquire a slice, keep its lease alive, report loss; the only place with a timer.
+
+A :class:`Claim` renews its lease every ``ttl/3`` in one background thread (only for backends whose
+leases expire on the server). Its *fence time* is the lease's local deadline minus a safety margin:
+once past it without a successful renewal the claim is lost — even if the server is unreachable and
+might still think we hold it — so the holder stops before the server can give the shards away.
+Loss is reported as a value (``claim.lost``, ``claim.reason``) and through callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .backends import open_backend
+from .errors import BackendError, LeaseLost
+from .model import Lease, Shard, Slice
+from .slicing import make_slices
+from .typing import SYSTEM_CLOCK, Backend, Clock
+
+log_renew = logging.getLogger("shardpreempt.claims.renew")
+log_acquire = logging.getLogger("shardpreempt.claims.acquire")
+
+
+def new_owner_id() -> str:
+    """A unique owner id: host, pid and a random part (one per worker incarnation)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def safety_margin(ttl: float) -> float:
+    """How long before the lease's deadline a holder stops: 20 % of the ttl."""
+    return ttl * 0.2
+
+
+class Claim:
+    """A held lease on one slice, kept alive until released or lost."""
+
+    def __init__(self, backend: Backend, slice_: Slice, lease: Lease, *, clock: Clock = SYSTEM_CLOCK,
+                 margin: float | None = None) -> None:
+        self.backend = backend
+        self.slice = slice_
+        self.lease = lease
+        self.clock = clock
+        self.margin = safety_margin(lease.ttl) if margin is None else margin
+        self.lost = threading.Event()
+        self.reason: str | None = None
+        self._released = threading.Event()
+        self._callbacks: list[Callable[[Claim], None]] = []
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._next_renew = clock.monotonic() + lease.ttl / 3
+
+    @property
+    def fence_at(self) -> float:
+        """Monotonic time after which the claim counts as lost unless renewed."""
+        return self.lease.deadline - self.margin
+
+    def time_left(self) -> float:
+        """Seconds until the fence time (``inf`` for backends whose holds end with the process)."""
+        return self.fence_at - self.clock.monotonic()
+
+    def on_lost(self, callback: Callable[[Claim], None]) -> None:
+        """Call ``callback(claim)`` once when the claim is lost (at once if it already is)."""
+        with self._lock:
+            if not self.lost.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def raise_if_lost(self) -> None:
+        """Raise :class:`LeaseLost` if the claim is lost."""
+        if self.lost.is_set():
+            raise LeaseLost(self.reason or "lease lost", self.lease.keys)
+
+    def _lose(self, reason: str) -> None:
+        with self._lock:
+            if self.lost.is_set() or self._released.is_set():
+                return
+            self.reason = reason
+            self.lost.set()
+            callbacks, self._callbacks = self._callbacks, []
+        log_renew.warning("lease on slice %s lost: %s", self.slice.id, reason)
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log_renew.exception("lost-lease callback failed")
+
+    def tick(self) -> float:
+        """Renew if due, fence if past the deadline; return seconds until the next tick is due."""
+        if self.lost.is_set() or self._released.is_set():
+            return float("inf")
+        now = self.clock.monotonic()
+        if now >= self.fence_at:
+            self._lose("no renewal before the local deadline (self-fenced)")
+            return float("inf")
+        if now >= self._next_renew:
+            try:
+                self.lease = self.backend.renew(self.lease)
+                self._next_renew = self.clock.monotonic() + self.lease.ttl / 3
+            except LeaseLost as exc:
+                self._lose(f"backend says lost: {exc.reason}")
+                return float("inf")
+            except BackendError as exc:
+                retry = max(0.02, min(self.lease.ttl / 10, (self.fence_at - now) / 3))
+                log_renew.warning("renewal of slice %s failed (%s); retrying in %.2f s", self.slice.id, exc, retry)
+                self._next_renew = now + retry
+        return max(0.0, min(self._next_renew, self.fence_at) - self.clock.monotonic())
+
+    def start(self) -> None:
+        """Start the renewal thread (not needed for backends without server expiry)."""
+        if not self.backend.capabilities.server_expiry or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"renew-{self.slice.id}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._released.is_set() and not self.lost.is_set():
+            self._released.wait(self.tick())
+
+    def release(self) -> None:
+        """Stop renewing and free the slice at once (idempotent; harmless after loss)."""
+        self._released.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        try:
+            self.backend.release(self.lease)
+        except BackendError as exc:  # the server's expiry frees it anyway
+            log_renew.warning("release of slice %s failed: %s", self.slice.id, exc)
+
+
+class Claimer:
+    """Acquires slices for one owner: its preferred slice first, then the others in order."""
+
+    def __init__(self, backend: Backend, ttl: float, *, owner: str | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self.backend = backend
+        self.ttl = ttl
+        self.owner = owner or new_owner_id()
+        self.clock = clock
+
+    def try_slices(self, slices: Sequence[Slice], start: int = 0) -> Claim | None:
+        """Try every slice once, starting at position ``start``; the first fully acquired wins."""
+        n = len(slices)
+        for i in range(n):
+            slice_ = slices[(start + i) % n]
+            try:
+                lease = self.backend.try_acquire(slice_.keys, self.owner, self.ttl)
+            except BackendError as exc:
+                log_acquire.warning("acquire of slice %s failed: %s", slice_.id, exc)
+                return None
+            if lease is not None:
+                claim = Claim(self.backend, slice_, lease, clock=self.clock)
+                claim.start()
+                return claim
+        return None
+
+    def wait(self, slices: Sequence[Slice], timeout: float) -> None:
+        """Block until a slice may have been freed (the backend's notification) or ``timeout``."""
+        keys = [k for s in slices for k in s.keys[:1]]
+        try:
+            self.backend.wait(keys, timeout)
+        except BackendError as exc:
+            log_acquire.warning("waiting for a release failed: %s", exc)
+            self.clock.sleep(min(timeout, 0.5) * random.uniform(0.5, 1.0))
+
+    def renew_owner(self) -> None:
+        """Take a fresh owner id (after a loss, so nothing of the old session can revive)."""
+        self.owner = new_owner_id()
+
+
+class Ownership:
+    """What a job gets: the slice, its shards with settings, tokens, and the lease's state."""
+
+    def __init__(self, claim: Claim, *, worker: int = 0, stopping: threading.Event | None = None) -> None:
+        self._claim = claim
+        self.worker = worker
+        self.stopping = stopping or threading.Event()
+
+    @property
+    def slice(self) -> Slice:
+        """The slice held."""
+        return self._claim.slice
+
+    @property
+    def shards(self) -> tuple[Shard, ...]:
+        """The slice's shards, settings included."""
+        return self._claim.slice.shards
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """Identity -> fencing token."""
+        return dict(self._claim.lease.tokens)
+
+    @property
+    def owner(self) -> str:
+        """This holder's owner id."""
+        return self._claim.lease.owner
+
+    @property
+    def lost(self) -> threading.Event:
+        """Set when the lease is lost."""
+        return self._claim.lost
+
+    def raise_if_lost(self) -> None:
+        """Raise :class:`LeaseLost` if the lease is lost."""
+        self._claim.raise_if_lost()
+
+    def time_left(self) -> float:
+        """Seconds before the holder must stop unless the lease is renewed."""
+        return self._claim.time_left()
+
+
+@contextmanager
+def claim(shards: Sequence[Shard], *, backend: str | Backend = "file://", slices: int = 1, index: int = 0,
+          strategy: str = "round-robin", ttl: float = 10.0, timeout: float | None = None,
+          **options: Any) -> Iterator[Ownership]:
+    """Hold one slice of ``shards`` in this process for the ``with`` block (preferring slice ``index``)."""
+    opened = isinstance(backend, str)
+    store: Backend = open_backend(backend, **options) if isinstance(backend, str) else backend
+    try:
+        cut = make_slices(shards, slices, strategy)
+        claimer = Claimer(store, ttl)
+        end = None if timeout is None else claimer.clock.monotonic() + timeout
+        while (held := claimer.try_slices(cut, index)) is None:
+            left = 0.25 if end is None else end - claimer.clock.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no slice of {len(cut)} could be acquired within {timeout} s")
+            claimer.wait(cut, min(left, 0.25))
+        try:
+            yield Ownership(held)
+        finally:
+            held.release()
+    finally:
+        if opened:
+            store.close()

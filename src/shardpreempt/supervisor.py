@@ -1,0 +1,249 @@
+"""The local process pool: fork N workers, restart the dead, kill the hung, stop on signals.
+
+* Restart: at once after a first death, then with exponential backoff and jitter; a worker that
+  dies ``crash_limit`` times within ``crash_window`` seconds stops the pool (:class:`CrashLoop`).
+* Hang detection: every worker writes a heartbeat line to its pipe; one silent for ``hang_timeout``
+  (stopped, deadlocked) is SIGKILLed, and so is the process group of the command it was running, so
+  its locks free and no command runs on unsupervised.
+* Stop: the first SIGTERM/SIGINT is a warm stop (workers finish, release at once, exit); the second
+  is cold (commands are killed; after ``kill_after`` seconds workers are SIGKILLed).
+* Workers die with the supervisor (parent-death signal), and commands with their worker.
+
+Signal handlers only write the signal number to a self-pipe; reaping uses ``waitpid``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import CrashLoop
+from .events import EventLog
+from .worker import EXIT_CONFIG, EXIT_OK
+
+log = logging.getLogger("shardpreempt.supervisor")
+
+#: run_worker(index, heartbeat_fd, supervisor_pid) -> exit code, called in the forked child
+WorkerMain = Callable[[int, int, int], int]
+
+
+@dataclass
+class _Slot:
+    index: int
+    pid: int | None = None
+    pipe: int | None = None
+    buffer: bytes = b""
+    last_beat: float = 0.0
+    command_pgid: int | None = None
+    deaths: list[float] = field(default_factory=list)
+    restart_at: float | None = None
+    finished: bool = False  # once mode: exited 0, not to be restarted
+
+
+class Supervisor:
+    """Runs ``count`` workers until stopped (or, with ``once``, until all exit successfully)."""
+
+    def __init__(self, count: int, worker_main: WorkerMain, *, once: bool = False,
+                 hang_timeout: float = 10.0, crash_limit: int = 5, crash_window: float = 30.0,
+                 backoff: float = 0.1, backoff_max: float = 10.0, kill_after: float = 10.0,
+                 events: EventLog | None = None, on_tick: Callable[[Supervisor], None] | None = None,
+                 tick_every: float = 0.25) -> None:
+        self.slots = [_Slot(i) for i in range(count)]
+        self.worker_main = worker_main
+        self.once = once
+        self.hang_timeout = hang_timeout
+        self.crash_limit = crash_limit
+        self.crash_window = crash_window
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.kill_after = kill_after
+        self.events = events or EventLog(None)
+        self.on_tick = on_tick
+        self.tick_every = tick_every
+        self.stop_requests = 0
+        self.crash_message: str | None = None
+        self.config_failed = False
+        self._cold_deadline: float | None = None
+        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- signals ----------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: object) -> None:
+        os.write(self._sig_w, bytes([signum]))
+
+    def request_stop(self) -> None:
+        """Begin a warm stop (a second call makes it cold), as SIGTERM does."""
+        self._on_signal(signal.SIGTERM, None)
+
+    # -- workers ----------------------------------------------------------------------------------
+    def _spawn(self, slot: _Slot) -> None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 70
+            try:
+                os.close(read_fd)
+                os.setpgid(0, 0)  # its own group: a terminal's Ctrl-C reaches only the supervisor
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(s, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                code = self.worker_main(slot.index, write_fd, parent)
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        slot.pid, slot.pipe, slot.buffer = pid, read_fd, b""
+        slot.last_beat = time.monotonic()
+        slot.restart_at = None
+        self.events.emit("started", worker=slot.index, worker_pid=pid)
+        log.info("worker %d started (pid %d)", slot.index, pid)
+
+    def _kill(self, pid: int | None, sig: int, group: bool = False) -> None:
+        if pid is None:
+            return
+        try:
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _read_pipe(self, slot: _Slot) -> None:
+        assert slot.pipe is not None
+        try:
+            data = os.read(slot.pipe, 4096)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        slot.last_beat = time.monotonic()
+        slot.buffer += data
+        *lines, slot.buffer = slot.buffer.split(b"\n")
+        for line in lines:
+            if line.startswith(b"c "):
+                slot.command_pgid = int(line[2:])
+            elif line.startswith(b"x "):
+                slot.command_pgid = None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            self._on_exit(slot, status)
+
+    def _on_exit(self, slot: _Slot, status: int) -> None:
+        pid = slot.pid
+        if slot.pipe is not None:
+            os.close(slot.pipe)
+        self._kill(slot.command_pgid, signal.SIGKILL, group=True)  # nothing works a shard unsupervised
+        slot.pid = slot.pipe = slot.command_pgid = None
+        code = os.waitstatus_to_exitcode(status)
+        self.events.emit("exited", worker=slot.index, code=code, worker_pid=pid, **{"pid": pid})
+        if code == EXIT_OK and (self.once or self.stop_requests):
+            slot.finished = True
+            return
+        if self.stop_requests:
+            return
+        if code == EXIT_CONFIG:
+            self.config_failed = True
+            self.request_stop()
+            return
+        how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        log.warning("worker %d (pid %s) died with %s", slot.index, pid, how)
+        now = time.monotonic()
+        slot.deaths = [t for t in slot.deaths if now - t < self.crash_window] + [now]
+        if len(slot.deaths) >= self.crash_limit:
+            self.crash_message = (f"worker {slot.index} died {len(slot.deaths)} times in "
+                                  f"{self.crash_window:g} s (last: {how}); stopped restarting (crash loop)")
+            log.error("%s", self.crash_message)
+            self.request_stop()
+            return
+        n = len(slot.deaths)
+        delay = 0.0 if n == 1 else min(self.backoff_max, self.backoff * 2 ** (n - 2)) * random.uniform(0.8, 1.2)
+        slot.restart_at = now + delay
+
+    def _check_hung(self, now: float) -> None:
+        for slot in self.slots:
+            if slot.pid is not None and now - slot.last_beat > self.hang_timeout:
+                log.error("worker %d (pid %d) sent no heartbeat for %.1f s: killing it", slot.index, slot.pid,
+                          now - slot.last_beat)
+                self.events.emit("killed", worker=slot.index, reason="hung", **{"pid": slot.pid})
+                self._kill(slot.pid, signal.SIGKILL)
+                self._kill(slot.command_pgid, signal.SIGKILL, group=True)
+                slot.last_beat = now  # reaped via SIGCHLD; don't kill twice
+
+    def _handle_signals(self) -> None:
+        try:
+            data = os.read(self._sig_r, 1024)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                continue
+            self.stop_requests += 1
+            cold = self.stop_requests >= 2
+            log.warning("%s stop requested", "cold" if cold else "warm")
+            if cold and self._cold_deadline is None:
+                self._cold_deadline = time.monotonic() + self.kill_after
+            for slot in self.slots:
+                self._kill(slot.pid, signal.SIGTERM)
+                slot.restart_at = None
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until every worker has exited; return the exit status for the command line."""
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+        try:
+            for slot in self.slots:
+                self._spawn(slot)
+            next_tick = time.monotonic()
+            while any(s.pid is not None or s.restart_at is not None for s in self.slots):
+                now = time.monotonic()
+                timeout = min([self.hang_timeout / 4, max(0.0, next_tick - now) if self.on_tick else 1.0]
+                              + [max(0.0, s.restart_at - now) for s in self.slots if s.restart_at is not None])
+                fds = [self._sig_r] + [s.pipe for s in self.slots if s.pipe is not None]
+                try:
+                    ready, _, _ = select.select(fds, [], [], timeout)
+                except InterruptedError:
+                    ready = []
+                if self._sig_r in ready:
+                    self._handle_signals()
+                for slot in self.slots:
+                    if slot.pipe is not None and slot.pipe in ready:
+                        self._read_pipe(slot)
+                self._reap()
+                now = time.monotonic()
+                self._check_hung(now)
+                if self._cold_deadline is not None and now > self._cold_deadline:
+                    for slot in self.slots:
+                        self._kill(slot.pid, signal.SIGKILL)
+                for slot in self.slots:
+                    if slot.restart_at is not None and now >= slot.restart_at and not self.stop_requests:
+                        self._spawn(slot)
+                if self.on_tick is not None and now >= next_tick:
+                    self.on_tick(self)
+                    next_tick = now + self.tick_every
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if self.crash_message:
+            raise CrashLoop(self.crash_message)
+        return EXIT_CONFIG if self.config_failed else 0
+
+    def worker_pids(self) -> dict[int, int]:
+        """index -> pid of the live workers."""
+        return {s.index: s.pid for s in self.slots if s.pid is not None}

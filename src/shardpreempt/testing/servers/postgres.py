@@ -1,0 +1,121 @@
+"""An ephemeral PostgreSQL 15 server: ``initdb`` once, then ``postgres`` as the ``postgres`` user.
+
+PostgreSQL refuses to run as root, so the temp dir is handed to the ``postgres`` user; the server is
+started through ``setpriv`` (which execs, unlike ``runuser``) so the process we hold IS the postmaster
+and signals reach it. Stop, kill and pause address the whole process group (postmaster and its
+backends), because a SIGSTOPped postmaster alone would leave open connections served.
+
+Authentication: the superuser ``postgres`` is trusted; any other role logs in over TCP with its
+password (scram-sha-256), so tests can create a role with a password and try a wrong one.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+
+from .base import EphemeralServer, ServerUnavailable, find_binary
+
+BIN_DIRS = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin")
+
+HBA = """\
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host all all 127.0.0.1/32 scram-sha-256
+"""
+
+
+class PostgresServer(EphemeralServer):
+    """PostgreSQL on a free loopback port; ``url(ns)`` names schema ``ns`` of database ``postgres``."""
+
+    name = "postgres"
+
+    def __init__(self) -> None:
+        self.postgres = find_binary("postgres", *BIN_DIRS)
+        self.initdb = find_binary("initdb", *BIN_DIRS)
+        self.setpriv = find_binary("setpriv")
+        try:
+            self.user = pwd.getpwnam("postgres")
+        except KeyError:
+            raise ServerUnavailable("the postgres user does not exist (install the postgresql package)") from None
+        super().__init__()
+        os.chown(self.tmp, self.user.pw_uid, self.user.pw_gid)
+
+    def _as_postgres(self) -> list[str]:
+        if os.geteuid() != 0:
+            return []  # already an unprivileged user: run as ourselves
+        return [self.setpriv, f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--clear-groups", "--"]
+
+    def prepare(self) -> None:
+        """Create the cluster (``initdb``) and the authentication rules."""
+        subprocess.run([*self._as_postgres(), self.initdb, "-D", str(self.tmp / "data"), "-A", "trust",
+                        "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.tmp)
+        hba = self.tmp / "data" / "pg_hba.conf"
+        hba.write_text(HBA)
+        os.chown(hba, self.user.pw_uid, self.user.pw_gid)
+
+    def command(self) -> Sequence[str]:
+        """The postmaster in the foreground, fsync off (commits still reach the OS, so a SIGKILL loses none)."""
+        return [*self._as_postgres(), self.postgres, "-D", str(self.tmp / "data"), "-p", str(self.port),
+                "-h", "127.0.0.1", "-k", str(self.tmp), "-c", "fsync=off",
+                "-c", "full_page_writes=off", "-c", "max_connections=200"]
+
+    def ready(self) -> bool:
+        """A real connection answers a query."""
+        import psycopg
+
+        with psycopg.connect(self.dsn(), connect_timeout=2) as conn:
+            return conn.execute("SELECT 1").fetchone() == (1,)
+
+    def dsn(self, database: str = "postgres") -> str:
+        """A libpq URL for the superuser."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def url(self, namespace: str) -> str:
+        """A backend URL whose lease tables live in schema ``namespace`` (created on first use)."""
+        return f"{self.dsn()}?schema={namespace}"
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
+        """Stop by pid: SIGINT is a fast shutdown (SIGTERM would wait for every client to leave)."""
+        if sig == signal.SIGTERM:
+            sig = signal.SIGINT
+        if sig == signal.SIGKILL:
+            # the backends are in the postmaster's process group: kill them too, or the next start
+            # finds the old shared memory still attached
+            self._signal_group(signal.SIGCONT)
+            self._signal_group(signal.SIGKILL)
+            if self.proc is not None:
+                self.proc.wait()
+                self._wait_group_gone(self.proc.pid)
+            return
+        super().stop(sig, timeout)
+
+    @staticmethod
+    def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.01)
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster and every backend, so open connections hang too."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT the whole server."""
+        self._signal_group(signal.SIGCONT)
