@@ -1,0 +1,142 @@
+"""What the SQL backends (``postgresql://``, ``mysql://``) share: URL parsing and the lease logic.
+
+Both keep the same two tables: ``sessions`` (one row per live worker session, with a server-side
+``expires_at``) and ``shards`` (one row per key ever used: the session it points at and its token, a
+per-key generation that is never reset). :class:`SqlBackend` turns the one-round-trip server calls
+each dialect provides (acquire, renew, release, inspect) into the Backend contract.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from ..errors import ConfigError, LeaseLost
+from ..model import Holder, Lease
+from . import option, redact_url, url_options
+
+#: Longest key accepted, in UTF-8 bytes: it must fit in a primary-key index entry on both servers.
+MAX_KEY_BYTES = 2048
+
+#: (key, owner, token, seconds left by the server clock, pid, host, since as unix time)
+HolderRow = tuple[str, str, int, float, "int | None", "str | None", "float | None"]
+
+
+@dataclass(frozen=True)
+class DbUrl:
+    """The parts of a database URL the drivers need."""
+
+    user: str | None
+    password: str | None
+    host: str
+    port: int
+    database: str
+
+
+def parse_db_url(url: str, default_port: int) -> DbUrl:
+    """Split ``scheme://user[:password]@host[:port]/database``; ConfigError naming the redacted URL."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ConfigError("the port must be a number", source=redact_url(url)) from None
+    database = unquote(parts.path.lstrip("/"))
+    if not database or "/" in database:
+        raise ConfigError("name the database in the path: scheme://user@host:port/dbname", source=redact_url(url))
+    return DbUrl(
+        user=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        database=database,
+    )
+
+
+def check_keys(keys: Sequence[str], url: str) -> list[str]:
+    """The keys as a list; ConfigError for a key no SQL server can store as a primary key."""
+    out = list(keys)
+    for key in out:
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ConfigError(f"key {key[:60]!r} is not valid UTF-8", source=url) from None
+        if size > MAX_KEY_BYTES or "\x00" in key:
+            raise ConfigError(f"key {key[:60]!r}... is longer than {MAX_KEY_BYTES} bytes or holds NUL",
+                              source=url)
+    return out
+
+
+class SqlBackend:
+    """The lease logic over a dialect's four server calls; subclasses provide them and connections."""
+
+    inspect_batch = 10_000
+
+    def __init__(self, url: str, options: dict[str, Any]) -> None:
+        self.url = redact_url(url)
+        self._raw_url = url
+        self.opts = {**url_options(url), **options}
+        self.connect_timeout = option(self.opts, "connect_timeout", float, 2.0, url=url)
+        self.timeout = option(self.opts, "timeout", float, 2.0, url=url)
+        self._sessions: dict[str, str] = {}  # owner -> its live session id, as the server named it
+        self._pid = os.getpid()
+        self._host = socket.gethostname()
+
+    # -- dialect -------------------------------------------------------------------------------
+    def _acquire(self, keys: list[str], session: str | None, owner: str,
+                 ttl: float) -> tuple[str, dict[str, int]] | None:
+        """One round trip: (session id, key -> token), or None when a key is held elsewhere."""
+        raise NotImplementedError
+
+    def _renew(self, session: str, ttl: float) -> bool:
+        """One round trip: extend a live session; False if it had expired."""
+        raise NotImplementedError
+
+    def _release(self, keys: list[str], session: str) -> None:
+        """One round trip: free the keys still pointing at ``session`` and notify waiters."""
+        raise NotImplementedError
+
+    def _inspect(self, keys: list[str]) -> list[HolderRow]:
+        """One round trip: a row for each of ``keys`` held by a live session."""
+        raise NotImplementedError
+
+    # -- contract ------------------------------------------------------------------------------
+    def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        """Hold every key for ``owner`` or none, in one server transaction (one round trip)."""
+        if ttl <= 0:
+            raise ConfigError(f"ttl must be positive, got {ttl!r}", source=self.url)
+        wanted = check_keys(keys, self.url)
+        start = time.monotonic()
+        granted = self._acquire(wanted, self._sessions.get(owner), owner, ttl)
+        if granted is None:
+            return None
+        session, tokens = granted
+        self._sessions[owner] = session
+        return Lease(tuple(keys), owner, tokens, ttl, start + ttl, session)
+
+    def renew(self, lease: Lease) -> Lease:
+        """Extend the owner's session (one statement, O(1)); LeaseLost if it already expired."""
+        start = time.monotonic()
+        if not lease.session or not self._renew(lease.session, lease.ttl):
+            if self._sessions.get(lease.owner) == lease.session:
+                del self._sessions[lease.owner]  # the next acquire gets a new session id
+            raise LeaseLost("session expired on the server", lease.keys)
+        return lease.with_deadline(start + lease.ttl)
+
+    def release(self, lease: Lease) -> None:
+        """Free the keys still pointing at the lease's session; idempotent."""
+        if lease.keys and lease.session:
+            self._release(list(lease.keys), lease.session)
+
+    def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
+        """Holder of every key by the server clock, one query per ``inspect_batch`` keys."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, Holder | None] = dict.fromkeys(wanted)
+        for i in range(0, len(wanted), self.inspect_batch):
+            for key, owner, token, left, pid, host, since in self._inspect(wanted[i:i + self.inspect_batch]):
+                out[key] = Holder(owner, int(token), max(0.0, float(left)), pid, host, since)
+        return out

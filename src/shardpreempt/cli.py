@@ -1,0 +1,200 @@
+"""The ``shardpreempt`` console script: run, plan, status, init, demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.live import Live
+
+from . import __version__
+from .backends import open_backend
+from .config import Settings, apply_overrides, load_settings
+from .errors import BackendUnavailable, ConfigError, CrashLoop, ShardPreemptError
+from .slicing import make_slices
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_CONFIG, EXIT_BACKEND, EXIT_CRASH_LOOP = 2, 4, 3
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"shardpreempt: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _guard(fn: Callable[[], int]) -> None:
+    """Run a command, turning our errors into one line and an exit status (no traceback)."""
+    try:
+        code = fn()
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    except CrashLoop as exc:
+        _fail(str(exc), EXIT_CRASH_LOOP)
+    except BackendUnavailable as exc:
+        _fail(f"backend unavailable: {exc}", EXIT_BACKEND)
+    except ShardPreemptError as exc:
+        _fail(str(exc), 1)
+    sys.exit(code)
+
+
+def _settings(config: str, backend: str | None = None, ttl: float | None = None, strategy: str | None = None,
+              slices: int | None = None, workers: int | None = None) -> Settings:
+    return apply_overrides(load_settings(config), backend=backend, ttl=ttl, strategy=strategy, slices=slices,
+                           workers=workers)
+
+
+def common(fn: F) -> F:
+    """Options shared by the commands that read a config."""
+    for opt in reversed([
+        click.option("-w", "--workers", type=int, default=None, help="Local worker processes (default: [run] workers or 1)."),
+        click.option("--backend", "backend", default=None, metavar="URL", help="Backend URL (overrides [backend] url)."),
+        click.option("--strategy", type=click.Choice(["round-robin", "contiguous", "rendezvous"]), default=None),
+        click.option("--slices", type=int, default=None, help="Number of slices (default: the worker count)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shardpreempt")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Split shards into slices and let worker processes preempt them: one owner per shard."""
+    _setup_logging(verbose)
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("config", type=click.Path(dir_okay=False))
+@common
+@click.option("--ttl", type=float, default=None, help="Lease time in seconds (overrides [backend] ttl).")
+@click.option("--once", is_flag=True, help="Process every slice exactly once, then end the run.")
+@click.option("--events", "events", type=click.Path(dir_okay=False), default=None, help="Append JSON events here.")
+@click.option("--max-failures", type=int, default=5, show_default=True, help="Failed runs in a row before a slice is given up.")
+@click.option("--backoff", type=float, default=0.5, show_default=True, help="First delay after a failed run (doubles).")
+@click.option("--hang-timeout", type=float, default=None, help="Kill a worker silent this long (default: 0.35 x ttl on servers, 10 s on file).")
+@click.argument("command", nargs=-1, required=True)
+def run(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
+        ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
+        hang_timeout: float | None, command: Sequence[str]) -> None:
+    """Supervise workers that each run COMMAND for the slice they own (put it after --)."""
+    from .poller import Poller
+
+    def go() -> int:
+        settings = _settings(config, backend, ttl, strategy, slices, workers)
+        if max_failures < 1 or backoff < 0 or (hang_timeout is not None and hang_timeout <= 0):
+            raise ConfigError("--max-failures must be >= 1, --backoff >= 0, --hang-timeout > 0", source="command line")
+        poller = Poller(settings, command=list(command), once=once, events=events, max_failures=max_failures,
+                        backoff=backoff, hang_timeout=hang_timeout)
+        poller.set_worker_count(settings.workers or 1)
+        return poller.poll()
+
+    _guard(go)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@common
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
+         as_json: bool) -> None:
+    """Show the slices, without touching a backend."""
+
+    def go() -> int:
+        settings = _settings(config, backend, None, strategy, slices, workers)
+        cut = make_slices(settings.shards, settings.slice_count(settings.workers or 1), settings.strategy)
+        if as_json:
+            click.echo(json.dumps([{"index": s.index, "id": s.id, "shards": s.digest} for s in cut], indent=2))
+            return 0
+        console = Console()
+        console.print(f"{len(settings.shards)} shards in {len(cut)} slices ({settings.strategy})")
+        for s in cut:
+            console.print(f"  slice {s.index} [{s.id}]: " + ", ".join(sh.name for sh in s.shards), highlight=False)
+        return 0
+
+    _guard(go)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@common
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh in place until interrupted.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
+@click.option("--limit", type=int, default=200, show_default=True, help="Rows shown in the table.")
+def status(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
+           as_json: bool, watch: bool, interval: float, limit: int) -> None:
+    """Every shard: owner, token, time left; free ones in red."""
+    from .status import snapshot, table
+
+    def go() -> int:
+        settings = _settings(config, backend, None, strategy, slices, workers)
+        cut = make_slices(settings.shards, settings.slice_count(settings.workers or 1), settings.strategy)
+        store = open_backend(settings.backend_url)
+        try:
+            if as_json and not watch:
+                click.echo(json.dumps(snapshot(store, cut), indent=2))
+                return 0
+            if not watch:
+                Console().print(table(snapshot(store, cut), limit))
+                return 0
+            with Live(table(snapshot(store, cut), limit), auto_refresh=False) as live:
+                try:
+                    while True:
+                        time.sleep(interval)
+                        live.update(table(snapshot(store, cut), limit), refresh=True)
+                except KeyboardInterrupt:
+                    return 0
+        finally:
+            store.close()
+
+    _guard(go)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False), required=False)
+@click.option("--backend", "backend", default=None, metavar="URL", help="Backend URL (instead of a config).")
+def init(config: str | None, backend: str | None) -> None:
+    """Create the backend's tables or schema (SQL backends); harmless to repeat."""
+
+    def go() -> int:
+        if config is None and backend is None:
+            raise ConfigError("give a CONFIG or --backend URL", source="command line")
+        url = backend or load_settings(config).backend_url  # type: ignore[arg-type]
+        store = open_backend(url)
+        try:
+            setup = getattr(store, "init", None)
+            if setup is not None:
+                setup()
+            click.echo(f"initialised {store.url}")
+        finally:
+            store.close()
+        return 0
+
+    _guard(go)
+
+
+@main.command()
+@click.option("-w", "--workers", type=int, default=3, show_default=True)
+@click.option("--shards", "shard_count", type=int, default=6, show_default=True)
+@click.option("--items", type=int, default=150, show_default=True, help="Work items per shard.")
+@click.option("--backend", "backend", default=None, metavar="URL", help="Backend URL (default: file locks in the demo dir).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None, help="Keep the demo files here.")
+@click.option("--no-kill", is_flag=True, help="Do not kill a worker midway.")
+def demo(workers: int, shard_count: int, items: int, backend: str | None, directory: str | None,
+         no_kill: bool) -> None:
+    """Local SQLite shards, several workers, a kill midway, and an exactly-once check."""
+    from .demo import run_demo
+
+    _guard(lambda: run_demo(workers=workers, shards=shard_count, items=items, backend=backend,
+                            directory=directory, kill=not no_kill))

@@ -1,0 +1,295 @@
+"""redis:// specifics beyond the contract suite: errors, reconnects, round trips, scale, session rules."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shardpreempt.backends import open_backend
+from shardpreempt.errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.testing import wait_until
+from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
+
+redis = pytest.importorskip("redis")
+from redis.connection import AbstractConnection  # noqa: E402 - only once redis-py is known to be there
+
+from shardpreempt.backends.redis import RedisBackend  # noqa: E402
+from shardpreempt.testing.servers.redis import RedisServer  # noqa: E402
+
+PASSWORD = "s3cret-Pa55word"
+
+
+def _started(make: Callable[[], Any]) -> Any:
+    """Start a server, skipping when its binary is missing (failing under CI, as the contract suite does)."""
+    try:
+        server = make()
+    except ServerUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"redis: {exc} (required under CI)")
+        pytest.skip(f"redis: {exc}")
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    """One plain redis-server for the module."""
+    srv = _started(lambda: server_for("redis"))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[RedisServer]:
+    """A redis-server that requires a password."""
+    srv = _started(lambda: RedisServer(password=PASSWORD))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def open_(server: RedisServer) -> Iterator[Callable[..., RedisBackend]]:
+    """Open backends on a fresh prefix of the module's server; closed after the test."""
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    url = server.url(unique())
+    opened: list[RedisBackend] = []
+
+    def make(**options: Any) -> RedisBackend:
+        backend = open_backend(url, **options)
+        assert isinstance(backend, RedisBackend)
+        opened.append(backend)
+        return backend
+
+    yield make
+    for backend in opened:
+        backend.close()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every request written to a Redis socket (a pipeline is one write, one round trip)."""
+    count = [0]
+    original = AbstractConnection.send_packed_command
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        count[0] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+    return count
+
+
+def test_refused_port_is_unavailable_quickly_without_the_password() -> None:
+    """A closed port gives BackendUnavailable at once, and the message hides the password."""
+    backend = open_backend(f"redis://user:{PASSWORD}@127.0.0.1:{free_port()}/0?connect_timeout=0.5")
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailable) as info:
+        backend.try_acquire(["a"], "o", 5)
+    assert time.monotonic() - start < 5
+    assert PASSWORD not in str(info.value) and "***" in str(info.value)
+    backend.close()
+
+
+def test_connect_timeout_is_honoured() -> None:
+    """A host that never completes the TCP handshake fails after about connect_timeout."""
+    # A listener whose accept queue is full drops further SYNs: a black hole on loopback.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        backend = open_backend(f"redis://:{PASSWORD}@127.0.0.1:{port}/0?connect_timeout=0.3&timeout=0.3")
+        start = time.monotonic()
+        with pytest.raises(BackendUnavailable) as info:
+            backend.try_acquire(["a"], "o", 5)
+        elapsed = time.monotonic() - start
+        assert 0.2 < elapsed < 5, elapsed
+        assert PASSWORD not in str(info.value)
+        backend.close()
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_wrong_password_is_a_config_error_naming_the_redacted_url(secured: RedisServer) -> None:
+    """A bad password (or none) is a ConfigError that names the URL with the password hidden."""
+    for auth in (":not-the-password@", ""):
+        backend = open_backend(f"redis://{auth}127.0.0.1:{secured.port}/0")
+        with pytest.raises(ConfigError) as info:
+            backend.inspect(["a"])
+        message = str(info.value)
+        assert f"127.0.0.1:{secured.port}" in message
+        assert "not-the-password" not in message and PASSWORD not in message
+        backend.close()
+    good = open_backend(secured.url(unique()))
+    assert good.try_acquire(["a"], "o", 5) is not None
+    assert PASSWORD not in good.url
+    good.close()
+
+
+def test_missing_database_is_a_config_error(server: RedisServer) -> None:
+    """A database number the server does not have is a ConfigError naming the URL."""
+    backend = open_backend(f"redis://127.0.0.1:{server.port}/999")
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{server.port}/999"):
+        backend.inspect(["a"])
+    backend.close()
+
+
+def test_bad_options_are_config_errors(server: RedisServer) -> None:
+    """Unknown options, TLS options without rediss:// and malformed values are refused up front."""
+    base = f"redis://127.0.0.1:{server.port}/0"
+    for url in (f"{base}?bogus=1", f"{base}?ssl_ca_certs=/x", f"{base}?timeout=soon",
+                f"redis://127.0.0.1:{server.port}/zero"):
+        with pytest.raises(ConfigError):
+            open_backend(url)
+    tls = open_backend(f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs=/etc/ssl/ca.pem&ssl_check_hostname=no")
+    kwargs = tls._client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    assert kwargs["ssl_ca_certs"] == "/etc/ssl/ca.pem" and kwargs["ssl_check_hostname"] is False
+    tls.close()
+
+
+def test_restart_then_reconnect(server: RedisServer, open_: Callable[..., RedisBackend]) -> None:
+    """After a server restart an open backend fails at most once with BackendUnavailable, then works."""
+    b = open_()
+    lease = b.try_acquire(["r1"], "owner", 30)
+    assert lease is not None
+    b.wait(["r1"], 0.5)  # start the pub/sub subscription, so it too must survive the restart
+    server.restart(lose_data=True)
+    for call in (lambda: b.renew(lease), lambda: b.wait(["r1"], 0.1)):
+        with contextlib.suppress(BackendUnavailable, LeaseLost):
+            call()
+    again = wait_until(lambda: _attempt(lambda: b.try_acquire(["r1"], "owner", 30)), 10, interval=0.05,
+                       message="acquire after restart")
+    assert again.tokens["r1"] > lease.tokens["r1"]
+    b.wait(["r1"], 0.0)
+    with pytest.raises(LeaseLost):
+        b.renew(lease)  # the old session died with the data
+
+
+def _attempt(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except BackendUnavailable:
+        return None
+
+
+@pytest.mark.parametrize("size", [1, 100, 1000])
+def test_one_round_trip_per_operation(open_: Callable[..., RedisBackend], round_trips: list[int],
+                                      size: int) -> None:
+    """try_acquire, renew and release are one round trip each, whatever the slice size."""
+    b = open_()
+    warm = b.try_acquire(["warm"], "o", 30)  # loads the scripts and opens the connection
+    assert warm is not None
+    b.renew(warm)
+    b.release(warm)
+    keys = [f"k{i}" for i in range(size)]
+    before = round_trips[0]
+    lease = b.try_acquire(keys, "o", 30)
+    assert lease is not None and len(lease.tokens) == size
+    assert round_trips[0] - before == 1
+    before = round_trips[0]
+    lease = b.renew(lease)
+    assert round_trips[0] - before == 1
+    before = round_trips[0]
+    b.release(lease)
+    assert round_trips[0] - before == 1
+    before = round_trips[0]
+    assert b.try_acquire(keys, "o2", 30) is not None
+    assert round_trips[0] - before == 1
+
+
+def test_inspect_100k_keys_in_two_round_trips(open_: Callable[..., RedisBackend],
+                                              round_trips: list[int]) -> None:
+    """inspect answers 100,000 keys, held by two owners or free, in two round trips."""
+    a, b = open_(), open_()
+    keys = [f"shard-{i}" for i in range(100_000)]
+    first = a.try_acquire(keys[:30_000], "alpha", 60)
+    second = b.try_acquire(keys[30_000:50_000], "beta", 60)
+    assert first is not None and second is not None
+    viewer = open_()
+    viewer.inspect(["warm-up"])
+    before = round_trips[0]
+    seen = viewer.inspect(keys)
+    assert round_trips[0] - before == 2
+    assert len(seen) == 100_000
+    assert sum(h is None for h in seen.values()) == 50_000
+    assert all(seen[k] is not None and seen[k].owner == "alpha" for k in keys[:30_000])  # type: ignore[union-attr]
+    holder = seen[keys[40_000]]
+    assert holder is not None and holder.owner == "beta" and holder.token == second.tokens[keys[40_000]]
+    assert holder.pid == os.getpid() and holder.host == socket.gethostname()
+    assert holder.expires_in is not None and 0 < holder.expires_in <= 60
+    assert holder.since is not None and abs(holder.since - time.time()) < 60
+
+
+def test_dead_session_never_revives(open_: Callable[..., RedisBackend]) -> None:
+    """Once an owner's session expired, its next acquire starts a new session and old keys stay free."""
+    a, viewer = open_(), open_()
+    old = a.try_acquire(["s1"], "same-owner", 0.2)
+    assert old is not None
+    wait_until(lambda: viewer.inspect(["s1"])["s1"] is None, 10, interval=0.02, message="session expiry")
+    new = a.try_acquire(["s2"], "same-owner", 30)
+    assert new is not None and new.session != old.session
+    assert viewer.inspect(["s1"])["s1"] is None
+    with pytest.raises(LeaseLost):
+        a.renew(old)
+
+
+def test_a_short_acquire_never_shortens_the_owners_session(open_: Callable[..., RedisBackend]) -> None:
+    """A second lease with a short ttl does not cut the session a longer lease of the same owner relies on."""
+    a = open_()
+    long = a.try_acquire(["long"], "owner", 30)
+    short = a.try_acquire(["short"], "owner", 0.05)
+    assert long is not None and short is not None and long.session == short.session
+    a.renew(short)
+    left = a._client.pttl(a._session_key(long.session))
+    assert left > 20_000
+
+
+def test_unknown_script_code_and_corrupt_record_are_protocol_errors(
+    open_: Callable[..., RedisBackend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard record we cannot read, or a script code we do not know, is a BackendProtocolError."""
+    b = open_()
+    b._client.set(b._shard_key("bad"), "not a record")
+    with pytest.raises(BackendProtocolError, match="unreadable"):
+        b.try_acquire(["bad"], "o", 5)
+    monkeypatch.setattr(b, "_acquire", lambda **_: [7])
+    with pytest.raises(BackendProtocolError, match="unexpected reply"):
+        b.try_acquire(["fine"], "o", 5)
+
+
+def test_release_between_failed_acquire_and_wait_is_not_missed(open_: Callable[..., RedisBackend]) -> None:
+    """Once a worker has waited, a release before its next wait still wakes it at once."""
+    a, b = open_(), open_()
+    lease = a.try_acquire(["w"], "a", 30)
+    assert lease is not None
+    b.wait(["w"], 1.0)  # subscribes; returns once the subscription is confirmed
+    assert b.try_acquire(["w"], "b", 30) is None
+    a.release(lease)  # happens before b waits again
+    start = time.monotonic()
+    b.wait(["w"], 5.0)
+    assert time.monotonic() - start < 4.0
+    assert b.try_acquire(["w"], "b", 30) is not None
+
+
+def test_tokens_come_from_the_server_clock(open_: Callable[..., RedisBackend]) -> None:
+    """A first grant's token is the server's time in microseconds, so it outruns any lost history."""
+    b = open_()
+    server_us = int(b._client.time()[0]) * 1_000_000
+    lease = b.try_acquire(["fresh"], "o", 5)
+    assert lease is not None
+    assert server_us <= lease.tokens["fresh"] < server_us + 60_000_000
