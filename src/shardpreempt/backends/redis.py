@@ -38,8 +38,10 @@ Capabilities: server expiry (``PX``, the server's clock), cross host, not sessio
 wait (pub/sub; any release wakes every waiter, which then retries; expiry does not notify).
 Caveats: one Redis server (no Cluster: the scripts touch keys outside their ``KEYS``); replication
 is asynchronous, so a failover can lose a fresh grant (use one primary, or accept the risk). The
-first call after a dropped connection raises ``BackendUnavailable``; the next one reconnects.
-Each backend object uses one connection per calling thread, plus one for pub/sub once it waits.
+client never retries (the claimer does); pooled connections are checked before use, so after a
+dropped connection at most one call raises ``BackendUnavailable`` and the next one reconnects.
+Each backend object uses one connection per calling thread, plus one for pub/sub once it waits;
+redis-py starts no threads for this. Full guide: ``docs/backends/redis.md``.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def parse_db_url(url: str, default_port: int) -> DbUrl:
         raise ConfigError("the port must be a number", source=redact_url(url)) from None
     database = unquote(parts.path.lstrip("/"))
     if not database or "/" in database:
-        raise ConfigError("name the database in the path: scheme://user@host:port/dbname", source=redact_url(url))
+        raise ConfigError("name the database in the path: scheme://user@host:port/dbname",
+                          source=redact_url(url))
     return DbUrl(
         user=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,

@@ -11,6 +11,7 @@ password (scram-sha-256), so tests can create a role with a password and try a w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import signal
@@ -41,14 +42,15 @@ class PostgresServer(EphemeralServer):
         try:
             self.user = pwd.getpwnam("postgres")
         except KeyError:
-            raise ServerUnavailable("the postgres user does not exist (install the postgresql package)") from None
+            raise ServerUnavailable("the postgres user does not exist (install postgresql)") from None
         super().__init__()
         os.chown(self.tmp, self.user.pw_uid, self.user.pw_gid)
 
     def _as_postgres(self) -> list[str]:
         if os.geteuid() != 0:
             return []  # already an unprivileged user: run as ourselves
-        return [self.setpriv, f"--reuid={self.user.pw_uid}", f"--regid={self.user.pw_gid}", "--clear-groups", "--"]
+        user = self.user
+        return [self.setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--"]
 
     def prepare(self) -> None:
         """Create the cluster (``initdb``) and the authentication rules."""
@@ -60,7 +62,7 @@ class PostgresServer(EphemeralServer):
         os.chown(hba, self.user.pw_uid, self.user.pw_gid)
 
     def command(self) -> Sequence[str]:
-        """The postmaster in the foreground, fsync off (commits still reach the OS, so a SIGKILL loses none)."""
+        """The postmaster in the foreground; fsync off, yet commits reach the OS, so a SIGKILL loses none."""
         return [*self._as_postgres(), self.postgres, "-D", str(self.tmp / "data"), "-p", str(self.port),
                 "-h", "127.0.0.1", "-k", str(self.tmp), "-c", "fsync=off",
                 "-c", "full_page_writes=off", "-c", "max_connections=200"]
@@ -82,10 +84,8 @@ class PostgresServer(EphemeralServer):
 
     def _signal_group(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
         """Stop by pid: SIGINT is a fast shutdown (SIGTERM would wait for every client to leave)."""

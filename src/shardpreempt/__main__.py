@@ -1,0 +1,5 @@
+"""``python -m shardpreempt`` runs the console script."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,332 @@
+"""``postgresql://`` — leases in PostgreSQL tables, one round trip per operation, ``LISTEN/NOTIFY`` wake-ups.
+
+URL grammar::
+
+    postgresql://[user[:password]@]host[:port]/dbname[?option=value&...]     (also postgres://)
+
+e.g. ``postgresql://worker:secret@db.internal:5432/app?schema=shardpreempt&timeout=2``. Options (query
+string or keyword arguments):
+
+``schema`` (default ``shardpreempt``)
+    Schema holding the lease tables and functions; created on first use (or by ``init()``).
+``connect_timeout`` (seconds, default 2)
+    Bound on opening a connection (libpq rounds it up to whole seconds, at least 2).
+``timeout`` (seconds, default 2)
+    Server-side ``statement_timeout`` of every call, and a client-side bound on waiting for an answer
+    (``timeout`` + 1 s, so a paused or partitioned server is noticed even though it cannot cancel
+    anything); either raises ``BackendUnavailable``.
+
+Tables (in ``schema``): ``sessions(id, owner, expires_at, pid, host)`` — one row per worker session,
+expiring by the server's ``clock_timestamp()`` — and ``shards(key, session, token, since)`` — one row per
+key ever used. Every key points at a session; a key whose session is missing or expired is free.
+``init()`` creates them with the plpgsql functions ``acquire`` and ``release``; it is idempotent.
+
+try_acquire is one call of ``acquire()`` (one round trip, one transaction): create missing key rows,
+lock them ``FOR UPDATE`` in key order (no deadlocks between overlapping slices), lock the sessions they
+point at ``FOR SHARE`` (so a renewal racing with an expiry is seen), and only if every key is free
+extend or create the owner's session and point the keys at it, bumping each key's token. A key held by
+the caller's own live session counts as busy, as in ``memory://``. A deadlock or lock timeout reports
+busy (``None``), never a partial hold. renew is one ``UPDATE sessions ... RETURNING`` that succeeds only
+while the session has not expired (O(1) whatever the number of keys); release is one call of
+``release()``, which clears the keys still pointing at the session and sends
+``pg_notify('<schema>_released', <keys as JSON, or '' when too long>)`` in the same transaction.
+``wait`` listens on a dedicated connection kept open across calls, so releases between calls queue up;
+the first ``wait`` (and the first after a reconnect) returns at once, because it cannot know what it
+missed before it listened.
+
+Token source: ``shards.token``, bumped in the acquiring transaction; it is durable and survives server
+restarts. Capabilities: server expiry, cross-host, not session-bound, blocking wait.
+Caveats: keys are at most 2,048 bytes of UTF-8 without NUL. A connection error is classified by libpq's
+message (authentication or missing database -> ``ConfigError``), which assumes English server messages;
+anything else is ``BackendUnavailable``. An acquire whose answer timed out may still have committed:
+its keys then stay held by a fresh session nobody renews until ``ttl`` passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import psycopg
+from psycopg import errors, sql
+from psycopg.abc import PQGen
+from psycopg.rows import TupleRow
+
+from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError
+from ..typing import Capabilities
+from . import option, reject_unknown
+from .sqlcommon import HolderRow, SqlBackend, parse_db_url
+
+log = logging.getLogger("shardpreempt.backends.postgres")
+
+SCHEMA_DDL = """
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.sessions (
+    id text PRIMARY KEY, owner text NOT NULL, expires_at timestamptz NOT NULL, pid integer, host text);
+CREATE INDEX IF NOT EXISTS sessions_expires_at ON {s}.sessions (expires_at);
+CREATE TABLE IF NOT EXISTS {s}.shards (
+    key text COLLATE "C" PRIMARY KEY, session text, token bigint NOT NULL DEFAULT 0, since timestamptz);
+
+CREATE OR REPLACE FUNCTION {s}.acquire(p_keys text[], p_session text, p_owner text, p_ttl float8,
+    p_pid integer, p_host text,
+    OUT o_status text, OUT o_session text, OUT o_keys text[], OUT o_tokens bigint[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz;
+BEGIN
+    -- cheap refusal first: a live holder means busy, whatever we would lock
+    IF EXISTS (SELECT 1 FROM {s}.shards h JOIN {s}.sessions x ON x.id = h.session
+               WHERE h.key = ANY(p_keys) AND x.expires_at > clock_timestamp()) THEN
+        o_status := 'busy';
+        RETURN;
+    END IF;
+    INSERT INTO {s}.shards (key) SELECT DISTINCT k FROM unnest(p_keys) AS k ORDER BY 1 ON CONFLICT DO NOTHING;
+    -- key order: two overlapping acquires never wait for each other in a cycle
+    PERFORM 1 FROM {s}.shards h WHERE h.key = ANY(p_keys) ORDER BY h.key FOR UPDATE;
+    -- a renewal of one of these sessions that started before its expiry commits before we judge it
+    PERFORM 1 FROM {s}.sessions x
+        WHERE x.id IN (SELECT h.session FROM {s}.shards h WHERE h.key = ANY(p_keys)) ORDER BY x.id FOR SHARE;
+    v_now := clock_timestamp();
+    IF EXISTS (SELECT 1 FROM {s}.shards h JOIN {s}.sessions x ON x.id = h.session
+               WHERE h.key = ANY(p_keys) AND x.expires_at > v_now) THEN
+        o_status := 'busy';
+        RETURN;
+    END IF;
+    IF p_session IS NOT NULL THEN
+        -- GREATEST: a short-ttl acquire must not cut short the owner's other leases
+        UPDATE {s}.sessions x SET expires_at = GREATEST(x.expires_at, v_now + make_interval(secs => p_ttl))
+            WHERE x.id = p_session AND x.expires_at > v_now RETURNING x.id INTO o_session;
+    END IF;
+    IF o_session IS NULL THEN
+        -- a dead session is never revived: keys still pointing at it stay free
+        o_session := p_owner || '/' || gen_random_uuid()::text;
+        INSERT INTO {s}.sessions
+            VALUES (o_session, p_owner, v_now + make_interval(secs => p_ttl), p_pid, p_host);
+        DELETE FROM {s}.sessions x WHERE x.id IN (
+            SELECT y.id FROM {s}.sessions y WHERE y.expires_at < v_now - interval '1 minute'
+            ORDER BY y.id LIMIT 100 FOR UPDATE SKIP LOCKED);
+    END IF;
+    WITH u AS (
+        UPDATE {s}.shards h SET session = o_session, token = h.token + 1, since = v_now
+        WHERE h.key = ANY(p_keys) RETURNING h.key, h.token)
+    SELECT coalesce(array_agg(u.key), '{{}}'), coalesce(array_agg(u.token), '{{}}')
+        INTO o_keys, o_tokens FROM u;
+    o_status := 'acquired';
+END $$;
+
+CREATE OR REPLACE FUNCTION {s}.release(p_keys text[], p_session text, p_channel text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_keys text[];
+BEGIN
+    WITH l AS (SELECT h.key FROM {s}.shards h WHERE h.key = ANY(p_keys) AND h.session = p_session
+               ORDER BY h.key FOR UPDATE),
+         u AS (UPDATE {s}.shards h SET session = NULL, since = NULL FROM l WHERE h.key = l.key
+               RETURNING h.key)
+    SELECT array_agg(u.key) INTO v_keys FROM u;
+    IF v_keys IS NULL THEN
+        RETURN 0;
+    END IF;
+    -- NOTIFY payloads stop at 8000 bytes; '' tells waiters "any key"
+    PERFORM pg_notify(p_channel, CASE WHEN octet_length(to_json(v_keys)::text) < 7900
+                                      THEN to_json(v_keys)::text ELSE '' END);
+    RETURN cardinality(v_keys);
+END $$;
+"""
+
+ACQUIRE = "SELECT o_status, o_session, o_keys, o_tokens FROM {s}.acquire(%s, %s, %s, %s, %s, %s)"
+RENEW = """UPDATE {s}.sessions
+SET expires_at = GREATEST(expires_at, clock_timestamp() + make_interval(secs => %s))
+WHERE id = %s AND expires_at > clock_timestamp() RETURNING id"""
+RELEASE = "SELECT {s}.release(%s, %s, %s)"
+INSPECT = """SELECT h.key, x.owner, h.token, extract(epoch FROM x.expires_at - clock_timestamp())::float8,
+    x.pid, x.host, extract(epoch FROM h.since)::float8
+FROM {s}.shards h JOIN {s}.sessions x ON x.id = h.session
+WHERE h.key = ANY(%s) AND x.expires_at > clock_timestamp()"""
+
+#: Connection failures that retrying will not fix (libpq reports no SQLSTATE for them).
+CONFIG_FAILURES = ("authentication failed", "does not exist", "no pg_hba.conf entry", "password",
+                   "permission denied", "invalid", "role")
+
+
+class _Connection(psycopg.Connection[TupleRow]):
+    """A connection whose every wait for the server is bounded (libpq has no read timeout)."""
+
+    answer_timeout: float | None = None
+
+    def wait(self, gen: PQGen[Any], interval: float = 0.1, timeout: float | None = None) -> Any:
+        """Like ``Connection.wait``, with ``answer_timeout`` when the caller gives no timeout."""
+        return super().wait(gen, interval, self.answer_timeout if timeout is None else timeout)
+
+
+class PostgresBackend(SqlBackend):
+    """Leases in PostgreSQL: sessions with server-side expiry, per-key tokens, LISTEN/NOTIFY."""
+
+    capabilities = Capabilities(server_expiry=True, cross_host=True, session_bound=False, blocking_wait=True)
+    inspect_batch = 200_000  # one ``key = ANY(array)`` query covers 100,000 keys
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, options)
+        self.schema = option(self.opts, "schema", str, "shardpreempt", url=url)
+        reject_unknown(self.opts, url)
+        if not self.schema:
+            raise ConfigError("option 'schema' must not be empty", source=self.url)
+        self._db = parse_db_url(url, 5432)
+        channel = f"{self.schema}_released"
+        if len(channel.encode()) > 63:  # NAMEDATALEN: longer channel names are refused
+            channel = "sp_" + hashlib.sha256(channel.encode()).hexdigest()[:32] + "_released"
+        self.channel = channel
+        s = sql.Identifier(self.schema)
+        self._q = {name: sql.SQL(text).format(s=s) for name, text in
+                   (("acquire", ACQUIRE), ("renew", RENEW), ("release", RELEASE), ("inspect", INSPECT))}
+        self._ddl = sql.SQL(SCHEMA_DDL).format(s=s)
+        self._conn: _Connection | None = None
+        self._listener: _Connection | None = None
+        self._initialized = False
+
+    # -- connections ---------------------------------------------------------------------------
+    def _connect(self) -> _Connection:
+        db = self._db
+        try:
+            conn = _Connection.connect(
+                host=db.host, port=db.port, dbname=db.database, user=db.user, password=db.password,
+                connect_timeout=max(1, round(self.connect_timeout)), autocommit=True, prepare_threshold=None,
+                application_name="shardpreempt",
+                options=f"-c statement_timeout={int(self.timeout * 1000)}",
+            )
+        except psycopg.Error as exc:
+            message = str(exc).lower()
+            if isinstance(exc, psycopg.OperationalError) and not any(m in message for m in CONFIG_FAILURES):
+                raise BackendUnavailable(f"{self.url}: cannot connect: {exc}") from exc
+            raise ConfigError(f"cannot connect: {exc}", source=self.url) from exc
+        conn.answer_timeout = self.timeout + 1.0 if self.timeout else None
+        return conn
+
+    def _open(self) -> _Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def _connection(self) -> _Connection:
+        conn = self._open()
+        if not self._initialized:
+            self._init_on(conn)
+        return conn
+
+    def init(self) -> None:
+        """Create the schema, tables and functions if missing (idempotent, safe to run concurrently)."""
+        self._init_on(self._open())
+
+    def _init_on(self, conn: _Connection) -> None:
+        for attempt in range(5):
+            try:
+                with conn.transaction():
+                    conn.execute(self._ddl)
+                break
+            except (errors.UniqueViolation, errors.DuplicateObject, errors.InternalError_) as exc:
+                # concurrent CREATE ... IF NOT EXISTS / OR REPLACE by another worker: try again
+                log.debug("init of schema %s raced (%s), retrying", self.schema, exc.sqlstate)
+                if attempt == 4:
+                    raise self._translate("init", exc) from exc
+            except psycopg.Error as exc:
+                raise self._translate("init", exc) from exc
+        self._initialized = True
+
+    def _translate(self, op: str, exc: psycopg.Error) -> Exception:
+        """The project's exception for a driver error; drops a connection that may be unusable."""
+        if exc.sqlstate is None or self._conn is None or self._conn.broken:
+            self._drop()  # a timeout or a dropped link: the connection is mid-protocol or dead
+        if isinstance(exc, (errors.UndefinedTable, errors.UndefinedFunction, errors.InvalidSchemaName)):
+            self._initialized = False  # somebody dropped the schema: recreate it on the next call
+            return BackendUnavailable(f"{self.url}: {op}: lease tables missing, recreating: {exc}")
+        if isinstance(exc, errors.InsufficientPrivilege):
+            return ConfigError(f"{op}: {exc}", source=self.url)
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return BackendUnavailable(f"{self.url}: {op} failed: {exc}")
+        return BackendError(f"{self.url}: {op} failed: {exc}")
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _run(self, op: str, params: Sequence[Any]) -> list[TupleRow]:
+        conn = self._connection()
+        try:
+            return conn.execute(self._q[op], params).fetchall()
+        except psycopg.Error as exc:
+            raise self._translate(op, exc) from exc
+
+    # -- the four server calls -------------------------------------------------------------------
+    def _acquire(self, keys: list[str], session: str | None, owner: str,
+                 ttl: float) -> tuple[str, dict[str, int]] | None:
+        try:
+            rows = self._run("acquire", (keys, session, owner, ttl, self._pid, self._host))
+        except BackendError as exc:
+            if isinstance(exc.__cause__, (errors.DeadlockDetected, errors.LockNotAvailable)):
+                log.debug("acquire of %d keys hit a lock conflict: reporting busy", len(keys))
+                return None
+            raise
+        status, new_session, got_keys, tokens = rows[0]
+        if status == "busy":
+            return None
+        if status != "acquired":
+            raise BackendProtocolError(f"{self.url}: acquire() returned unknown status {status!r}")
+        return cast(str, new_session), dict(zip(got_keys, tokens, strict=True))
+
+    def _renew(self, session: str, ttl: float) -> bool:
+        return bool(self._run("renew", (ttl, session)))
+
+    def _release(self, keys: list[str], session: str) -> None:
+        self._run("release", (keys, session, self.channel))
+
+    def _inspect(self, keys: list[str]) -> list[HolderRow]:
+        return cast("list[HolderRow]", self._run("inspect", (keys,)))
+
+    # -- notifications -------------------------------------------------------------------------
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        """Block until a release that may concern ``keys`` is notified, or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = self._connect()
+                self._listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                return  # releases before LISTEN are unknown: let the caller look again at once
+            wanted = set(keys)
+            while (left := deadline - time.monotonic()) > 0:
+                for note in self._listener.notifies(timeout=left, stop_after=1):
+                    if self._concerns(note.payload, wanted):
+                        self._drain()
+                        return
+        except psycopg.Error as exc:
+            listener, self._listener = self._listener, None
+            if listener is not None:
+                listener.close()
+            raise BackendUnavailable(f"{self.url}: wait failed: {exc}") from exc
+
+    def _drain(self) -> None:
+        """Consume notifications already queued, so the next wait does not wake for the same release."""
+        assert self._listener is not None
+        for _ in self._listener.notifies(timeout=0):
+            pass
+
+    @staticmethod
+    def _concerns(payload: str, wanted: set[str]) -> bool:
+        if not payload or not wanted:
+            return True
+        try:
+            released = json.loads(payload)
+        except ValueError:
+            return True
+        return not isinstance(released, list) or not wanted.isdisjoint(released)
+
+    def close(self) -> None:
+        """Close both connections; leases stay on the server until released or expired."""
+        self._drop()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
