@@ -8,6 +8,7 @@ is a :class:`~shardpreempt.errors.MissingExtra` naming the extra.
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -33,8 +34,13 @@ EXTRA_MODULES = {"redis": "redis", "postgresql": "psycopg", "mysql": "pymysql", 
                  "zookeeper": "kazoo"}
 
 
+USERINFO = re.compile(r"([^:/@\s]*):([^@\s]*)@")
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password (and any secret query option) replaced by ``***``: safe to print."""
+    if "://" not in url:  # not a URL at all: still never show what looks like user:password@
+        return USERINFO.sub(r"\1:***@", url)
     try:
         parts = urlsplit(url)
     except ValueError:
