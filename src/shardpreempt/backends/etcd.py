@@ -35,6 +35,7 @@ acquire (they carry a unique nonce).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -49,8 +50,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import etcd3gw
 from etcd3gw import exceptions as etcd_exc
+from etcd3gw.client import Etcd3Client
 
 from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
@@ -125,10 +126,8 @@ class _Watch:
 
     def close(self) -> None:
         """Drop the stream (the server cancels the watch)."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 class EtcdBackend:
@@ -161,7 +160,7 @@ class EtcdBackend:
                 raise ConfigError(f"bad endpoint {item!r}", source=self.url) from None
         path = unquote(parts.path).strip("/") or "shardpreempt"
         self.prefix = f"/{path}/".encode()
-        self._clients: dict[int, etcd3gw.client.Etcd3Client] = {}
+        self._clients: dict[int, Etcd3Client] = {}
         self._current = 0
         self._sessions: dict[str, _Session] = {}  # owner -> its etcd lease
         self._limbo: dict[str, tuple[list[str], bytes]] = {}  # owner -> keys/value of an unsure acquire
@@ -170,10 +169,10 @@ class EtcdBackend:
         self._host = socket.gethostname()
 
     # -- transport -------------------------------------------------------------------------------
-    def _client(self, index: int) -> etcd3gw.client.Etcd3Client:
+    def _client(self, index: int) -> Etcd3Client:
         if index not in self._clients:
             host, port = self.endpoints[index]
-            client = etcd3gw.client(host=host, port=port, protocol="https" if self.tls else "http",
+            client = Etcd3Client(host=host, port=port, protocol="https" if self.tls else "http",
                                     ca_cert=self.ca_cert, cert_key=self.cert_key, cert_cert=self.cert_cert,
                                     timeout=(self.connect_timeout, self.timeout),  # type: ignore[arg-type]
                                     api_path="/v3/")
@@ -182,7 +181,7 @@ class EtcdBackend:
             self._clients[index] = client
         return self._clients[index]
 
-    def _authenticate(self, client: etcd3gw.client.Etcd3Client) -> None:
+    def _authenticate(self, client: Etcd3Client) -> None:
         assert self._auth is not None
         client.session.headers.pop("Authorization", None)
         name, password = self._auth
@@ -208,7 +207,8 @@ class EtcdBackend:
                 last = exc
                 self._clients.pop(index, None)
                 self._current = (index + 1) % len(self.endpoints)
-                if not any(sign in str(exc) for sign in ("NewConnectionError", "ConnectTimeout")):
+                text = exc.detail_text or ""
+                if "NewConnectionError" not in text and "ConnectTimeout" not in text:
                     break  # the request may have been applied: let the caller decide, do not resend
             except etcd_exc.Etcd3Exception as exc:
                 raise self._translate(exc) from exc
@@ -217,7 +217,8 @@ class EtcdBackend:
     def _translate(self, exc: etcd_exc.Etcd3Exception) -> Exception:
         code, text = _code(exc), _message(exc)
         if "too many operations" in text:
-            return ConfigError(f"{text}: raise the server's --max-txn-ops or use smaller slices", source=self.url)
+            return ConfigError(f"{text}: raise the server's --max-txn-ops or use smaller slices",
+                               source=self.url)
         if code in (3, 7, 9, 16) or "authentication" in text:  # invalid argument, denied, auth
             return ConfigError(f"etcd refused the request: {text}", source=self.url)
         if code in (4, 13, 14) or isinstance(exc, etcd_exc.InternalServerError):
@@ -257,8 +258,9 @@ class EtcdBackend:
     def _clear_limbo(self, owner: str) -> None:
         """Delete the keys of an earlier acquire whose reply was lost, if it did take effect."""
         keys, value = self._limbo[owner]
-        self._txn([{"key": self._key(k), "result": "EQUAL", "target": "VALUE", "value": _b64(value)} for k in keys],
-                  [{"request_delete_range": {"key": self._key(k)}} for k in keys], [])
+        compare = [{"key": self._key(k), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}
+                   for k in keys]
+        self._txn(compare, [{"request_delete_range": {"key": self._key(k)}} for k in keys], [])
         del self._limbo[owner]
 
     # -- the contract ----------------------------------------------------------------------------
@@ -316,15 +318,16 @@ class EtcdBackend:
         for _ in range(3):
             if not keys:
                 return
-            compare = [{"key": self._key(k), "result": "EQUAL", "target": "LEASE", "lease": lease_id} for k in keys]
+            compare = [{"key": self._key(k), "result": "EQUAL", "target": "LEASE", "lease": lease_id}
+                       for k in keys]
             reply = self._txn(compare, [{"request_delete_range": {"key": self._key(k)}} for k in keys],
                               [{"request_range": {"key": self._key(k), "keys_only": True}} for k in keys])
             if reply.get("succeeded"):
                 return
             responses = reply.get("responses", [])
-            keys = [k for k, r in zip(keys, responses)
+            keys = [k for k, r in zip(keys, responses, strict=True)
                     if any(int(kv.get("lease", 0)) == lease_id for kv in r["response_range"].get("kvs", []))]
-        log.warning("release of %d keys kept failing its comparison; the lease expiry will free them", len(keys))
+        log.warning("release of %d keys kept failing its comparison; lease expiry will free them", len(keys))
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Read the keys (one txn, or the prefix in pages) and each holder lease's time to live."""
@@ -352,7 +355,8 @@ class EtcdBackend:
                 kvs[key] = kv
         ttls: dict[int, int] = {}
         for lease_id in {int(kv.get("lease", 0)) for kv in kvs.values()} - {0}:
-            ttls[lease_id] = int(self._post("/kv/lease/timetolive", {"ID": lease_id}).get("TTL", -1))
+            # proto3 JSON omits a zero: a missing TTL means under a second left; -1 means expired
+            ttls[lease_id] = int(self._post("/kv/lease/timetolive", {"ID": lease_id}).get("TTL", 0))
         out: dict[str, Holder | None] = dict.fromkeys(keys)
         for key, kv in kvs.items():
             lease_id = int(kv.get("lease", 0))
@@ -377,7 +381,8 @@ class EtcdBackend:
                 for message in watch.read(left):
                     result = message.get("result", {})
                     if result.get("canceled") or "error" in message:
-                        raise OSError(f"watch canceled: {result.get('cancel_reason') or message.get('error')}")
+                        reason = result.get("cancel_reason") or message.get("error")
+                        raise OSError(f"watch canceled: {reason}")
                     for event in result.get("events", []):
                         kv = event.get("kv", {})
                         if (event.get("type") == "DELETE" and _unb64(kv.get("key", "")) in wanted
@@ -401,17 +406,18 @@ class EtcdBackend:
         create: dict[str, Any] = {"key": _b64(self.prefix), "range_end": _b64(_range_end(self.prefix)),
                                   "filters": ["NOPUT"]}
         if self._revision:
-            create["start_revision"] = self._revision + 1  # nothing deleted since the failed acquire is missed
+            create["start_revision"] = self._revision + 1  # so no delete after the failed acquire is missed
         body = json.dumps({"create_request": create}).encode()
         auth = self._client(self._current).session.headers.get("Authorization")
         head = (f"POST /v3/watch HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n" + (f"Authorization: {auth!s}\r\n" if auth else "") + "\r\n")
+                f"Content-Length: {len(body)}\r\n"
+                + (f"Authorization: {auth!s}\r\n" if auth else "") + "\r\n")
         sock.sendall(head.encode() + body)
         self._watch = _Watch(sock)
         return self._watch
 
     def close(self) -> None:
-        """Close the watch and the HTTP sessions (leases are left to expire: other processes may share none)."""
+        """Close the watch and the HTTP sessions; the owners' leases are left to expire by their TTL."""
         if self._watch is not None:
             self._watch.close()
             self._watch = None

@@ -1,0 +1,294 @@
+"""etcd:// specifics beyond the contract suite: errors, failover, reconnects, round trips, watch, scale."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from shardpreempt.backends import open_backend
+from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.testing import wait_until
+from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
+
+pytest.importorskip("etcd3gw")
+from etcd3gw.client import Etcd3Client
+
+from shardpreempt.backends.etcd import EtcdBackend
+from shardpreempt.testing.servers.etcd import EtcdServer
+
+PASSWORD = "s3cret-Pa55word"
+
+
+def _started() -> EtcdServer:
+    """Start an etcd, skipping when the binary is missing (failing under CI, as the contract suite does)."""
+    try:
+        server = server_for("etcd")
+    except ServerUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"etcd: {exc} (required under CI)")
+        pytest.skip(f"etcd: {exc}")
+    server.start()
+    assert isinstance(server, EtcdServer)
+    return server
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[EtcdServer]:
+    """One etcd for the module."""
+    srv = _started()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def open_(server: EtcdServer) -> Iterator[Callable[..., EtcdBackend]]:
+    """Open backends on a fresh prefix of the module's server; closed after the test."""
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    url = server.url(unique())
+    opened: list[EtcdBackend] = []
+
+    def make(**options: Any) -> EtcdBackend:
+        backend = open_backend(url, **options)
+        assert isinstance(backend, EtcdBackend)
+        opened.append(backend)
+        return backend
+
+    yield make
+    for backend in opened:
+        backend.close()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every HTTP request the etcd client sends (each is one round trip)."""
+    count = [0]
+    original = Etcd3Client.post
+
+    def counted(self: Etcd3Client, *args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Etcd3Client, "post", counted)
+    return count
+
+
+def test_unreachable_server_is_backend_unavailable_without_the_password() -> None:
+    """A closed port gives BackendUnavailable at once, and the message shows no password."""
+    backend = open_backend(f"etcd://root:{PASSWORD}@127.0.0.1:{free_port()}/x?connect_timeout=0.5")
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailable) as info:
+        backend.try_acquire(["a"], "o", 5)
+    assert time.monotonic() - start < 2
+    assert PASSWORD not in str(info.value) and "***" in str(info.value)
+    assert isinstance(info.value.__cause__, Exception)
+
+
+def test_silent_server_times_out_as_backend_unavailable() -> None:
+    """A server that accepts but never answers is BackendUnavailable within the request timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        backend = open_backend(f"etcd://127.0.0.1:{port}/x?connect_timeout=0.5&timeout=0.5")
+        start = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            backend.inspect(["a"])
+        assert time.monotonic() - start < 3
+
+
+def test_bad_option_is_config_error() -> None:
+    """An unknown or malformed option is a ConfigError naming the redacted URL."""
+    with pytest.raises(ConfigError, match="bogus"):
+        open_backend(f"etcd://u:{PASSWORD}@127.0.0.1:1/x?bogus=1")
+    with pytest.raises(ConfigError) as info:
+        open_backend(f"etcd://u:{PASSWORD}@127.0.0.1:1/x?timeout=soon")
+    assert PASSWORD not in str(info.value)
+
+
+def test_bad_password_is_config_error_naming_the_redacted_url() -> None:
+    """With auth enabled, a wrong password is a ConfigError; the right one works."""
+    srv = _started()
+    try:
+        base = f"http://127.0.0.1:{srv.port}/v3"
+        for path, body in (("/auth/user/add", {"name": "root", "password": PASSWORD}),
+                           ("/auth/user/grant", {"user": "root", "role": "root"}),
+                           ("/auth/enable", {})):
+            requests.post(base + path, json=body, timeout=5).raise_for_status()
+        bad = open_backend(f"etcd://root:wrong-password@127.0.0.1:{srv.port}/x")
+        with pytest.raises(ConfigError) as info:
+            bad.try_acquire(["a"], "o", 5)
+        assert "wrong-password" not in str(info.value) and f"127.0.0.1:{srv.port}" in str(info.value)
+        good = open_backend(f"etcd://root:{PASSWORD}@127.0.0.1:{srv.port}/x")
+        lease = good.try_acquire(["a"], "o", 5)
+        assert lease is not None and good.inspect(["a"])["a"] is not None
+        good.release(lease)
+        good.close()
+    finally:
+        srv.close()
+
+
+def test_failover_to_the_next_endpoint(server: EtcdServer) -> None:
+    """When the first endpoint refuses connections, the next one in the list serves the call."""
+    backend = open_backend(f"etcd://127.0.0.1:{free_port()},127.0.0.1:{server.port}/{unique()}")
+    lease = backend.try_acquire(["a"], "o", 5)
+    assert lease is not None
+    backend.release(lease)
+    backend.close()
+
+
+def test_server_restart_then_reconnect(server: EtcdServer, open_: Callable[..., EtcdBackend]) -> None:
+    """After a server restart the next call fails cleanly or works, and a later call works; data stays."""
+    backend = open_()
+    lease = backend.try_acquire(["a"], "o", 30)
+    assert lease is not None
+    server.restart()
+    with contextlib.suppress(BackendUnavailable):
+        backend.inspect(["a"])
+    holder = wait_until(lambda: _quiet(lambda: backend.inspect(["a"])["a"]), 20, interval=0.05,
+                        message="inspect after restart")
+    assert holder.token == lease.tokens["a"]
+    assert backend.renew(lease).deadline > lease.deadline
+
+
+@pytest.mark.parametrize("size", [1, 100, 1000])
+def test_round_trips_do_not_grow_with_the_slice(open_: Callable[..., EtcdBackend], round_trips: list[int],
+                                                size: int) -> None:
+    """try_acquire, renew and release are one HTTP request each, whatever the number of keys."""
+    backend = open_()
+    keys = [f"k{i}" for i in range(size)]
+    round_trips[0] = 0
+    first = backend.try_acquire(["warm"], "o", 30)
+    assert first is not None and round_trips[0] == 2  # the owner's first acquire also grants its lease
+    round_trips[0] = 0
+    lease = backend.try_acquire(keys, "o", 30)
+    assert lease is not None and round_trips[0] == 1
+    round_trips[0] = 0
+    lease = backend.renew(lease)
+    assert round_trips[0] == 1
+    round_trips[0] = 0
+    assert backend.try_acquire(keys, "p", 30) is None
+    round_trips[0] = 0
+    assert open_().try_acquire(keys[-1:], "q", 30) is None
+    round_trips[0] = 0
+    backend.release(lease)
+    assert round_trips[0] == 1
+    assert all(h is None for h in backend.inspect(keys).values())
+
+
+def test_ttl_is_rounded_up_and_the_deadline_never_outlives_the_server(
+    open_: Callable[..., EtcdBackend],
+) -> None:
+    """A fractional ttl becomes whole etcd seconds; the local deadline is within the granted TTL."""
+    backend = open_()
+    start = time.monotonic()
+    lease = backend.try_acquire(["a"], "o", 2.5)
+    assert lease is not None
+    assert lease.ttl == 3.0 and lease.ttl == math.ceil(lease.ttl)
+    assert start + lease.ttl <= lease.deadline <= time.monotonic() + lease.ttl
+    holder = backend.inspect(["a"])["a"]
+    assert holder is not None and holder.expires_in is not None and 0 <= holder.expires_in <= lease.ttl
+
+
+def test_awkward_keys_round_trip(open_: Callable[..., EtcdBackend]) -> None:
+    """Keys with slashes, NUL, non-ASCII characters or 10,000 characters are held and reported."""
+    backend = open_()
+    keys = ["a/b/../c", "nul\0byte", "ünïcødé-☃", "x" * 10_000]
+    lease = backend.try_acquire(keys, "o", 30)
+    assert lease is not None
+    seen = open_().inspect([*keys, "a/b"])
+    assert seen["a/b"] is None and all(seen[k] is not None for k in keys)
+    backend.release(lease)
+    assert all(h is None for h in backend.inspect(keys).values())
+
+
+def test_release_after_a_partial_loss_frees_only_what_is_ours(open_: Callable[..., EtcdBackend]) -> None:
+    """If another holder took one key, release still frees our other keys and leaves theirs."""
+    a, b = open_(), open_()
+    lease = a.try_acquire(["x", "y"], "a", 30)
+    assert lease is not None
+    a._post("/kv/deleterange", {"key": a._key("x")})  # simulate an operator deleting one key
+    other = b.try_acquire(["x"], "b", 30)
+    assert other is not None
+    a.release(lease)
+    seen = b.inspect(["x", "y"])
+    assert seen["y"] is None and seen["x"] is not None and seen["x"].owner == "b"
+
+
+def test_renew_of_a_revoked_lease_is_lease_lost_and_a_new_lease_follows(
+    open_: Callable[..., EtcdBackend],
+) -> None:
+    """When the owner's etcd lease is gone, renew raises LeaseLost and the next acquire uses a new lease."""
+    backend = open_()
+    lease = backend.try_acquire(["a"], "o", 30)
+    assert lease is not None
+    backend._post("/kv/lease/revoke", {"ID": int(lease.session)})
+    with pytest.raises(LeaseLost):
+        backend.renew(lease)
+    again = backend.try_acquire(["a"], "o", 30)
+    assert again is not None and again.session != lease.session and again.tokens["a"] > lease.tokens["a"]
+
+
+def test_wait_is_woken_by_the_watch_not_by_polling(open_: Callable[..., EtcdBackend]) -> None:
+    """With polling effectively off, a release wakes the waiter through the etcd watch."""
+    a, b = open_(), open_(poll=30)
+    lease = a.try_acquire(["w"], "a", 30)
+    assert lease is not None
+    assert b.try_acquire(["w"], "b", 30) is None
+    timer = threading.Timer(0.3, a.release, [lease])
+    timer.start()
+    start = time.monotonic()
+    b.wait(["w"], 10)
+    timer.join()
+    assert time.monotonic() - start < 5
+    assert b._watch is not None
+
+
+def test_a_release_before_the_wait_is_not_missed(open_: Callable[..., EtcdBackend]) -> None:
+    """A release between the failed acquire and the wait call makes the wait return at once."""
+    a, b = open_(), open_(poll=30)
+    lease = a.try_acquire(["w"], "a", 30)
+    assert lease is not None
+    assert b.try_acquire(["w"], "b", 30) is None
+    a.release(lease)
+    start = time.monotonic()
+    b.wait(["w"], 10)
+    assert time.monotonic() - start < 5
+
+
+def test_slice_over_the_server_txn_limit_is_config_error(open_: Callable[..., EtcdBackend]) -> None:
+    """A slice larger than the server's --max-txn-ops is refused with a ConfigError that says so."""
+    backend = open_()
+    with pytest.raises(ConfigError, match="max-txn-ops"):
+        backend.try_acquire([f"k{i}" for i in range(EtcdServer.max_txn_ops + 1)], "o", 30)
+
+
+def test_inspect_of_100000_keys(open_: Callable[..., EtcdBackend]) -> None:
+    """inspect answers for 100,000 keys (half held by two owners) in a few round trips."""
+    backend = open_()
+    keys = [f"shard-{i:06d}" for i in range(100_000)]
+    leases = [backend.try_acquire(keys[i:i + 5000], "o1" if i < 25_000 else "o2", 60)
+              for i in range(0, 50_000, 5000)]
+    assert all(leases)
+    start = time.monotonic()
+    seen = open_().inspect(keys)
+    elapsed = time.monotonic() - start
+    assert sum(h is not None for h in seen.values()) == 50_000
+    assert {h.owner for h in seen.values() if h is not None} == {"o1", "o2"}
+    assert elapsed < 30
+
+
+def _quiet(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except BackendUnavailable:
+        return None
