@@ -10,11 +10,13 @@ worker reports the loss; a job that ignores the loss is ended with the whole pro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
 import random
+import select
 import signal
 import subprocess
 import tempfile
@@ -79,13 +81,21 @@ class Worker:
         self.cold = threading.Event()
         self.command_pgid: int | None = None
         self._cooldown: dict[str, float] = {}
-        self._backend_errors = 0
+        # written on a stop signal or a lost lease, so a worker waiting on its command wakes at once
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _wake(self, *_: object) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:
+            pass
 
     # -- signals and heartbeats -------------------------------------------------------------------
     def on_signal(self, signum: int, frame: object) -> None:
         """First SIGTERM: warm stop; second: cold stop (a Python job gets Shutdown raised)."""
         self.stop_requests += 1
         self.stopping.set()
+        self._wake()
         if self.stop_requests >= 2:
             self.cold.set()
             if self.opts.job is not None and self._in_job:
@@ -275,12 +285,28 @@ class Worker:
         return code == 0
 
     def _supervise(self, proc: subprocess.Popen[bytes], claim: Claim) -> int:
+        """Wait for the command, woken only by its exit, a stop signal or a lost lease."""
+        claim.on_lost(self._wake)
+        try:
+            pidfd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3: fall back to a short poll
+            pidfd = None
+        try:
+            return self._supervise_loop(proc, claim, pidfd)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def _supervise_loop(self, proc: subprocess.Popen[bytes], claim: Claim, pidfd: int | None) -> int:
         termed_for_stop = False
         while True:
-            try:
-                return proc.wait(0.05)
-            except subprocess.TimeoutExpired:
-                pass
+            fds = [self._wake_r] if pidfd is None else [self._wake_r, pidfd]
+            select.select(fds, [], [], 0.05 if pidfd is None else 1.0)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+            code = proc.poll()
+            if code is not None:
+                return code
             if claim.lost.is_set():
                 self._kill(proc, self._grace(claim))
                 return proc.wait()

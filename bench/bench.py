@@ -1,0 +1,266 @@
+"""Whole-run benchmarks of shardpreempt, quoted as medians over repeated runs.
+
+Usage (from the repository root)::
+
+    python bench/bench.py coverage --shards 100 --workers 10 --runs 5
+    python bench/bench.py coverage --shards 10000 --workers 100 --runs 5 --backend redis
+    python bench/bench.py failover --shards 100 --workers 10 --runs 10 [--backend postgresql --ttl 2]
+    python bench/bench.py handoff --shards 100 --workers 10 --runs 10 --backend redis
+    python bench/bench.py idle --shards 1000 --workers 4
+    python bench/bench.py status --shards 100000 --backend redis
+    python bench/bench.py renew --backend etcd
+
+``--backend`` is ``file`` (default), a server name (redis, postgresql, mysql, etcd, zookeeper: an
+ephemeral server is started from its binary, as the tests do) or a full URL. Every figure is printed
+with the median, the min and max, and a ratio against a baseline measured in the same invocation
+(``coverage``/``failover``: the file backend; ``status``: the time to read the config and cut the
+slices; ``renew``: one renew with 1 key held).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from shardpreempt.testing.servers import EphemeralServer, server_for, unique
+
+SERVERS = ("redis", "postgresql", "mysql", "etcd", "zookeeper")
+HOLD = [sys.executable, "-c", "import time\nwhile True: time.sleep(3600)"]
+
+
+@contextlib.contextmanager
+def url_factory(spec: str, tmp: Path) -> Iterator[Callable[[], str]]:
+    """Hand out URLs of fresh namespaces: a new lock dir, a new prefix on an ephemeral server, or ``spec``."""
+    if spec == "file":
+        yield lambda: f"file://{tmp}/locks-{unique()}"
+    elif spec in SERVERS:
+        server: EphemeralServer = server_for(spec)
+        server.start()
+        try:
+            yield lambda: server.url(unique("b"))
+        finally:
+            server.close()
+    else:
+        yield lambda: spec
+
+
+def write_config(tmp: Path, shards: int, url: str, ttl: float) -> Path:
+    path = tmp / f"bench-{unique()}.toml"
+    body = [f'[backend]\nurl = "{url}"\nttl = {ttl}\n'] + [f"[shards.s{i}]\n" for i in range(shards)]
+    path.write_text("\n".join(body))
+    return path
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+class Run:
+    """``shardpreempt run`` holding every slice with an idle command."""
+
+    def __init__(self, tmp: Path, url: str, shards: int, workers: int, ttl: float, extra: list[str] | None = None):
+        self.events = tmp / f"events-{unique()}.jsonl"
+        self.shards = shards
+        cfg = write_config(tmp, shards, url, ttl)
+        self.t0 = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(cfg), "-w", str(workers),
+                                      "--events", str(self.events), *(extra or []), "--", *HOLD],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_owned(self, since: float, shards: set[str] | None = None, timeout: float = 120) -> float:
+        """Unix time at which every shard (or those given) had an acquired event after ``since``."""
+        want = shards if shards is not None else {f"s{i}" for i in range(self.shards)}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen: dict[str, float] = {}
+            for e in read_events(self.events):
+                if e["event"] == "acquired" and e["t"] >= since and e["shard"] in want:
+                    seen.setdefault(e["shard"], e["t"])
+            if len(seen) == len(want):
+                return max(seen.values())
+            time.sleep(0.02)
+        raise TimeoutError(f"shards not owned within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def summary(name: str, values: list[float], unit: str = "s", baseline: float | None = None) -> str:
+    med = statistics.median(values)
+    text = f"{name}: median {med:.4f} {unit} (min {min(values):.4f}, max {max(values):.4f}, n={len(values)})"
+    if baseline:
+        text += f"; ratio to baseline {med / baseline:.2f}"
+    return text
+
+
+def coverage_once(tmp: Path, urls: Callable[[], str], shards: int, workers: int, ttl: float) -> float:
+    run = Run(tmp, urls(), shards, workers, ttl)
+    try:
+        return run.wait_owned(0.0) - run.t0
+    finally:
+        run.stop()
+
+
+def cmd_coverage(args: argparse.Namespace, tmp: Path) -> None:
+    with url_factory(args.backend, tmp) as urls:
+        times = [coverage_once(tmp, urls, args.shards, args.workers, args.ttl) for _ in range(args.runs)]
+    base = None
+    if args.backend != "file":
+        base = statistics.median(coverage_once(tmp, lambda: f"file://{tmp}/locks-{unique()}", args.shards, args.workers, args.ttl)
+                                 for _ in range(args.runs))
+        print(summary(f"baseline file:// S={args.shards} W={args.workers}", [base]))
+    print(summary(f"coverage {args.backend} S={args.shards} W={args.workers}", times, baseline=base))
+
+
+def failover_samples(tmp: Path, urls: Callable[[], str], args: argparse.Namespace, graceful: bool) -> list[float]:
+    run = Run(tmp, urls(), args.shards, args.workers + 1, args.ttl, ["--slices", str(args.workers)])
+    samples = []
+    try:
+        run.wait_owned(0.0)
+        for i in range(args.runs):
+            evs = read_events(run.events)
+            holders: dict[str, dict[str, Any]] = {}
+            for e in evs:
+                if e["event"] == "acquired":
+                    holders[e["shard"]] = e
+                elif e["event"] in ("released", "lost") and holders.get(e["shard"], {}).get("owner") == e["owner"]:
+                    holders.pop(e["shard"])
+            victim = holders[f"s{i % args.shards}"]
+            theirs = {s for s, e in holders.items() if e["owner"] == victim["owner"]}
+            t_kill = time.time()
+            os.kill(victim["pid"], signal.SIGTERM if graceful else signal.SIGKILL)
+            t_owned = run.wait_owned(t_kill, theirs)
+            samples.append(t_owned - t_kill)
+            time.sleep(0.5)  # let the supervisor restart the victim as the next standby
+    finally:
+        run.stop()
+    return samples
+
+
+def cmd_failover(args: argparse.Namespace, tmp: Path, graceful: bool = False) -> None:
+    kind = "handoff (SIGTERM of a holder)" if graceful else "failover (SIGKILL of a holder)"
+    with url_factory(args.backend, tmp) as urls:
+        samples = failover_samples(tmp, urls, args, graceful)
+    base = None
+    if args.backend != "file":
+        base = statistics.median(failover_samples(tmp, lambda: f"file://{tmp}/locks-{unique()}", args, graceful))
+        print(summary("baseline file://", [base]))
+    print(summary(f"{kind} {args.backend} S={args.shards} W={args.workers} ttl={args.ttl}", samples,
+                  baseline=base))
+
+
+def cmd_idle(args: argparse.Namespace, tmp: Path) -> None:
+    with url_factory(args.backend, tmp) as urls:
+        run = Run(tmp, urls(), args.shards, args.workers, args.ttl)
+        try:
+            run.wait_owned(0.0)
+            pids = [e["worker_pid"] for e in read_events(run.events) if e["event"] == "started"]
+
+            def cpu() -> float:
+                total = 0
+                for pid in pids:
+                    with open(f"/proc/{pid}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                    total += int(fields[11]) + int(fields[12])
+                return total / os.sysconf("SC_CLK_TCK")
+
+            before, t = cpu(), time.monotonic()
+            time.sleep(args.seconds)
+            used = (cpu() - before) / (time.monotonic() - t) / len(pids) * 100
+            rss = []
+            for pid in pids:
+                with open(f"/proc/{pid}/status") as f:
+                    rss += [int(line.split()[1]) for line in f if line.startswith("VmRSS")]
+        finally:
+            run.stop()
+    print(f"idle worker {args.backend} S={args.shards} W={args.workers}: {used:.3f} % of a core per worker over "
+          f"{args.seconds} s; RSS median {statistics.median(rss) / 1024:.1f} MiB")
+
+
+def cmd_status(args: argparse.Namespace, tmp: Path) -> None:
+    with url_factory(args.backend, tmp) as urls:
+        u = urls()
+        cfg = write_config(tmp, args.shards, u, args.ttl)
+        half = write_config(tmp, args.shards // 2, u, args.ttl)
+        holder = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(half), "--", *HOLD],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            times, plans = [], []
+            for _ in range(args.runs):
+                t = time.monotonic()
+                out = subprocess.run([sys.executable, "-m", "shardpreempt", "status", str(cfg), "--json"],
+                                     capture_output=True, check=True)
+                times.append(time.monotonic() - t)
+                t = time.monotonic()
+                subprocess.run([sys.executable, "-m", "shardpreempt", "plan", str(cfg), "--json"],
+                               capture_output=True, check=True)
+                plans.append(time.monotonic() - t)
+            owned = json.loads(out.stdout)["summary"]["owned"]
+        finally:
+            holder.send_signal(signal.SIGTERM)
+            holder.wait(60)
+    base = statistics.median(plans)
+    print(summary(f"baseline `plan` S={args.shards}", plans))
+    print(summary(f"status {args.backend} S={args.shards} (owned at the time: {owned})", times, baseline=base))
+
+
+def cmd_renew(args: argparse.Namespace, tmp: Path) -> None:
+    from shardpreempt import open_backend
+
+    with url_factory(args.backend, tmp) as urls:
+        b = open_backend(urls())
+        rates = {}
+        for size in (1, 100, 1000):
+            lease = b.try_acquire([f"r{size}-{i}" for i in range(size)], f"bench-{size}", args.ttl)
+            assert lease is not None
+            n, t = 0, time.monotonic()
+            while time.monotonic() - t < args.seconds:
+                lease = b.renew(lease)
+                n += 1
+            rates[size] = n / (time.monotonic() - t)
+            b.release(lease)
+        b.close()
+    for size, rate in rates.items():
+        print(f"renew {args.backend}, {size} keys held: {rate:.0f} renewals/s from one worker "
+              f"(ratio to 1 key: {rate / rates[1]:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["coverage", "failover", "handoff", "idle", "status", "renew"])
+    parser.add_argument("--backend", default="file")
+    parser.add_argument("--shards", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--ttl", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="shardpreempt-bench-") as tmp:
+        os.chmod(tmp, 0o700)
+        path = Path(tmp)
+        {"coverage": cmd_coverage, "failover": cmd_failover, "idle": cmd_idle, "status": cmd_status,
+         "renew": cmd_renew, "handoff": lambda a, p: cmd_failover(a, p, graceful=True)}[args.what](args, path)
+
+
+if __name__ == "__main__":
+    main()
