@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
@@ -60,18 +61,18 @@ class Slice:
     @property
     def digest(self) -> list[str]:
         """The identities of the slice's shards, in order."""
-        return [s.identity for s in self.shards]
+        return list(self.keys)
 
-    @property
+    @cached_property
     def id(self) -> str:
         """Stable across runs and machines: the same shards in the same order give the same id."""
         blob = json.dumps(self.digest, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    @property
+    @cached_property
     def keys(self) -> tuple[str, ...]:
         """The lock keys of the slice (the shard identities)."""
-        return tuple(self.digest)
+        return tuple(s.identity for s in self.shards)
 
 
 @dataclass(frozen=True)

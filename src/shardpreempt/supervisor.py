@@ -14,6 +14,7 @@ Signal handlers only write the signal number to a self-pipe; reaping uses ``wait
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -207,6 +208,9 @@ class Supervisor:
     def run(self) -> int:
         """Run until every worker has exited; return the exit status for the command line."""
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+        # Objects made so far (shards, slices) live on in every worker: keep the collector off them,
+        # so it does not touch — and copy — every copy-on-write page in each forked child.
+        gc.freeze()
         try:
             for slot in self.slots:
                 self._spawn(slot)

@@ -280,7 +280,7 @@ class Worker:
             finally:
                 self._report(f"x {proc.pid}")
                 self.command_pgid = None
-        if code != 0:
+        if code != 0 and not self.stopping.is_set() and not claim.lost.is_set():
             log.warning("worker %d: command exited with %s on slice %s", opts.index, code, claim.slice.id)
         return code == 0
 
