@@ -1,0 +1,408 @@
+"""``zookeeper://HOST:PORT[,HOST2:PORT2...]/CHROOT`` — Apache ZooKeeper through kazoo.
+
+URL grammar: ``zookeeper://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][/CHROOT][?OPTIONS]``, e.g.
+``zookeeper://zk1:2181,zk2:2181,zk3:2181/billing?timeout=2``. Nodes live under ``/CHROOT`` (default
+``/shardpreempt``), created on first use. USER:PASSWORD adds a ``digest`` identity to every session and
+creates every node with a digest ACL for that user only; a wrong password shows as ``NoAuth`` on the
+first write and is a ``ConfigError``.
+
+Options (query string or keywords), with defaults: ``connect_timeout`` (2 s: to establish a session),
+``timeout`` (2 s: per request), ``tls`` (false), ``ca``, ``certfile``, ``keyfile`` (TLS files) and
+``verify_certs`` (true), passed to kazoo.
+
+Design: one kazoo client, so one ZooKeeper session, per owner, with session timeout = ttl; ZooKeeper
+bounds it to its min/max session timeout (2..20 x tickTime by default) and the NEGOTIATED timeout is
+``Lease.ttl`` and sets the deadline. Each held key is an empty ephemeral node ``/CHROOT/k/<sha256(key)>``
+(so any key works: ``/``, NUL, 1 MB); each acquire also writes one ephemeral claim record
+``/CHROOT/c/<random>`` (owner, pid, host, the keys) and each session one marker ``/CHROOT/s/<session>``;
+all die with the session. Kazoo's heartbeat pings are switched off on owner sessions, so ``renew`` (one
+``exists`` of the marker) is what keeps the session alive: a holder that stops renewing loses its keys
+after the session timeout, by the server's clock, like every other backend. While kazoo is reconnecting
+(SUSPENDED) ``renew`` waits up to ``timeout`` for the verdict: same session (renewed), expired
+(``LeaseLost``) or still unknown (``BackendUnavailable``; the claimer's local deadline does the rest).
+``try_acquire`` is one multi: create every key node, the claim record (plus the marker on a session's
+first acquire) and a ``setData`` on the record whose returned stat gives the czxid. ``release`` is one
+multi: check the marker (so it runs only while the lease's session lives) and delete the nodes this
+session still holds (tracked locally; a multi that finds one gone falls back to ``exists`` reads).
+``inspect``: up to 64 keys, pipelined ``exists`` on their nodes then ``get`` of their owners' markers
+(2 round trips); more, one listing of the claim records and a pipelined ``get`` of each (cost grows with
+the number of acquires held, not of keys). ``wait`` sets ``exists`` watches (check and watch are one
+atomic call, so a release before the wait is seen at once).
+
+Token source: the node's czxid, the zxid of the multi that created it: strictly increasing and durable.
+Capabilities: server expiry, cross-host, not session-bound (a killed holder's nodes go when its session
+times out), blocking wait. Caveats: kazoo starts threads of its own (a connection thread and a callback
+thread per client: unavoidable with kazoo); switching its pings off uses two private kazoo hooks
+(``ConnectionHandler._send_ping``/``_connect``, kazoo 2.11). ``Holder.expires_in`` is None: ZooKeeper
+does not tell other clients when a session will expire. An owner whose session expired while idle gets
+a new one from kazoo at once (and again each session timeout while it stays idle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from kazoo import exceptions as kz
+from kazoo.client import KazooClient, KazooState
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.security import make_digest_acl
+
+from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
+from ..model import Holder, Lease
+from ..typing import Capabilities
+from . import option, redact_url, reject_unknown, url_options
+
+log = logging.getLogger("shardpreempt.backends.zookeeper")
+SMALL = 64  # inspect asks for up to this many nodes directly, lists the children first above it
+READER_TIMEOUT = 10.0  # session timeout of the pinging client used by inspect and wait
+
+
+def node_name(key: str) -> str:
+    """The node name of a key: a hash, so any identity is a valid ZooKeeper name."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class _Owner:
+    client: Any  # KazooClient
+    negotiated: list[float]  # seconds, set on each (re)connect
+    marked: int | None = None  # session id whose marker node exists
+    held: dict[str, int] = field(default_factory=dict)  # node path -> session id that created it
+    claims: dict[int, str] = field(default_factory=dict)  # token -> claim record path
+    limbo: tuple[list[str], str] | None = None  # paths and claim record of an acquire whose reply was lost
+    changed: threading.Event = field(default_factory=threading.Event)  # set on every state change
+
+    def settle(self, timeout: float) -> None:
+        """Give kazoo up to ``timeout`` to learn whether a dropped connection's session still lives."""
+        deadline = time.monotonic() + timeout
+        while self.client.state == KazooState.SUSPENDED and (left := deadline - time.monotonic()) > 0:
+            self.changed.clear()
+            if self.client.state == KazooState.SUSPENDED:
+                self.changed.wait(left)
+
+
+class ZooKeeperBackend:
+    """Lock store on ZooKeeper: a session per owner, ephemeral nodes, one multi per acquire/release."""
+
+    capabilities = Capabilities(server_expiry=True, cross_host=True, session_bound=False, blocking_wait=True)
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = redact_url(url)
+        opts = {**url_options(url), **options}
+        self.connect_timeout = float(option(opts, "connect_timeout", float, 2.0, url=url))
+        self.timeout = float(option(opts, "timeout", float, 2.0, url=url))
+        tls = bool(option(opts, "tls", bool, False, url=url))
+        self._tls: dict[str, Any] = {"use_ssl": tls, "ca": option(opts, "ca", str, None, url=url),
+                                     "certfile": option(opts, "certfile", str, None, url=url),
+                                     "keyfile": option(opts, "keyfile", str, None, url=url),
+                                     "verify_certs": bool(option(opts, "verify_certs", bool, True, url=url))}
+        reject_unknown(opts, url)
+        parts = urlsplit(url)
+        userinfo, _, self.hosts = parts.netloc.rpartition("@")
+        if not self.hosts:
+            raise ConfigError("no ZooKeeper host given", source=self.url)
+        user, _, password = userinfo.partition(":")
+        self._auth: dict[str, Any] = {}
+        if user:
+            user, password = unquote(user), unquote(password)
+            self._auth = {"auth_data": [("digest", f"{user}:{password}")],
+                          "default_acl": [make_digest_acl(user, password, all=True)]}
+        self.root = "/" + (unquote(parts.path).strip("/") or "shardpreempt")
+        self.keys_dir = f"{self.root}/k"  # one ephemeral node per held key: the lock itself
+        self.claims_dir = f"{self.root}/c"  # one ephemeral record per acquire: owner, keys; czxid = token
+        self.sessions_dir = f"{self.root}/s"  # one ephemeral marker per owner session
+        self._owners: dict[str, _Owner] = {}
+        self._reader: _Owner | None = None
+        self._paths_ready = False
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # owners dict: renew runs on the claimer's thread
+        self._host = socket.gethostname()
+
+    # -- sessions --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _edge(self, what: str) -> Iterator[None]:
+        """Translate kazoo's errors, once, into the project's."""
+        try:
+            yield
+        except (KazooTimeoutError, kz.ConnectionLoss, kz.OperationTimeoutError, kz.SessionMovedError,
+                kz.ConnectionDropped, kz.SessionExpiredError) as exc:
+            raise BackendUnavailable(f"ZooKeeper {what} failed at {self.url}: {type(exc).__name__}") from exc
+        except (kz.NoAuthError, kz.AuthFailedError, kz.InvalidACLError, kz.BadArgumentsError) as exc:
+            raise ConfigError(f"ZooKeeper refused {what}: {type(exc).__name__}", source=self.url) from exc
+        except kz.KazooException as exc:
+            raise BackendProtocolError(f"ZooKeeper {what} at {self.url}: {type(exc).__name__}") from exc
+
+    def _connect(self, timeout: float, ping: bool) -> _Owner:
+        retry = {"max_tries": -1, "delay": 0.05, "backoff": 2, "max_delay": 1.0}
+        client = KazooClient(hosts=self.hosts, timeout=timeout, logger=logging.getLogger(f"{log.name}.kazoo"),
+                             connection_retry=retry, **self._auth, **self._tls)
+        negotiated = [timeout]
+        connection = client._connection
+        connect = connection._connect
+
+        def record(*args: Any) -> Any:
+            read_timeout, connect_timeout = connect(*args)
+            negotiated[0] = read_timeout * 1.5 / 1000.0  # kazoo's read timeout is 2/3 of the negotiated one
+            return read_timeout, connect_timeout
+
+        connection._connect = record
+        if not ping:  # renew is the heartbeat: a holder that stops renewing must lose its session
+            connection._send_ping = lambda connect_timeout: None
+        try:
+            client.start(timeout=self.connect_timeout)
+        except KazooTimeoutError as exc:
+            client.stop()
+            client.close()
+            raise BackendUnavailable(
+                f"ZooKeeper unreachable at {self.url} within {self.connect_timeout} s") from exc
+        state = _Owner(client, negotiated)
+        client.add_listener(lambda _: state.changed.set())
+        if not self._paths_ready:
+            with self._edge("creating the chroot"):
+                client.ensure_path(self.keys_dir)
+                client.ensure_path(self.claims_dir)
+                client.ensure_path(self.sessions_dir)
+            self._paths_ready = True
+        return state
+
+    def _owner(self, owner: str, ttl: float) -> _Owner:
+        with self._lock:
+            state = self._owners.get(owner)
+        if state is not None and state.client.state == KazooState.LOST:
+            self._drop(owner)
+            state = None
+        if state is None:
+            state = self._connect(ttl, ping=False)
+            with self._lock:
+                self._owners[owner] = state
+        return state
+
+    def _drop(self, owner: str) -> None:
+        with self._lock:
+            state = self._owners.pop(owner, None)
+        if state is not None:
+            state.client.stop()
+            state.client.close()
+
+    def _reader_client(self) -> Any:
+        if self._reader is None:
+            self._reader = self._connect(READER_TIMEOUT, ping=True)
+        return self._reader.client
+
+    def _marker(self, session: int) -> str:
+        return f"{self.sessions_dir}/{session:x}"
+
+    def _path(self, key: str) -> str:
+        return f"{self.keys_dir}/{node_name(key)}"
+
+    def _session_id(self, state: _Owner) -> int:
+        sid = state.client.client_id
+        if sid is None:
+            raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
+        return int(sid[0])
+
+    # -- the contract ----------------------------------------------------------------------------
+    def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        """Hold every key or none: one multi creating an ephemeral node per key and a claim record."""
+        start = time.monotonic()
+        state = self._owner(owner, ttl)
+        if state.limbo is not None:
+            self._clear_limbo(state)
+        paths = [self._path(k) for k in keys]
+        for _ in range(2):
+            state.settle(self.timeout)
+            sid = self._session_id(state)
+            if state.marked is not None and state.marked != sid:  # the old session died with its nodes
+                state.held.clear()
+                state.claims.clear()
+            claim = f"{self.claims_dir}/{uuid.uuid4().hex}"
+            record = json.dumps({"owner": owner, "pid": os.getpid(), "host": self._host, "keys": list(keys)},
+                                separators=(",", ":")).encode("utf-8", "surrogatepass")
+            txn = state.client.transaction()
+            if state.marked != sid:
+                marker = {"owner": owner, "pid": os.getpid(), "host": self._host}
+                txn.create(self._marker(sid), json.dumps(marker).encode(), ephemeral=True)
+            for path in paths:
+                txn.create(path, b"", ephemeral=True)
+            txn.create(claim, record, ephemeral=True)
+            txn.set_data(claim, record)  # the only multi result with a stat: it carries the czxid
+            try:
+                with self._edge("acquire"):
+                    results = txn.commit_async().get(timeout=self.timeout)
+            except BackendUnavailable:
+                state.limbo = (paths, claim)
+                raise
+            failures = [r for r in results if isinstance(r, Exception)
+                        and not isinstance(r, (kz.RolledBackError, kz.RuntimeInconsistency))]
+            if not failures:
+                stat = results[-1]
+                if stat.ephemeralOwner != sid:  # the session changed under us: closing it undoes the multi
+                    self._drop(owner)
+                    raise BackendUnavailable(f"ZooKeeper session at {self.url} changed during an acquire")
+                state.marked = sid
+                state.held.update(dict.fromkeys([*paths, claim], sid))
+                state.claims[int(stat.czxid)] = claim
+                ttl_granted = state.negotiated[0]
+                return Lease(tuple(keys), owner, dict.fromkeys(keys, int(stat.czxid)), ttl_granted,
+                             start + ttl_granted, f"{sid:x}")
+            failure = failures[0]
+            if isinstance(failure, kz.NodeExistsError) and state.marked != sid and results[0] is failure:
+                state.marked = sid  # our marker exists (an earlier reply was lost): again without it
+                continue
+            if isinstance(failure, kz.NodeExistsError):
+                return None
+            with self._edge("acquire"):
+                raise failure
+        return None
+
+    def _clear_limbo(self, state: _Owner) -> None:
+        """Delete the nodes of an acquire whose reply was lost, if it did take effect."""
+        assert state.limbo is not None
+        paths, claim = state.limbo
+        sid = self._session_id(state)
+        with self._edge("cleanup"):
+            stat = state.client.exists_async(claim).get(timeout=self.timeout)
+        state.limbo = None
+        if stat is not None and stat.ephemeralOwner == sid:  # it did: its nodes are ours (same multi)
+            state.marked = sid
+            state.held.update(dict.fromkeys([*paths, claim], sid))
+            self._delete(state, sid, [*paths, claim])
+
+    def renew(self, lease: Lease) -> Lease:
+        """One ``exists`` of the session's marker: proves the session alive and resets its timeout."""
+        start = time.monotonic()
+        sid = int(lease.session, 16)
+        with self._lock:
+            state = self._owners.get(lease.owner)
+        if state is not None:
+            state.settle(self.timeout)  # after a drop kazoo reconnects: same session, or expired
+        if state is None or state.client._session_id != sid:
+            if state is not None and state.marked != state.client._session_id:
+                self._drop(lease.owner)  # nothing was acquired on the new session: stop it churning
+            raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
+        if state.client.state != KazooState.CONNECTED:
+            raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
+        try:
+            with self._edge("renew"):
+                stat = state.client.exists_async(self._marker(sid)).get(timeout=self.timeout)
+        except BackendUnavailable as exc:
+            if isinstance(exc.__cause__, kz.SessionExpiredError) and not isinstance(
+                    exc.__cause__, kz.ConnectionClosedError):
+                raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys) from exc
+            raise
+        if stat is None or stat.ephemeralOwner != sid:
+            raise LeaseLost(f"ZooKeeper session {sid:x} is gone", lease.keys)
+        return lease.with_deadline(start + state.negotiated[0])
+
+    def release(self, lease: Lease) -> None:
+        """Delete the nodes this lease's session still holds: one multi guarded by the session marker."""
+        sid = int(lease.session, 16)
+        with self._lock:
+            state = self._owners.get(lease.owner)
+        if state is None or state.client._session_id != sid:
+            return  # the session is over, and its ephemeral nodes with it
+        paths = [self._path(k) for k in lease.keys]
+        claim = state.claims.get(next(iter(lease.tokens.values()), -1))
+        self._delete(state, sid, [*paths, claim] if claim else paths)
+        if claim and claim not in state.held:
+            state.claims = {t: c for t, c in state.claims.items() if c != claim}
+
+    def _delete(self, state: _Owner, sid: int, paths: list[str]) -> None:
+        ours = [p for p in paths if state.held.get(p) == sid]
+        for _ in range(3):
+            if not ours:
+                return
+            txn = state.client.transaction()
+            txn.check(self._marker(sid), -1)
+            for path in ours:
+                txn.delete(path)
+            with self._edge("release"):
+                results = txn.commit_async().get(timeout=self.timeout)
+            if not any(isinstance(r, Exception) for r in results):
+                for path in ours:
+                    state.held.pop(path, None)
+                return
+            if isinstance(results[0], kz.NoNodeError):
+                return  # the marker is gone, so is the session: nothing of ours is left
+            with self._edge("release"):  # a node went missing: re-read which are still ours
+                replies = [state.client.exists_async(p) for p in ours]
+                stats = [r.get(timeout=self.timeout) for r in replies]
+            for path, stat in zip(ours, stats, strict=True):
+                if stat is None or stat.ephemeralOwner != sid:
+                    state.held.pop(path, None)
+            ours = [p for p in ours if p in state.held]
+
+    def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
+        """Few keys: their nodes and owners' markers (2 round trips); many: every claim record, pipelined."""
+        client = self._reader_client()
+        out: dict[str, Holder | None] = dict.fromkeys(keys)
+        with self._edge("inspect"):
+            if len(out) <= SMALL:
+                stats = [(k, client.exists_async(self._path(k))) for k in out]
+                held = [(k, s) for k, r in stats if (s := r.get(timeout=self.timeout)) is not None]
+                owners = {s.ephemeralOwner: client.get_async(self._marker(s.ephemeralOwner)) for _, s in held}
+                for key, stat in held:
+                    with contextlib.suppress(kz.NoNodeError):  # the session ended meanwhile: free
+                        info = self._record(owners[stat.ephemeralOwner].get(timeout=self.timeout)[0], key)
+                        out[key] = Holder(str(info["owner"]), int(stat.czxid), None, pid=info.get("pid"),
+                                          host=info.get("host"), since=stat.ctime / 1000)
+                return out
+            names = client.get_children(self.claims_dir)
+            for reply in [client.get_async(f"{self.claims_dir}/{name}") for name in names]:
+                try:
+                    data, stat = reply.get(timeout=self.timeout)
+                except kz.NoNodeError:
+                    continue  # released meanwhile
+                info = self._record(data, self.claims_dir)
+                holder = Holder(str(info["owner"]), int(stat.czxid), None, pid=info.get("pid"),
+                                host=info.get("host"), since=stat.ctime / 1000)
+                for key in info.get("keys", []):
+                    if key in out:
+                        out[key] = holder
+        return out
+
+    def _record(self, data: bytes, where: str) -> dict[str, Any]:
+        try:
+            info = json.loads(data.decode("utf-8", "surrogatepass"))
+            if not isinstance(info, dict) or "owner" not in info:
+                raise ValueError("no owner")
+        except ValueError as exc:
+            raise BackendProtocolError(f"unreadable ZooKeeper record for {where!r} at {self.url}") from exc
+        return info
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        """Set an ``exists`` watch on every key; return when one is deleted or free, or at the timeout."""
+        deadline = time.monotonic() + timeout
+        client = self._reader_client()
+        self._wake.clear()
+        with self._edge("wait"):
+            replies = [client.exists_async(self._path(k), watch=self._on_watch) for k in keys]
+            if any(r.get(timeout=self.timeout) is None for r in replies):
+                return  # already free: the check and the watch are one atomic server call
+        self._wake.wait(max(0.0, deadline - time.monotonic()))
+
+    def _on_watch(self, event: Any) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        """Close every session (their ephemeral nodes go at once) and stop kazoo's threads."""
+        with self._lock:
+            owners = list(self._owners)
+        for owner in owners:
+            self._drop(owner)
+        if self._reader is not None:
+            self._reader.client.stop()
+            self._reader.client.close()
+            self._reader = None

@@ -1,0 +1,257 @@
+"""zookeeper:// specifics beyond the contract suite: errors, reconnects, round trips, sessions, watch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from shardpreempt.backends import open_backend
+from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.testing import wait_until
+from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
+
+pytest.importorskip("kazoo")
+from kazoo.client import KazooClient
+
+from shardpreempt.backends.zookeeper import ZooKeeperBackend
+from shardpreempt.testing.servers.zookeeper import ZooKeeperServer
+
+PASSWORD = "s3cret-Pa55word"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ZooKeeperServer]:
+    """One ZooKeeper for the module (skipped without java/zookeeper, failing under CI)."""
+    try:
+        srv = server_for("zookeeper")
+    except ServerUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"zookeeper: {exc} (required under CI)")
+        pytest.skip(f"zookeeper: {exc}")
+    assert isinstance(srv, ZooKeeperServer)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def open_(server: ZooKeeperServer) -> Iterator[Callable[..., ZooKeeperBackend]]:
+    """Open backends on a fresh chroot of the module's server; closed after the test."""
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    url = server.url(unique())
+    opened: list[ZooKeeperBackend] = []
+
+    def make(url: str = url, **options: Any) -> ZooKeeperBackend:
+        backend = open_backend(url, **options)
+        assert isinstance(backend, ZooKeeperBackend)
+        opened.append(backend)
+        return backend
+
+    yield make
+    for backend in opened:
+        backend.close()
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts requests handed to kazoo's connection (pings bypass this; a multi is one request)."""
+    count = [0]
+    original = KazooClient._call
+
+    def counted(self: KazooClient, *args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(KazooClient, "_call", counted)
+    return count
+
+
+def test_unreachable_server_is_backend_unavailable_within_the_connect_timeout() -> None:
+    """A closed port gives BackendUnavailable after connect_timeout, without the password in it."""
+    backend = open_backend(f"zookeeper://u:{PASSWORD}@127.0.0.1:{free_port()}/x?connect_timeout=0.5")
+    before = threading.active_count()
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailable) as info:
+        backend.try_acquire(["a"], "o", 5)
+    assert time.monotonic() - start < 3
+    assert PASSWORD not in str(info.value) and "***" in str(info.value)
+    backend.close()
+    wait_until(lambda: threading.active_count() <= before, 5, message="kazoo threads stopped")
+
+
+def test_bad_option_is_config_error() -> None:
+    """An unknown option is a ConfigError naming the redacted URL."""
+    with pytest.raises(ConfigError) as info:
+        open_backend(f"zookeeper://u:{PASSWORD}@127.0.0.1:1/x?bogus=1")
+    assert "bogus" in str(info.value) and PASSWORD not in str(info.value)
+
+
+def test_wrong_password_is_config_error(server: ZooKeeperServer,
+                                        open_: Callable[..., ZooKeeperBackend]) -> None:
+    """Nodes get a digest ACL for the URL's user; another password is refused with a ConfigError."""
+    chroot = unique()
+    good = open_(f"zookeeper://alice:{PASSWORD}@127.0.0.1:{server.port}/{chroot}")
+    lease = good.try_acquire(["a"], "o", 5)
+    assert lease is not None
+    bad = open_(f"zookeeper://alice:wrong-password@127.0.0.1:{server.port}/{chroot}")
+    with pytest.raises(ConfigError) as info:
+        bad.try_acquire(["b"], "p", 5)
+    assert "wrong-password" not in str(info.value) and f"127.0.0.1:{server.port}" in str(info.value)
+    with pytest.raises(ConfigError):
+        bad.inspect(["a"])
+
+
+def test_server_restart_keeps_sessions_and_reconnects(server: ZooKeeperServer,
+                                                      open_: Callable[..., ZooKeeperBackend]) -> None:
+    """After a server restart the next call fails cleanly or works, then the same session renews."""
+    backend = open_()
+    lease = backend.try_acquire(["a"], "o", 30)
+    assert lease is not None
+    server.restart()
+    with contextlib.suppress(BackendUnavailable):
+        backend.renew(lease)
+    renewed = wait_until(lambda: _quiet(lambda: backend.renew(lease)), 20, interval=0.05,
+                         message="renew after restart")
+    assert renewed.deadline > lease.deadline
+    holder = open_().inspect(["a"])["a"]
+    assert holder is not None and holder.token == lease.tokens["a"]
+
+
+@pytest.mark.parametrize("size", [1, 100, 1000])
+def test_round_trips_do_not_grow_with_the_slice(open_: Callable[..., ZooKeeperBackend],
+                                                round_trips: list[int], size: int) -> None:
+    """try_acquire, renew and release are one request each, whatever the number of keys."""
+    backend = open_()
+    keys = [f"k{i}" for i in range(size)]
+    first = backend.try_acquire(["warm"], "o", 30)
+    assert first is not None
+    round_trips[0] = 0
+    lease = backend.try_acquire(keys, "o", 30)
+    assert lease is not None and round_trips[0] == 1
+    round_trips[0] = 0
+    lease = backend.renew(lease)
+    assert round_trips[0] == 1
+    other = open_()
+    assert other.try_acquire(["warm2"], "p", 30) is not None
+    round_trips[0] = 0
+    assert other.try_acquire(keys, "p", 30) is None
+    assert round_trips[0] == 1
+    round_trips[0] = 0
+    backend.release(lease)
+    assert round_trips[0] == 1
+    round_trips[0] = 0
+    backend.release(lease)
+    assert round_trips[0] == 0  # idempotent: nothing left to delete, nothing sent
+    assert all(h is None for h in backend.inspect(keys).values())
+
+
+def test_session_timeout_is_the_negotiated_one(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """The server clamps the session timeout; Lease.ttl and the deadline use what it granted."""
+    backend = open_()
+    start = time.monotonic()
+    short = backend.try_acquire(["a"], "short", 0.05)
+    assert short is not None and short.ttl == pytest.approx(2 * ZooKeeperServer.tick_ms / 1000)
+    assert start + short.ttl <= short.deadline <= time.monotonic() + short.ttl
+    long = backend.try_acquire(["b"], "long", 600)
+    assert long is not None and long.ttl == pytest.approx(60.0)
+
+
+def test_a_holder_that_stops_renewing_loses_its_session(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """Kazoo's own pings are off for holders: without renew the session expires and the keys are free."""
+    a, b = open_(), open_()
+    lease = a.try_acquire(["x"], "a", 1.0)
+    assert lease is not None
+    taken = wait_until(lambda: b.try_acquire(["x"], "b", 30), 10, interval=0.05, message="takeover")
+    assert taken.tokens["x"] > lease.tokens["x"]
+    with pytest.raises(LeaseLost):
+        a.renew(lease)
+    again = a.try_acquire(["y"], "a", 1.0)
+    assert again is not None and again.session != lease.session
+
+
+def test_awkward_keys_round_trip(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """Keys with slashes, NUL, non-ASCII characters or 100,000 characters are held and reported."""
+    backend = open_()
+    keys = ["a/b/../c", "nul\0byte", "ünïcødé-☃", "x" * 100_000, ""]
+    lease = backend.try_acquire(keys, "o", 30)
+    assert lease is not None
+    seen = open_().inspect([*keys, "a/b"])
+    assert seen["a/b"] is None and all(seen[k] is not None for k in keys)
+    backend.release(lease)
+    assert all(h is None for h in backend.inspect(keys).values())
+
+
+def test_wait_is_woken_by_a_watch(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """A release during the wait wakes it through the exists watch, long before the timeout."""
+    a, b = open_(), open_()
+    lease = a.try_acquire(["w"], "a", 30)
+    assert lease is not None
+    assert b.try_acquire(["w"], "b", 30) is None
+    timer = threading.Timer(0.3, a.release, [lease])
+    timer.start()
+    start = time.monotonic()
+    b.wait(["w"], 10)
+    timer.join()
+    assert time.monotonic() - start < 5
+
+
+def test_a_release_before_the_wait_is_not_missed(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """A release between the failed acquire and the wait makes the wait return at once."""
+    a, b = open_(), open_()
+    lease = a.try_acquire(["w"], "a", 30)
+    assert lease is not None
+    assert b.try_acquire(["w"], "b", 30) is None
+    a.release(lease)
+    start = time.monotonic()
+    b.wait(["w"], 10)
+    assert time.monotonic() - start < 1
+
+
+def test_close_frees_the_keys_at_once(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """Closing a backend closes its sessions, so their ephemeral nodes go without waiting for a timeout."""
+    a, b = open_(), open_()
+    assert a.try_acquire(["c"], "a", 30) is not None
+    a.close()
+    assert b.try_acquire(["c"], "b", 30) is not None
+
+
+def test_inspect_of_100000_keys(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """inspect answers for 100,000 keys (half held by two owners) within seconds."""
+    backend = open_()
+    keys = [f"shard-{i:06d}" for i in range(100_000)]
+    leases = [backend.try_acquire(keys[i:i + 5000], "o1" if i < 25_000 else "o2", 60)
+              for i in range(0, 50_000, 5000)]
+    assert all(leases)
+    start = time.monotonic()
+    seen = open_().inspect(keys)
+    elapsed = time.monotonic() - start
+    assert sum(h is not None for h in seen.values()) == 50_000
+    assert {h.owner for h in seen.values() if h is not None} == {"o1", "o2"}
+    assert elapsed < 30
+
+
+def _quiet(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except BackendUnavailable:
+        return None
+
+
+def test_inspect_paths_agree(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """Few keys (node stats) and many keys (claim records) report the same owner, token and start."""
+    backend = open_()
+    keys = [f"s{i}" for i in range(200)]
+    lease = backend.try_acquire(keys[:100], "o", 30)
+    assert lease is not None
+    reader = open_()
+    few, many = reader.inspect(keys[:3]), reader.inspect(keys)
+    for key in keys[:3]:
+        assert few[key] == many[key] and few[key] is not None and few[key].token == lease.tokens[key]  # type: ignore[union-attr]
+    assert sum(h is not None for h in many.values()) == 100
