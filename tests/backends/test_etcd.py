@@ -265,6 +265,20 @@ def test_a_release_before_the_wait_is_not_missed(open_: Callable[..., EtcdBacken
     assert time.monotonic() - start < 5
 
 
+def test_wait_over_several_slices_misses_no_release(open_: Callable[..., EtcdBackend]) -> None:
+    """A slice freed after its own failed acquire but before a later slice's failure still wakes the wait."""
+    a, b = open_(), open_(poll=30)
+    first, second = a.try_acquire(["s1"], "a", 30), a.try_acquire(["s2"], "a", 30)
+    assert first is not None and second is not None
+    assert b.try_acquire(["s1"], "b", 30) is None
+    b.wait(["s2"], 0.01)  # a stream is open and has read past nothing yet
+    a.release(first)
+    assert b.try_acquire(["s2"], "b", 30) is None
+    start = time.monotonic()
+    b.wait(["s1", "s2"], 10)
+    assert time.monotonic() - start < 5
+
+
 def test_slice_over_the_server_txn_limit_is_config_error(open_: Callable[..., EtcdBackend]) -> None:
     """A slice larger than the server's --max-txn-ops is refused with a ConfigError that says so."""
     backend = open_()

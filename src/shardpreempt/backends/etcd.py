@@ -84,8 +84,10 @@ class _Session:
 class _Watch:
     """An etcd watch stream read without threads: chunked HTTP on a socket, polled with ``select``."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, start: int) -> None:
         self.sock = sock
+        self.start = start  # first revision the stream reports (0 until the server says, if opened at "now")
+        self.seen = 0  # highest revision of an event already consumed
         self.raw = b""
         self.data = b""
         self.headers_done = False
@@ -164,7 +166,7 @@ class EtcdBackend:
         self._current = 0
         self._sessions: dict[str, _Session] = {}  # owner -> its etcd lease
         self._limbo: dict[str, tuple[list[str], bytes]] = {}  # owner -> keys/value of an unsure acquire
-        self._revision = 0  # store revision seen by the last failed acquire
+        self._failed: dict[bytes, int] = {}  # etcd key -> store revision of the last acquire it failed
         self._watch: _Watch | None = None
         self._host = socket.gethostname()
 
@@ -229,8 +231,11 @@ class EtcdBackend:
         reply = self._post("/kv/txn", {"compare": compare, "success": success, "failure": failure})
         return reply
 
+    def _raw_key(self, key: str) -> bytes:
+        return self.prefix + key.encode("utf-8", "surrogatepass")
+
     def _key(self, key: str) -> str:
-        return _b64(self.prefix + key.encode("utf-8", "surrogatepass"))
+        return _b64(self._raw_key(key))
 
     # -- sessions --------------------------------------------------------------------------------
     def _session(self, owner: str, ttl: float, start: float) -> _Session:
@@ -289,8 +294,11 @@ class EtcdBackend:
                 continue
             revision = int(reply["header"]["revision"])
             if not reply.get("succeeded"):
-                self._revision = revision
+                for key in keys:
+                    self._failed[self._raw_key(key)] = revision
                 return None
+            for key in keys:
+                self._failed.pop(self._raw_key(key), None)
             if self._watch is not None:  # we got what we waited for; reopen from a fresh revision later
                 self._watch.close()
                 self._watch = None
@@ -372,22 +380,32 @@ class EtcdBackend:
         return out
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
-        """Block on the etcd watch until one of ``keys`` is deleted after the last failed acquire."""
+        """Block on the etcd watch until one of ``keys`` is deleted after the acquire that found it held."""
         deadline = time.monotonic() + timeout
-        wanted = {self.prefix + k.encode("utf-8", "surrogatepass") for k in keys}
+        wanted = {raw: self._failed.get(raw, 0) for raw in map(self._raw_key, keys)}
+        need = min((r for r in wanted.values() if r), default=0) + 1  # report every delete from here on
         try:
-            watch = self._watch or self._open_watch()
+            old = self._watch
+            if old is not None and need > 1 and not (0 < old.start <= need and old.seen < need):
+                old.close()  # it may have passed a delete we care about: reopen from there
+                self._watch = None
+            watch = self._watch or self._open_watch(need if need > 1 else 0)
             while (left := deadline - time.monotonic()) > 0:
-                for message in watch.read(left):
+                woken = False
+                for message in watch.read(left):  # consume the whole batch, so ``seen`` stays exact
                     result = message.get("result", {})
                     if result.get("canceled") or "error" in message:
                         reason = result.get("cancel_reason") or message.get("error")
                         raise OSError(f"watch canceled: {reason}")
+                    if result.get("created") and not watch.start:
+                        watch.start = int(result.get("header", {}).get("revision", 0)) + 1
                     for event in result.get("events", []):
                         kv = event.get("kv", {})
-                        if (event.get("type") == "DELETE" and _unb64(kv.get("key", "")) in wanted
-                                and int(kv.get("mod_revision", 0)) > self._revision):
-                            return
+                        key, revision = _unb64(kv.get("key", "")), int(kv.get("mod_revision", 0))
+                        watch.seen = max(watch.seen, revision)
+                        woken |= event.get("type") == "DELETE" and key in wanted and revision > wanted[key]
+                if woken:
+                    return
         except (OSError, ValueError, BackendUnavailable) as exc:
             log.debug("watch on %s unusable (%s); polling", self.url, exc)
             if self._watch is not None:
@@ -395,7 +413,7 @@ class EtcdBackend:
                 self._watch = None
             time.sleep(max(0.0, min(self.poll, deadline - time.monotonic())))
 
-    def _open_watch(self) -> _Watch:
+    def _open_watch(self, start: int) -> _Watch:
         host, port = self.endpoints[self._current]
         sock: socket.socket = socket.create_connection((host, port), timeout=self.connect_timeout)
         if self.tls:
@@ -405,15 +423,15 @@ class EtcdBackend:
             sock = context.wrap_socket(sock, server_hostname=host)
         create: dict[str, Any] = {"key": _b64(self.prefix), "range_end": _b64(_range_end(self.prefix)),
                                   "filters": ["NOPUT"]}
-        if self._revision:
-            create["start_revision"] = self._revision + 1  # so no delete after the failed acquire is missed
+        if start:
+            create["start_revision"] = start  # so no delete after a failed acquire is missed
         body = json.dumps({"create_request": create}).encode()
         auth = self._client(self._current).session.headers.get("Authorization")
         head = (f"POST /v3/watch HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n"
                 + (f"Authorization: {auth!s}\r\n" if auth else "") + "\r\n")
         sock.sendall(head.encode() + body)
-        self._watch = _Watch(sock)
+        self._watch = _Watch(sock, start)
         return self._watch
 
     def close(self) -> None:
