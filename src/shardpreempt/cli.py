@@ -82,20 +82,22 @@ def main(verbose: int) -> None:
 @click.option("--events", "events", type=click.Path(dir_okay=False), default=None, help="Append JSON events here.")
 @click.option("--max-failures", type=int, default=5, show_default=True, help="Failed runs in a row before a slice is given up.")
 @click.option("--backoff", type=float, default=0.5, show_default=True, help="First delay after a failed run (doubles).")
+@click.option("--crash-limit", type=int, default=5, show_default=True, help="Quick deaths in a row that stop the run.")
 @click.option("--hang-timeout", type=float, default=None, help="Kill a worker silent this long (default: 0.35 x ttl on servers, 10 s on file).")
 @click.argument("command", nargs=-1, required=True)
 def run(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
         ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
-        hang_timeout: float | None, command: Sequence[str]) -> None:
+        crash_limit: int, hang_timeout: float | None, command: Sequence[str]) -> None:
     """Supervise workers that each run COMMAND for the slice they own (put it after --)."""
     from .poller import Poller
 
     def go() -> int:
         settings = _settings(config, backend, ttl, strategy, slices, workers)
-        if max_failures < 1 or backoff < 0 or (hang_timeout is not None and hang_timeout <= 0):
-            raise ConfigError("--max-failures must be >= 1, --backoff >= 0, --hang-timeout > 0", source="command line")
+        if max_failures < 1 or crash_limit < 1 or backoff < 0 or (hang_timeout is not None and hang_timeout <= 0):
+            raise ConfigError("--max-failures and --crash-limit must be >= 1, --backoff >= 0, --hang-timeout > 0",
+                              source="command line")
         poller = Poller(settings, command=list(command), once=once, events=events, max_failures=max_failures,
-                        backoff=backoff, hang_timeout=hang_timeout)
+                        backoff=backoff, hang_timeout=hang_timeout, crash_limit=crash_limit)
         poller.set_worker_count(settings.workers or 1)
         return poller.poll()
 
@@ -198,3 +200,56 @@ def demo(workers: int, shard_count: int, items: int, backend: str | None, direct
 
     _guard(lambda: run_demo(workers=workers, shards=shard_count, items=items, backend=backend,
                             directory=directory, kill=not no_kill))
+
+
+@main.command()
+@click.option("--backend", default="file", show_default=True,
+              help="file, a server name (redis, postgresql, mysql, etcd, zookeeper: started from its binary), or a URL.")
+@click.option("--faults", "count", type=int, default=20, show_default=True, help="How many faults to inject.")
+@click.option("--duration", type=float, default=None, help="Stop injecting after this many seconds.")
+@click.option("--kinds", default=None, help="Comma-separated fault kinds (default: all that apply).")
+@click.option("--ttl", type=float, default=2.0, show_default=True)
+@click.option("--shards", "shard_count", type=int, default=6, show_default=True)
+@click.option("--workers", type=int, default=3, show_default=True, help="Workers per supervisor.")
+@click.option("--supervisors", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None, help="Keep the run's files here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def stress(backend: str, count: int, duration: float | None, kinds: str | None, ttl: float, shard_count: int,
+           workers: int, supervisors: int, seed: int, directory: str | None, as_json: bool) -> None:
+    """Run a backend under injected faults, then check the history and the shards."""
+    from pathlib import Path
+
+    from .stress import FAULTS, Stress, StressOptions, passed
+
+    def go() -> int:
+        chosen = tuple(k.strip() for k in kinds.split(",")) if kinds else tuple(FAULTS)
+        if any(k not in FAULTS for k in chosen):
+            raise ConfigError(f"unknown fault kind in {kinds!r} (known: {', '.join(FAULTS)})", source="--kinds")
+        if min(count, shard_count, workers, supervisors) < 1 or ttl <= 0:
+            raise ConfigError("--faults, --shards, --workers, --supervisors must be >= 1 and --ttl > 0",
+                              source="command line")
+        opts = StressOptions(backend=backend, kinds=chosen, count=count, duration=duration, ttl=ttl,
+                             shards=shard_count, workers=workers, supervisors=supervisors, seed=seed,
+                             directory=Path(directory) if directory else None,
+                             log=lambda line: click.echo(line, err=True))
+        figures = Stress(opts).run()
+        if as_json:
+            click.echo(json.dumps(figures, indent=2))
+        else:
+            items = figures["items"]
+            console = Console()
+            console.print(f"[bold]stress[/bold] {figures['backend']}: {figures['faults_total']} faults "
+                          f"{figures['faults']}")
+            console.print(f"acquisitions {figures['acquisitions']}, overlaps {figures['overlaps']}, "
+                          f"token violations {figures['token_violations']}, max unowned after a fault "
+                          f"{figures['max_unowned_s']} s (bound {figures['unowned_bound_s']} s), "
+                          f"coverage timeouts {figures['coverage_timeouts']}")
+            console.print(f"items {items['items']}: processed {items['processed']}, lost {items['lost']}, "
+                          f"duplicated {items['duplicated']}, unauthorised writes {items['unauthorised']}, "
+                          f"stale writes accepted {items['stale_accepted']}")
+            for line in figures["violations"]:
+                console.print(f"[red]{line}[/red]", highlight=False)
+        return 0 if passed(figures) else 1
+
+    _guard(go)

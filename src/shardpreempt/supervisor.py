@@ -1,7 +1,8 @@
 """The local process pool: fork N workers, restart the dead, kill the hung, stop on signals.
 
-* Restart: at once after a first death, then with exponential backoff and jitter; a worker that
-  dies ``crash_limit`` times within ``crash_window`` seconds stops the pool (:class:`CrashLoop`).
+* Restart: at once when the worker had been running for ``stable_after`` seconds (a kill, an OOM);
+  a worker that dies sooner than that is crash-looping: it is restarted with exponential backoff and
+  jitter, and ``crash_limit`` such quick deaths in a row stop the pool (:class:`CrashLoop`).
 * Hang detection: every worker writes a heartbeat line to its pipe; one silent for ``hang_timeout``
   (stopped, deadlocked) is SIGKILLed, and so is the process group of the command it was running, so
   its locks free and no command runs on unsupervised.
@@ -22,7 +23,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import CrashLoop
 from .events import EventLog
@@ -42,7 +43,8 @@ class _Slot:
     buffer: bytes = b""
     last_beat: float = 0.0
     command_pgid: int | None = None
-    deaths: list[float] = field(default_factory=list)
+    started_at: float = 0.0
+    quick_deaths: int = 0  # deaths in a row, each within stable_after of its start
     restart_at: float | None = None
     finished: bool = False  # once mode: exited 0, not to be restarted
 
@@ -51,7 +53,7 @@ class Supervisor:
     """Runs ``count`` workers until stopped (or, with ``once``, until all exit successfully)."""
 
     def __init__(self, count: int, worker_main: WorkerMain, *, once: bool = False,
-                 hang_timeout: float = 10.0, crash_limit: int = 5, crash_window: float = 30.0,
+                 hang_timeout: float = 10.0, crash_limit: int = 5, stable_after: float = 2.0,
                  backoff: float = 0.1, backoff_max: float = 10.0, kill_after: float = 10.0,
                  events: EventLog | None = None, on_tick: Callable[[Supervisor], None] | None = None,
                  tick_every: float = 0.25) -> None:
@@ -60,7 +62,7 @@ class Supervisor:
         self.once = once
         self.hang_timeout = hang_timeout
         self.crash_limit = crash_limit
-        self.crash_window = crash_window
+        self.stable_after = stable_after
         self.backoff = backoff
         self.backoff_max = backoff_max
         self.kill_after = kill_after
@@ -100,7 +102,7 @@ class Supervisor:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         slot.pid, slot.pipe, slot.buffer = pid, read_fd, b""
-        slot.last_beat = time.monotonic()
+        slot.last_beat = slot.started_at = time.monotonic()
         slot.restart_at = None
         self.events.emit("started", worker=slot.index, worker_pid=pid)
         log.info("worker %d started (pid %d)", slot.index, pid)
@@ -166,15 +168,15 @@ class Supervisor:
         how = f"signal {-code}" if code < 0 else f"exit status {code}"
         log.warning("worker %d (pid %s) died with %s", slot.index, pid, how)
         now = time.monotonic()
-        slot.deaths = [t for t in slot.deaths if now - t < self.crash_window] + [now]
-        if len(slot.deaths) >= self.crash_limit:
-            self.crash_message = (f"worker {slot.index} died {len(slot.deaths)} times in "
-                                  f"{self.crash_window:g} s (last: {how}); stopped restarting (crash loop)")
+        slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started_at < self.stable_after else 0
+        n = slot.quick_deaths
+        if n >= self.crash_limit:
+            self.crash_message = (f"worker {slot.index} died {n} times in a row within {self.stable_after:g} s "
+                                  f"of starting (last: {how}); stopped restarting (crash loop)")
             log.error("%s", self.crash_message)
             self.request_stop()
             return
-        n = len(slot.deaths)
-        delay = 0.0 if n == 1 else min(self.backoff_max, self.backoff * 2 ** (n - 2)) * random.uniform(0.8, 1.2)
+        delay = 0.0 if n <= 1 else min(self.backoff_max, self.backoff * 2 ** (n - 2)) * random.uniform(0.8, 1.2)
         slot.restart_at = now + delay
 
     def _check_hung(self, now: float) -> None:

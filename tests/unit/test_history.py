@@ -49,5 +49,7 @@ def test_unowned_gap_longer_than_the_bound_is_caught_unless_excused() -> None:
     report = check(history, max_unowned=0.5, end=4)
     assert report.count("unowned") == 1 and 1.9 < report.max_unowned < 2.1
     assert check(history, max_unowned=0.5, end=4, excused=[(0.9, 3.1)]).ok
+    after_heal = check(history, max_unowned=0.5, end=4, excused=[(0.9, 2.2)])
+    assert after_heal.count("unowned") == 1 and 0.7 < after_heal.max_unowned < 0.9
     never = check(history, max_unowned=0.5, shards=["a", "b"], start=0, end=4)
     assert any(v.shard == "b" for v in never.violations)

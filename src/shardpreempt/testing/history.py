@@ -7,13 +7,15 @@ by ``pid`` and ``host``), or the end of the history. Violations:
 * ``overlap`` — two holds of one shard by different owners at overlapping times;
 * ``token`` — a shard's tokens, in order of acquisition, do not strictly increase;
 * ``unowned`` — a shard had no holder for longer than ``max_unowned`` seconds while workers
-  were live (gaps that overlap an ``excused`` window, such as a backend outage, are skipped).
+  were live; time inside an ``excused`` window (a fault not yet healed, such as a backend outage)
+  does not count, so what is measured is the time from the heal until the shard is owned again.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,9 +62,11 @@ class Report:
 
 
 def read_events(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """All events of the given files, in time order; a torn last line is ignored."""
+    """All events of the given files, in time order; a torn last line and missing files are ignored."""
     events: list[dict[str, Any]] = []
     for path in paths:
+        if not os.path.exists(path):
+            continue
         with open(path, encoding="utf-8") as f:
             for line in f:
                 if line.endswith("\n"):
@@ -151,8 +155,8 @@ def _check_unowned(report: Report, by_shard: Mapping[str, list[Hold]], bound: fl
         if covered_until < t1:
             gaps.append((covered_until, t1))
         for g0, g1 in gaps:
-            if any(g0 < x1 and x0 < g1 for x0, x1 in excused):
-                continue
+            healed = [x1 for x0, x1 in excused if x0 < g1 and g0 < x1]
+            g0 = min(g1, max([g0, *healed]))
             report.max_unowned = max(report.max_unowned, g1 - g0)
             if g1 - g0 > bound:
                 report.violations.append(Violation(
