@@ -279,6 +279,25 @@ def test_wait_over_several_slices_misses_no_release(open_: Callable[..., EtcdBac
     assert time.monotonic() - start < 5
 
 
+def test_an_acquire_whose_reply_was_lost_is_undone_by_the_next_one(open_: Callable[..., EtcdBackend],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """If an acquire took effect but its reply was lost, the owner's next acquire frees those keys first."""
+    backend = open_()
+    real = backend._txn
+
+    def applied_then_lost(*args: Any) -> Any:
+        real(*args)
+        raise BackendUnavailable("reply lost")
+
+    monkeypatch.setattr(backend, "_txn", applied_then_lost)
+    with pytest.raises(BackendUnavailable):
+        backend.try_acquire(["l1", "l2"], "o", 30)
+    monkeypatch.setattr(backend, "_txn", real)
+    assert all(h is not None for h in backend.inspect(["l1", "l2"]).values())
+    assert backend.try_acquire(["other"], "o", 30) is not None
+    assert backend.inspect(["l1", "l2"]) == {"l1": None, "l2": None}
+
+
 def test_slice_over_the_server_txn_limit_is_config_error(open_: Callable[..., EtcdBackend]) -> None:
     """A slice larger than the server's --max-txn-ops is refused with a ConfigError that says so."""
     backend = open_()

@@ -17,6 +17,7 @@ from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
 
 pytest.importorskip("kazoo")
+from kazoo import exceptions as kz
 from kazoo.client import KazooClient
 
 from shardpreempt.backends.zookeeper import ZooKeeperBackend
@@ -255,3 +256,29 @@ def test_inspect_paths_agree(open_: Callable[..., ZooKeeperBackend]) -> None:
     for key in keys[:3]:
         assert few[key] == many[key] and few[key] is not None and few[key].token == lease.tokens[key]  # type: ignore[union-attr]
     assert sum(h is not None for h in many.values()) == 100
+
+
+def test_an_acquire_whose_reply_was_lost_is_undone_by_the_next_one(open_: Callable[..., ZooKeeperBackend],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """If an acquire's multi took effect but its reply was lost, the owner's next acquire frees its nodes."""
+    backend = open_()
+    assert backend.try_acquire(["warm"], "o", 30) is not None
+    real = KazooClient.transaction
+
+    class Lost:
+        def get(self, timeout: float) -> None:
+            raise kz.ConnectionLoss()
+
+    def transaction(self: KazooClient) -> Any:
+        txn = real(self)
+        commit = txn.commit_async
+        txn.commit_async = lambda: (commit().get(), Lost())[1]
+        return txn
+
+    monkeypatch.setattr(KazooClient, "transaction", transaction)
+    with pytest.raises(BackendUnavailable):
+        backend.try_acquire(["l1", "l2"], "o", 30)
+    monkeypatch.setattr(KazooClient, "transaction", real)
+    assert all(h is not None for h in open_().inspect(["l1", "l2"]).values())
+    assert backend.try_acquire(["other"], "o", 30) is not None
+    assert open_().inspect(["l1", "l2"]) == {"l1": None, "l2": None}
