@@ -1,9 +1,11 @@
 """The claimer: acquire a slice, keep its lease alive, report loss; the only place with a timer.
 
-A :class:`Claim` renews its lease every ``ttl/3`` in one background thread (only for backends whose
+A :class:`Claim` renews its lease every ``ttl/3`` in a background thread (only for backends whose
 leases expire on the server). Its *fence time* is the lease's local deadline minus a safety margin:
 once past it without a successful renewal the claim is lost — even if the server is unreachable and
-might still think we hold it — so the holder stops before the server can give the shards away.
+might still think we hold it — so the holder stops before the server can give the shards away. A
+second thread does nothing but wait for the fence time, so a renewal stuck in a blocked network call
+(a paused or partitioned server) cannot delay the fence.
 Loss is reported as a value (``claim.lost``, ``claim.reason``) and through callbacks.
 """
 
@@ -53,7 +55,7 @@ class Claim:
         self.reason: str | None = None
         self._released = threading.Event()
         self._callbacks: list[Callable[[Claim], None]] = []
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._next_renew = clock.monotonic() + lease.ttl / 3
 
@@ -115,21 +117,32 @@ class Claim:
         return max(0.0, min(self._next_renew, self.fence_at) - self.clock.monotonic())
 
     def start(self) -> None:
-        """Start the renewal thread (not needed for backends without server expiry)."""
-        if not self.backend.capabilities.server_expiry or self._thread is not None:
+        """Start the renewal and fence threads (not needed for backends without server expiry)."""
+        if not self.backend.capabilities.server_expiry or self._threads:
             return
-        self._thread = threading.Thread(target=self._run, name=f"renew-{self.slice.id}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._renew_loop, name=f"renew-{self.slice.id}", daemon=True),
+                         threading.Thread(target=self._fence_loop, name=f"fence-{self.slice.id}", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
-    def _run(self) -> None:
+    def _renew_loop(self) -> None:
         while not self._released.is_set() and not self.lost.is_set():
             self._released.wait(self.tick())
+
+    def _fence_loop(self) -> None:
+        while not self._released.is_set() and not self.lost.is_set():
+            left = self.time_left()  # re-read: a renewal moves the fence time on
+            if left <= 0:
+                self._lose("no renewal before the local deadline (self-fenced)")
+                return
+            self._released.wait(left)
 
     def release(self) -> None:
         """Stop renewing and free the slice at once (idempotent; harmless after loss)."""
         self._released.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(self.lease.ttl)  # a renewal blocked on a dead server must not hold us up
         try:
             self.backend.release(self.lease)
         except BackendError as exc:  # the server's expiry frees it anyway
@@ -158,6 +171,10 @@ class Claimer:
                 return None
             if lease is not None:
                 claim = Claim(self.backend, slice_, lease, clock=self.clock)
+                if claim.time_left() <= 0:  # granted after a stall longer than the ttl: born dead
+                    log_acquire.warning("lease on slice %s arrived past its deadline; giving it back", slice_.id)
+                    claim.release()
+                    continue
                 claim.start()
                 return claim
         return None
