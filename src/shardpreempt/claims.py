@@ -127,7 +127,7 @@ class Claim:
 
     def _renew_loop(self) -> None:
         while not self._released.is_set() and not self.lost.is_set():
-            self._released.wait(self.tick())
+            self._released.wait(min(self.tick(), 3600.0))  # tick() is inf once lost
 
     def _fence_loop(self) -> None:
         while not self._released.is_set() and not self.lost.is_set():

@@ -55,6 +55,7 @@ class StressOptions:
     items: int = 5  # new items per shard per fault
     item_seconds: float = 0.002
     seed: int = 0
+    unowned_bound: float | None = None  # default: 0.1 s on file, ttl + 1 s on servers
     directory: Path | None = None
     log: Callable[[str], None] = field(default=lambda line: None)
 
@@ -85,7 +86,8 @@ class Stress:
         if b in SERVER_BACKENDS:
             self.server = server_for(b)
             self.server.start()
-            return self.server.url(unique("stress"))
+            # the production setting: restarts that lose data must not grant a lease still in use
+            return self.server.url(unique("stress")).replace("restart_grace=0", f"restart_grace={self.opts.ttl}")
         return b
 
     def _setup(self) -> Path:
@@ -238,7 +240,9 @@ class Stress:
         """Inject the faults, drain the work, and return the figures."""
         kinds = self.kinds()
         cfg = self._setup()
-        bound = 0.1 if self.opts.backend == "file" else self.opts.ttl + 1.0
+        bound = self.opts.unowned_bound
+        if bound is None:
+            bound = 0.1 if self.opts.backend == "file" else self.opts.ttl + 1.0
         settle = self.opts.ttl * 3 + 15
         try:
             for i in range(self.opts.supervisors):

@@ -11,6 +11,10 @@ Host defaults to ``localhost``, port to 6379, db to 0. Options (query string or 
 ``prefix``          ``shardpreempt:`` prepended to every key and to the pub/sub channel
 ``connect_timeout`` 2.0             seconds to open a connection (TCP, TLS and AUTH)
 ``timeout``         2.0             seconds to wait for any one reply
+``restart_grace``   the ttl asked   seconds after the first acquire on a namespace with no
+                                    ``{prefix}epoch`` key (new, or data lost in a restart) during
+                                    which nothing is granted, so holders of the lost leases have
+                                    fenced themselves; set it to the longest ttl your workers use
 ``ssl_ca_certs``    (system CAs)    ``rediss://`` only: CA bundle file to verify the server with
 ``ssl_ca_path``     —               ``rediss://`` only: directory of CA certificates
 ``ssl_certfile``    —               ``rediss://`` only: client certificate (mutual TLS)
@@ -27,6 +31,12 @@ touches only the session (``PEXPIRE``, one round trip, never shortening it) and 
 written only when ownership changes. ``try_acquire`` and ``release`` are one ``EVALSHA`` each,
 whatever the number of keys; ``release`` publishes on ``{prefix}released`` and ``wait`` listens
 there on a subscription kept open across calls.
+
+Restarts that lose data: a lost session would let the server grant a shard while its old holder is
+still working until its next renewal fails. So the acquire script keeps ``{prefix}epoch`` (the
+server time of the namespace's first acquire); when it is missing, nothing is granted for
+``restart_grace`` seconds — every old lease has passed its local deadline by then. The price: the
+first acquire in a brand-new namespace waits that long too (test servers pass ``restart_grace=0``).
 
 Token source: ``max(last token + 1, TIME in µs)`` in the acquire script, from the server's own clock.
 While Redis keeps its data, ``last + 1`` alone guarantees growth; after a restart that lost
@@ -74,12 +84,21 @@ log = logging.getLogger("shardpreempt.backends.redis")
 MGET_BATCH = 10_000  # keys per MGET in inspect: big enough for few commands, small enough not to stall
 
 # Codes the acquire script returns first; anything else is a BackendProtocolError.
-BUSY, GRANTED, CORRUPT = 0, 1, 2
+BUSY, GRANTED, CORRUPT, QUARANTINE = 0, 1, 2, 3
 
 ACQUIRE = """
 -- KEYS[1] cached session key, KEYS[2] fresh session key, KEYS[3..] shard keys
--- ARGV[1] ttl ms, ARGV[2] cached sid, ARGV[3] fresh sid, ARGV[4] session key prefix, ARGV[5] session value
+-- ARGV[1] ttl ms, ARGV[2] cached sid, ARGV[3] fresh sid, ARGV[4] session key prefix, ARGV[5] session value,
+-- ARGV[6] restart grace ms, ARGV[7] epoch key
 if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes on Redis < 5
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local epoch = tonumber(redis.call('GET', ARGV[7]))
+if not epoch then  -- a new namespace, or a server that lost its data: old holders may still be at work
+  epoch = now
+  redis.call('SET', ARGV[7], string.format('%d', now))
+end
+if now < epoch + tonumber(ARGV[6]) * 1000 then return {3} end
 local sid, skey = ARGV[2], KEYS[1]
 if redis.call('EXISTS', skey) == 0 then sid, skey = ARGV[3], KEYS[2] end
 local last = {}
@@ -95,8 +114,6 @@ for i = 3, #KEYS do
     last[i] = 0
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local ttl = tonumber(ARGV[1])
 if redis.call('PTTL', skey) < ttl then redis.call('SET', skey, ARGV[5], 'PX', ttl) end
 local out = {1, sid}
@@ -154,6 +171,7 @@ class RedisBackend:
         self.prefix = option(opts, "prefix", str, "shardpreempt:", url=url)
         self.connect_timeout = option(opts, "connect_timeout", float, 2.0, url=url)
         self.timeout = option(opts, "timeout", float, 2.0, url=url)
+        self.restart_grace: float | None = option(opts, "restart_grace", float, None, url=url)
         parts = urlsplit(url)
         tls = {name: option(opts, name, kind, None, url=url) for name, kind in TLS_OPTIONS.items()}
         tls = {name: value for name, value in tls.items() if value is not None}
@@ -235,10 +253,15 @@ class RedisBackend:
         with self._edge("acquire"):
             reply = self._acquire(
                 keys=[self._session_key(cached), self._session_key(fresh), *map(self._shard_key, unique)],
-                args=[self._ms(ttl), cached, fresh, self._session_key(""), value],
+                args=[self._ms(ttl), cached, fresh, self._session_key(""), value,
+                      self._ms(ttl) if self.restart_grace is None else math.ceil(self.restart_grace * 1000),
+                      f"{self.prefix}epoch"],
             )
         code = reply[0] if isinstance(reply, list) and reply else None
         if code == BUSY:
+            return None
+        if code == QUARANTINE:
+            log.info("%s: namespace new or its data lost; no grants for the restart grace", self.url)
             return None
         if code == GRANTED and len(reply) == len(unique) + 2:
             sid = str(reply[1])

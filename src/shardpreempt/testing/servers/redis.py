@@ -42,6 +42,10 @@ class RedisServer(EphemeralServer):
             return b"+PONG" in data
 
     def url(self, namespace: str) -> str:
-        """Database 0 with the key prefix ``namespace:`` (fresh because nobody used that prefix yet)."""
+        """Database 0 with the key prefix ``namespace:`` (fresh because nobody used that prefix yet).
+
+        ``restart_grace=0``: a test's namespace is new, so the first acquire need not wait out the
+        grace that protects holders after a restart lost the data (see the backend's docstring).
+        """
         auth = f":{self.password}@" if self.password is not None else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0?prefix={namespace}:"
+        return f"redis://{auth}127.0.0.1:{self.port}/0?prefix={namespace}:&restart_grace=0"
