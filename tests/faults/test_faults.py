@@ -23,7 +23,8 @@ def test_faults_leave_no_overlap_and_process_every_item_exactly_once(backend: st
     kinds = PROCESS_FAULTS if backend == "file" else PROCESS_FAULTS + tuple(sorted(SERVER_FAULTS))
     assert set(kinds) <= set(FAULTS)
     opts = StressOptions(backend=backend, kinds=kinds, count=len(kinds) * (2 if backend == "file" else 1),
-                         ttl=1.0, shards=4, workers=2, directory=tmp_path / "stress",
+                         ttl=2.0 if backend == "etcd" else 1.0,  # etcd grants 2 s at least
+                         shards=4, workers=2, directory=tmp_path / "stress",
                          # the stress command holds file:// to 100 ms; a loaded CI machine gets some slack
                          unowned_bound=0.5 if backend == "file" else None)
     try:
