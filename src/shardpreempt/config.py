@@ -8,6 +8,7 @@ file and the key; values of secret keys are never echoed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -238,6 +239,28 @@ def apply_overrides(settings: Settings, *, backend: str | None = None, ttl: floa
             checked = _positive(value, source, src)
         settings = replace(settings, **{field_: checked})
     return settings
+
+
+def to_toml(document: Mapping[str, Mapping[str, Any]]) -> str:
+    """A two-level document (``{section: {key: value}}`` or ``{"shards": {name: {key: value}}}``) as TOML."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return json.dumps(str(v))  # a JSON string is a valid TOML basic string
+
+    out = []
+    for section, body in document.items():
+        flat = {k: v for k, v in body.items() if not isinstance(v, Mapping)}
+        if flat:
+            out.append(f"[{section}]\n" + "".join(f"{json.dumps(k)} = {value(v)}\n" for k, v in flat.items()))
+        for name, table in body.items():
+            if isinstance(table, Mapping):
+                out.append(f"[{section}.{json.dumps(name)}]\n"
+                           + "".join(f"{json.dumps(k)} = {value(v)}\n" for k, v in table.items()))
+    return "\n".join(out)
 
 
 def shard_table(shards: Sequence[Shard]) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from rich.table import Table
 
 from .backends import open_backend
 from .config import Settings, make_shard
+from .model import Shard
 from .poller import Poller
 from .slicing import make_slices
 from .status import snapshot, table
@@ -106,14 +108,13 @@ def work(argv: list[str] | None = None) -> int:
             db.close()
 
 
-def audit(settings: Settings, events_path: Path) -> dict[str, Any]:
+def audit_shards(shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Figures from the shard databases and the events: exactly once, fenced, no overlaps."""
-    history = read_events([events_path])
     granted = {(e["shard"], e["owner"], e["token"]) for e in history if e["event"] == "acquired"}
     report = check(history)
     totals = {"items": 0, "processed": 0, "lost": 0, "duplicated": 0, "unauthorised": 0, "stale_accepted": 0}
     per_shard = []
-    for shard in settings.shards:
+    for shard in shards:
         with sqlite3.connect(shard.settings["path"]) as db:
             total = db.execute("SELECT count(*) FROM items").fetchone()[0]
             done = db.execute("SELECT count(*) FROM items WHERE processed_by IS NOT NULL").fetchone()[0]
@@ -133,7 +134,7 @@ def audit(settings: Settings, events_path: Path) -> dict[str, Any]:
 
 def verify(settings: Settings, events_path: Path) -> tuple[bool, Table]:
     """Check every shard database against the events; a table for people."""
-    figures = audit(settings, events_path)
+    figures = audit_shards(settings.shards, read_events([events_path]))
     result = Table(title="exactly-once check (from the shard databases)", title_justify="left")
     for col in ("shard", "items", "processed", "lost", "duplicated", "unauthorised writes", "tokens seen"):
         result.add_column(col)

@@ -10,8 +10,10 @@ lost, duplicated, written without a lease, stale writes accepted).
 Fault kinds: ``kill-worker`` (SIGKILL a holder), ``stop-worker`` (SIGSTOP a holder past the ttl, then
 SIGCONT; the supervisor's watchdog kills it first), ``kill-supervisor`` (SIGKILL a whole supervisor,
 then start it again), ``restart-backend`` (SIGKILL the server and start it again; Redis loses its
-data), ``pause-backend`` (SIGSTOP the server past the ttl). More kinds (network faults) can be added
-to :data:`FAULTS`.
+data), ``pause-backend`` (SIGSTOP the server past the ttl). With ``network`` (``--network``), every
+supervisor runs in its own network namespace and two more kinds apply: ``partition-worker`` (cut a
+holder's supervisor off the backend past the ttl) and ``slow-backend`` (add latency to every link for
+a few seconds); see :mod:`shardpreempt.netfaults`. More kinds can be added to :data:`FAULTS`.
 """
 
 from __future__ import annotations
@@ -28,15 +30,83 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .config import Settings, make_shard
-from .demo import audit, create_shard
+from .config import Settings, make_shard, to_toml
+from .demo import audit_shards, create_shard
+from .model import Shard
 from .events import HOST, EventLog
+from .netfaults import NETWORK_FAULTS, NetFaults
 from .testing.history import check, holds_of, read_events
 from .testing.servers import EphemeralServer, server_for, unique
 
 SERVER_BACKENDS = ("redis", "postgresql", "mysql", "etcd", "zookeeper")
+
+
+class Workload(Protocol):
+    """The shards under test and the job that works them; the default is the demo's SQLite job."""
+
+    def make_shards(self, directory: Path, items: int) -> list[Shard]:
+        """Create the shards with ``items`` pending work items each."""
+        ...
+
+    def command(self) -> list[str]:
+        """argv of the job, run by ``shardpreempt run`` for each slice; it must keep polling for work."""
+        ...
+
+    def add_work(self, shards: Sequence[Shard], items: int) -> None:
+        """Add ``items`` new work items to every shard."""
+        ...
+
+    def pending(self, shards: Sequence[Shard]) -> int:
+        """Work items not yet processed."""
+        ...
+
+    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """Totals: items, processed, lost, duplicated, unauthorised, stale_accepted."""
+        ...
+
+
+class SqliteWorkload:
+    """The demo's fenced job over SQLite shard databases (:mod:`shardpreempt.demo`)."""
+
+    def __init__(self, count: int = 6, item_seconds: float = 0.002) -> None:
+        self.count = count
+        self.item_seconds = item_seconds
+
+    def make_shards(self, directory: Path, items: int) -> list[Shard]:
+        """One SQLite database per shard."""
+        shards = []
+        for i in range(self.count):
+            path = directory / f"shard{i}.sqlite"
+            path.unlink(missing_ok=True)
+            create_shard(path, items)
+            shards.append(make_shard(f"shard{i}", {"kind": "sqlite", "path": str(path)}))
+        return shards
+
+    def command(self) -> list[str]:
+        """The demo job, polling."""
+        return [sys.executable, "-m", "shardpreempt.demo", "--poll", "0.05", "--item-seconds", str(self.item_seconds)]
+
+    def add_work(self, shards: Sequence[Shard], items: int) -> None:
+        """Insert new items."""
+        for shard in shards:
+            with sqlite3.connect(shard.settings["path"], timeout=30) as db:
+                db.executemany("INSERT INTO items (id) VALUES (NULL)", [()] * items)
+            db.close()
+
+    def pending(self, shards: Sequence[Shard]) -> int:
+        """Unprocessed items."""
+        total = 0
+        for shard in shards:
+            with sqlite3.connect(shard.settings["path"], timeout=30) as db:
+                total += db.execute("SELECT count(*) FROM items WHERE processed_by IS NULL").fetchone()[0]
+            db.close()
+        return total
+
+    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, int]:
+        """From the databases."""
+        return audit_shards(shards, history)["totals"]
 SERVER_FAULTS = {"restart-backend", "pause-backend"}
 
 
@@ -56,6 +126,8 @@ class StressOptions:
     item_seconds: float = 0.002
     seed: int = 0
     unowned_bound: float | None = None  # default: 0.1 s on file, ttl + 1 s on servers
+    network: bool = False  # each supervisor in a network namespace (root, Linux); adds the network faults
+    workload: Workload | None = None  # default: SqliteWorkload(item_seconds)
     directory: Path | None = None
     log: Callable[[str], None] = field(default=lambda line: None)
 
@@ -77,6 +149,8 @@ class Stress:
         self.injected: Counter[str] = Counter()
         self.coverage_timeouts = 0
         self.settings: Settings | None = None
+        self.net: NetFaults | None = None
+        self.workload: Workload = opts.workload or SqliteWorkload(opts.shards, opts.item_seconds)
 
     # -- set-up -----------------------------------------------------------------------------------
     def _backend_url(self) -> str:
@@ -92,17 +166,12 @@ class Stress:
 
     def _setup(self) -> Path:
         url = self._backend_url()
-        shards = []
-        for i in range(self.opts.shards):
-            path = self.dir / f"shard{i}.sqlite"
-            path.unlink(missing_ok=True)
-            create_shard(path, self.opts.items)
-            shards.append(make_shard(f"shard{i}", {"kind": "sqlite", "path": str(path)}))
+        shards = self.workload.make_shards(self.dir, self.opts.items)
         self.settings = Settings(shards=tuple(shards), backend_url=url, ttl=self.opts.ttl)
         cfg = self.dir / "stress.toml"
-        body = [f'[backend]\nurl = "{url}"\nttl = {self.opts.ttl}\n']
-        body += [f'[shards.{s.name}]\nkind = "sqlite"\npath = "{s.settings["path"]}"\n' for s in shards]
-        cfg.write_text("\n".join(body))
+        cfg.write_text(to_toml({"backend": {"url": url, "ttl": self.opts.ttl},
+                                   "shards": {s.name: {**s.settings, "identity": s.identity} for s in shards}}))
+        os.chmod(cfg, 0o600)  # shard settings may hold passwords
         return cfg
 
     def _start_supervisor(self, cfg: Path, index: int) -> None:
@@ -110,9 +179,10 @@ class Stress:
         argv = [sys.executable, "-m", "shardpreempt", "run", str(cfg), "-w", str(self.opts.workers),
                 "--slices", str(self.opts.workers), "--events", str(self.events_path), "--hang-timeout", hang,
                 "--backoff", "0.05", "--max-failures", "1000", "--crash-limit", "1000",
-                "--", sys.executable, "-m", "shardpreempt.demo", "--poll", "0.05",
-                "--item-seconds", str(self.opts.item_seconds)]
+                "--", *self.workload.command()]
         log = open(self.dir / f"supervisor{index}.log", "ab")  # noqa: SIM115 - inherited by the child
+        if self.net is not None:
+            argv = self.net.command(index, argv)
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         if index < len(self.supervisors):
@@ -156,19 +226,11 @@ class Stress:
 
     def _add_work(self) -> None:
         assert self.settings is not None
-        for shard in self.settings.shards:
-            with sqlite3.connect(shard.settings["path"], timeout=30) as db:
-                db.executemany("INSERT INTO items (id) VALUES (NULL)", [()] * self.opts.items)
-            db.close()
+        self.workload.add_work(self.settings.shards, self.opts.items)
 
     def _pending(self) -> int:
         assert self.settings is not None
-        total = 0
-        for shard in self.settings.shards:
-            with sqlite3.connect(shard.settings["path"], timeout=30) as db:
-                total += db.execute("SELECT count(*) FROM items WHERE processed_by IS NULL").fetchone()[0]
-            db.close()
-        return total
+        return self.workload.pending(self.settings.shards)
 
     # -- faults -----------------------------------------------------------------------------------
     def _victim(self) -> dict[str, Any] | None:
@@ -225,6 +287,16 @@ class Stress:
         self.server.resume()
         self.excused.append((t0, time.time()))
 
+    def fault_partition_worker(self) -> None:
+        """Cut a holder's supervisor off the backend for 1.5 x ttl, then heal the link."""
+        assert self.net is not None
+        self.net.partition(self)
+
+    def fault_slow_backend(self) -> None:
+        """Add 100-200 ms of latency each way on every link for a few seconds."""
+        assert self.net is not None
+        self.net.slow(self)
+
     # -- the run ----------------------------------------------------------------------------------
     def kinds(self) -> list[str]:
         """The fault kinds that apply to this backend."""
@@ -234,6 +306,10 @@ class Stress:
             raise ValueError(f"unknown fault kind(s): {', '.join(sorted(unknown))} (known: {', '.join(FAULTS)})")
         if self.opts.backend not in SERVER_BACKENDS:
             kinds = [k for k in kinds if k not in SERVER_FAULTS]
+        if self.opts.network and self.opts.backend not in SERVER_BACKENDS:
+            raise ValueError(f"network faults need a server the harness starts: {', '.join(SERVER_BACKENDS)}")
+        if not self.opts.network:
+            kinds = [k for k in kinds if k not in NETWORK_FAULTS]
         return kinds
 
     def run(self) -> dict[str, Any]:
@@ -245,6 +321,9 @@ class Stress:
             bound = 0.1 if self.opts.backend == "file" else self.opts.ttl + 1.0
         settle = self.opts.ttl * 3 + 15
         try:
+            if self.opts.network:
+                assert self.settings is not None
+                self.net = NetFaults(self.opts.supervisors, self.settings.backend_url)
             for i in range(self.opts.supervisors):
                 self._start_supervisor(cfg, i)
             if not self._wait_covered(60):
@@ -277,13 +356,15 @@ class Stress:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            if self.net is not None:
+                self.net.close()
             if self.server is not None:
                 self.server.close()
         assert self.settings is not None
         history = read_events([self.events_path])
         report = check(history, max_unowned=bound, shards=[s.identity for s in self.settings.shards],
                        start=start, end=stop, excused=self.excused)
-        figures = audit(self.settings, self.events_path)
+        items = self.workload.audit(self.settings.shards, history)
         return {
             "backend": self.opts.backend,
             "faults": dict(self.injected),
@@ -295,9 +376,10 @@ class Stress:
             "unowned_bound_s": bound,
             "unowned_violations": report.count("unowned"),
             "coverage_timeouts": self.coverage_timeouts,
-            "items": figures["totals"],
+            "items": items,
             "directory": str(self.dir),
             "violations": [f"{v.kind} {v.shard}: {v.detail}" for v in report.violations[:10]],
+            **({"network": self.net.figures(history)} if self.net is not None else {}),
         }
 
 
@@ -315,6 +397,8 @@ FAULTS: dict[str, Callable[[Stress], None]] = {
     "kill-supervisor": Stress.fault_kill_supervisor,
     "restart-backend": Stress.fault_restart_backend,
     "pause-backend": Stress.fault_pause_backend,
+    "partition-worker": Stress.fault_partition_worker,
+    "slow-backend": Stress.fault_slow_backend,
 }
 
 
