@@ -136,7 +136,12 @@ BEGIN
                                       THEN to_json(v_keys)::text ELSE '' END);
     RETURN cardinality(v_keys);
 END $$;
+COMMENT ON FUNCTION {s}.release(text[], text, text) IS {version};
 """
+
+#: Bumped whenever SCHEMA_DDL changes, so existing installations get the new functions.
+SCHEMA_VERSION = "shardpreempt schema 1"
+INSTALLED = "SELECT obj_description(to_regprocedure(%s), 'pg_proc')"
 
 ACQUIRE = "SELECT o_status, o_session, o_keys, o_tokens FROM {s}.acquire(%s, %s, %s, %s, %s, %s)"
 RENEW = """UPDATE {s}.sessions
@@ -183,7 +188,8 @@ class PostgresBackend(SqlBackend):
         s = sql.Identifier(self.schema)
         self._q = {name: sql.SQL(text).format(s=s) for name, text in
                    (("acquire", ACQUIRE), ("renew", RENEW), ("release", RELEASE), ("inspect", INSPECT))}
-        self._ddl = sql.SQL(SCHEMA_DDL).format(s=s)
+        self._ddl = sql.SQL(SCHEMA_DDL).format(s=s, version=sql.Literal(SCHEMA_VERSION))
+        self._marker = sql.SQL("{}.release(text[], text, text)").format(s).as_string()
         self._conn: _Connection | None = None
         self._listener: _Connection | None = None
         self._initialized = False
@@ -224,6 +230,10 @@ class PostgresBackend(SqlBackend):
     def _init_on(self, conn: _Connection) -> None:
         for attempt in range(5):
             try:
+                # up to date already: skip the DDL, which needs CREATE rights and takes catalog locks
+                row = conn.execute(INSTALLED, (self._marker,)).fetchone()
+                if row is not None and row[0] == SCHEMA_VERSION:
+                    break
                 with conn.transaction():
                     conn.execute(self._ddl)
                 break
@@ -298,10 +308,11 @@ class PostgresBackend(SqlBackend):
                 return  # releases before LISTEN are unknown: let the caller look again at once
             wanted = set(keys)
             while (left := deadline - time.monotonic()) > 0:
-                for note in self._listener.notifies(timeout=left, stop_after=1):
-                    if self._concerns(note.payload, wanted):
-                        self._drain()
-                        return
+                # exhaust the generator: an abandoned one keeps the connection's lock held
+                notes = list(self._listener.notifies(timeout=left, stop_after=1))
+                if any(self._concerns(note.payload, wanted) for note in notes):
+                    self._drain()
+                    return
         except psycopg.Error as exc:
             listener, self._listener = self._listener, None
             if listener is not None:
@@ -311,8 +322,7 @@ class PostgresBackend(SqlBackend):
     def _drain(self) -> None:
         """Consume notifications already queued, so the next wait does not wake for the same release."""
         assert self._listener is not None
-        for _ in self._listener.notifies(timeout=0):
-            pass
+        list(self._listener.notifies(timeout=0))
 
     @staticmethod
     def _concerns(payload: str, wanted: set[str]) -> bool:

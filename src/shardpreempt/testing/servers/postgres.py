@@ -2,8 +2,8 @@
 
 PostgreSQL refuses to run as root, so the temp dir is handed to the ``postgres`` user; the server is
 started through ``setpriv`` (which execs, unlike ``runuser``) so the process we hold IS the postmaster
-and signals reach it. Stop, kill and pause address the whole process group (postmaster and its
-backends), because a SIGSTOPped postmaster alone would leave open connections served.
+and signals reach it. Kill and pause also signal the postmaster's children (each backend is its own
+process group), because a SIGSTOPped postmaster alone would leave open connections served.
 
 Authentication: the superuser ``postgres`` is trusted; any other role logs in over TCP with its
 password (scram-sha-256), so tests can create a role with a password and try a wrong one.
@@ -82,40 +82,63 @@ class PostgresServer(EphemeralServer):
         """A backend URL whose lease tables live in schema ``namespace`` (created on first use)."""
         return f"{self.dsn()}?schema={namespace}"
 
-    def _signal_group(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def _children(self) -> list[int]:
+        """The postmaster's children (backends call setsid(), so a process-group signal misses them)."""
+        assert self.proc is not None
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == self.proc.pid:
+                    out.append(int(entry))
+        return out
+
+    def _signal_all(self, sig: int) -> list[int]:
+        """Signal the postmaster and its children (it is stopped first, so it forks no more)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        if sig in (signal.SIGSTOP, signal.SIGKILL):
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        children = self._children()
+        for pid in ([self.proc.pid, *children] if sig == signal.SIGCONT else [*children, self.proc.pid]):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
+                os.kill(pid, sig)
+        return children
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
         """Stop by pid: SIGINT is a fast shutdown (SIGTERM would wait for every client to leave)."""
         if sig == signal.SIGTERM:
             sig = signal.SIGINT
         if sig == signal.SIGKILL:
-            # the backends are in the postmaster's process group: kill them too, or the next start
-            # finds the old shared memory still attached
-            self._signal_group(signal.SIGCONT)
-            self._signal_group(signal.SIGKILL)
+            # kill the backends too, or the next start finds the old shared memory still attached
+            children = self._signal_all(signal.SIGKILL)
             if self.proc is not None:
                 self.proc.wait()
-                self._wait_group_gone(self.proc.pid)
+            self._wait_gone(children)
             return
         super().stop(sig, timeout)
 
     @staticmethod
-    def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.01)
+        for pid in pids:
+            while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+                try:
+                    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            break  # dead, waiting for a reaper
+                except OSError:
+                    break
+                time.sleep(0.01)
 
     def pause(self) -> None:
         """SIGSTOP the postmaster and every backend, so open connections hang too."""
-        self._signal_group(signal.SIGSTOP)
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
         """SIGCONT the whole server."""
-        self._signal_group(signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
