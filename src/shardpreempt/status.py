@@ -16,7 +16,7 @@ def snapshot(backend: Backend, slices: Sequence[Slice]) -> dict[str, Any]:
     """Every shard's holder (one ``inspect`` call), grouped by slice, with totals."""
     keys = [k for s in slices for k in s.keys]
     holders = backend.inspect(keys)
-    shards = []
+    shards: list[dict[str, Any]] = []
     for s in slices:
         for shard in s.shards:
             h = holders.get(shard.identity)

@@ -193,6 +193,7 @@ class BackendContract:
         assert lease is not None
         taken = wait_until(lambda: b.try_acquire(["e1", "e2"], new_owner("b"), 30), self.ttl * 5 + 5,
                            message="expired key taken over")
+        assert taken is not None
         assert all(taken.tokens[k] > lease.tokens[k] for k in ("e1", "e2"))
         with pytest.raises(LeaseLost):
             a.renew(lease)
@@ -232,6 +233,7 @@ class BackendContract:
                 proc.stdout.close()
         taken = wait_until(lambda: b.try_acquire(["d1", "d2"], new_owner("b"), 30), ttl * 5 + 5,
                            message="killed holder's keys taken over")
+        assert taken is not None
         assert taken.tokens["d1"] > int(line[1])
 
     def test_exclusivity_between_processes(self, backend_url: str) -> None:
