@@ -215,12 +215,16 @@ def demo(workers: int, shard_count: int, items: int, backend: str | None, direct
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None, help="Keep the run's files here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--network", is_flag=True,
+              help="Run each supervisor in its own network namespace (root, Linux) and add the "
+                   "partition-worker and slow-backend faults.")
 def stress(backend: str, count: int, duration: float | None, kinds: str | None, ttl: float, shard_count: int,
-           workers: int, supervisors: int, seed: int, directory: str | None, as_json: bool) -> None:
+           workers: int, supervisors: int, seed: int, directory: str | None, as_json: bool,
+           network: bool) -> None:
     """Run a backend under injected faults, then check the history and the shards."""
     from pathlib import Path
 
-    from .stress import FAULTS, Stress, StressOptions, passed
+    from .stress import FAULTS, SERVER_BACKENDS, Stress, StressOptions, passed
 
     def go() -> int:
         chosen = tuple(k.strip() for k in kinds.split(",")) if kinds else tuple(FAULTS)
@@ -229,9 +233,12 @@ def stress(backend: str, count: int, duration: float | None, kinds: str | None, 
         if min(count, shard_count, workers, supervisors) < 1 or ttl <= 0:
             raise ConfigError("--faults, --shards, --workers, --supervisors must be >= 1 and --ttl > 0",
                               source="command line")
+        if network and backend not in SERVER_BACKENDS:
+            raise ConfigError(f"--network needs a server the harness starts: {', '.join(SERVER_BACKENDS)}",
+                              source="--network")
         opts = StressOptions(backend=backend, kinds=chosen, count=count, duration=duration, ttl=ttl,
                              shards=shard_count, workers=workers, supervisors=supervisors, seed=seed,
-                             directory=Path(directory) if directory else None,
+                             network=network, directory=Path(directory) if directory else None,
                              log=lambda line: click.echo(line, err=True))
         figures = Stress(opts).run()
         if as_json:
@@ -248,6 +255,8 @@ def stress(backend: str, count: int, duration: float | None, kinds: str | None, 
             console.print(f"items {items['items']}: processed {items['processed']}, lost {items['lost']}, "
                           f"duplicated {items['duplicated']}, unauthorised writes {items['unauthorised']}, "
                           f"stale writes accepted {items['stale_accepted']}")
+            if "network" in figures:
+                console.print(f"network: {figures['network']}", highlight=False)
             for line in figures["violations"]:
                 console.print(f"[red]{line}[/red]", highlight=False)
         return 0 if passed(figures) else 1

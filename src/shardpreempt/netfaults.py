@@ -1,0 +1,142 @@
+"""Network faults for ``shardpreempt stress --network``: every supervisor in its own network namespace.
+
+Supervisor *i* runs inside :class:`~shardpreempt.testing.netns.NetHost` *i* and reaches the harness's
+server through a relay on its own link, so a link can be cut or slowed without touching the others.
+Two fault kinds:
+
+* ``partition-worker`` — cut the link of the supervisor whose worker holds a random shard for
+  1.5 x ttl, then heal it. Its workers' renewals stall; they must self-fence (``lost`` event, command
+  stopped) before the server expires their sessions, and the other supervisors' standbys take the
+  shards over. The cut..heal window is excused for the unowned-time check.
+* ``slow-backend`` — add latency on every link (ttl x 100 ms, kept within 100..200 ms, in each
+  direction) for max(3 s, 2 x ttl), then remove it; excused too.
+
+:meth:`NetFaults.figures` reports, for the partitions: shards held by the cut supervisor at the cut,
+how many of those holds ended by self-fencing, the smallest lead of a hold's end over the next
+holder's acquisition (positive: the fence came first), and the longest time from a cut until another
+worker owned the shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .testing.history import holds_of, read_events
+from .testing.netns import NetHost
+
+if TYPE_CHECKING:
+    from .stress import Stress
+
+NETWORK_FAULTS = ("partition-worker", "slow-backend")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One cut: which supervisor, its workers at the time, and when."""
+
+    index: int
+    workers: frozenset[int]
+    start: float
+    end: float
+
+
+class NetFaults:
+    """The namespaces, relays and per-supervisor configs of one stress run, and its network faults."""
+
+    def __init__(self, supervisors: int, url: str) -> None:
+        self.hosts: list[NetHost] = []
+        self.urls: list[str] = []  # the backend URL as seen from inside each namespace
+        self.partitions: list[Partition] = []
+        self.slowdowns = 0
+        try:
+            for _ in range(supervisors):
+                host = NetHost()
+                self.hosts.append(host)
+                host.start()
+                self.urls.append(host.rewrite(url))
+        except BaseException:
+            self.close()
+            raise
+        self.names = [h.name for h in self.hosts]
+
+    def command(self, index: int, argv: Sequence[str]) -> list[str]:
+        """``shardpreempt run ... -- job`` of supervisor ``index``: in its namespace, via its relay."""
+        argv = list(argv)
+        end = argv.index("--") if "--" in argv else len(argv)
+        return self.hosts[index].argv([*argv[:end], "--backend", self.urls[index], *argv[end:]])
+
+    def partition(self, stress: Stress) -> None:
+        """Cut the link of a holder's supervisor for 1.5 x ttl, then heal it."""
+        events = read_events([stress.events_path])
+        victim = stress._victim()
+        pids = [p.pid for p in stress.supervisors]
+        owner = next((e["pid"] for e in events if e["event"] == "started" and victim is not None
+                      and e.get("worker_pid") == victim["pid"]), None)
+        index = pids.index(owner) if owner in pids else stress.rng.randrange(len(self.hosts))
+        workers = frozenset(e["worker_pid"] for e in events
+                            if e["event"] == "started" and e["pid"] == pids[index])
+        host = self.hosts[index]
+        t0 = time.time()
+        host.cut()
+        try:
+            time.sleep(stress.opts.ttl * 1.5)
+        finally:
+            host.heal()
+        t1 = time.time()
+        stress.excused.append((t0, t1))
+        self.partitions.append(Partition(index, workers, t0, t1))
+
+    def slow(self, stress: Stress) -> None:
+        """Delay every link for a few seconds, then restore it."""
+        ms = min(200.0, max(100.0, stress.opts.ttl * 100))
+        t0 = time.time()
+        try:
+            for host in self.hosts:
+                host.delay(ms)
+            time.sleep(max(3.0, stress.opts.ttl * 2))
+        finally:
+            for host in self.hosts:
+                host.undelay()
+        stress.excused.append((t0, time.time()))
+        self.slowdowns += 1
+
+    def figures(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """What the partitions did to the holds (see the module docstring)."""
+        holds = holds_of(history)
+        pid_of = {e["owner"]: e["pid"] for e in history if e["event"] == "acquired"}
+        reason = {(e["shard"], e["owner"]): str(e.get("reason", "")) for e in history if e["event"] == "lost"}
+        by_shard = defaultdict(list)
+        for h in holds:
+            by_shard[h.shard].append(h)
+        held = fenced = 0
+        leads: list[float] = []
+        takeovers: list[float] = []
+        for p in self.partitions:
+            for h in holds:
+                if pid_of.get(h.owner) not in p.workers or not h.start < p.start < h.end:
+                    continue
+                held += 1
+                fenced += "self-fenced" in reason.get((h.shard, h.owner), "")
+                after = [n for n in by_shard[h.shard] if n.owner != h.owner and n.start >= h.start]
+                if after:
+                    leads.append(after[0].start - h.end)
+                    takeovers.append(after[0].start - p.start)
+        return {
+            "namespaces": self.names,
+            "delay_by": next((h.delay_by for h in self.hosts if h.delay_by), None),
+            "partitions": len(self.partitions),
+            "slowdowns": self.slowdowns,
+            "holds_cut": held,
+            "self_fenced": fenced,
+            "min_fence_lead_s": round(min(leads), 3) if leads else None,
+            "max_takeover_s": round(max(takeovers), 3) if takeovers else None,
+        }
+
+    def close(self) -> None:
+        """Remove every namespace, link and relay (the supervisors inside must have stopped)."""
+        for host in self.hosts:
+            host.close()
