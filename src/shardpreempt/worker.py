@@ -40,13 +40,19 @@ EXIT_OK, EXIT_CONFIG, EXIT_INTERNAL, EXIT_FENCED = 0, 2, 70, 75
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; no-op elsewhere)."""
+def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; no-op elsewhere).
+
+    If ``parent`` is given and is already gone (it died before the request took effect: the
+    kernel would never signal us), die now.
+    """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
 
 
 @dataclass
@@ -267,9 +273,10 @@ class Worker:
                 "SHARDPREEMPT_OWNER": ownership.owner,
                 "SHARDPREEMPT_SLICE_FILE": str(slice_file),
             })
+            worker_pid = os.getpid()
             try:
                 proc = subprocess.Popen(list(opts.command), env=env, start_new_session=True,
-                                        preexec_fn=die_with_parent)
+                                        preexec_fn=lambda: die_with_parent(worker_pid))
             except OSError as exc:
                 log.error("worker %d: cannot start %s: %s", opts.index, opts.command[0], exc.strerror)
                 return False
@@ -338,9 +345,7 @@ class Worker:
 
 def run_worker(opts: WorkerOptions, parent: int) -> int:
     """Entry point in a freshly forked worker process."""
-    die_with_parent()
-    if os.getppid() != parent:
-        return EXIT_INTERNAL
+    die_with_parent(parent)
     worker = Worker(opts)
     signal.signal(signal.SIGTERM, worker.on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
