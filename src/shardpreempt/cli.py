@@ -170,9 +170,12 @@ def init(config: str | None, backend: str | None) -> None:
     """Create the backend's tables or schema (SQL backends); harmless to repeat."""
 
     def go() -> int:
-        if config is None and backend is None:
+        if backend is not None:
+            url = backend
+        elif config is not None:
+            url = load_settings(config).backend_url
+        else:
             raise ConfigError("give a CONFIG or --backend URL", source="command line")
-        url = backend or load_settings(config).backend_url  # type: ignore[arg-type]
         store = open_backend(url)
         try:
             setup = getattr(store, "init", None)
