@@ -10,8 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.live import Live
 
 from . import __version__
 from .backends import open_backend
@@ -118,6 +116,8 @@ def plan(config: str, workers: int | None, backend: str | None, strategy: str | 
         if as_json:
             click.echo(json.dumps([{"index": s.index, "id": s.id, "shards": s.digest} for s in cut], indent=2))
             return 0
+        from rich.console import Console
+
         console = Console()
         console.print(f"{len(settings.shards)} shards in {len(cut)} slices ({settings.strategy})")
         for s in cut:
@@ -137,6 +137,9 @@ def plan(config: str, workers: int | None, backend: str | None, strategy: str | 
 def status(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
            as_json: bool, watch: bool, interval: float, limit: int) -> None:
     """Every shard: owner, token, time left; free ones in red."""
+    from rich.console import Console
+    from rich.live import Live
+
     from .status import snapshot, table
 
     def go() -> int:

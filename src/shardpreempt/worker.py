@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -40,6 +41,11 @@ EXIT_OK, EXIT_CONFIG, EXIT_INTERNAL, EXIT_FENCED = 0, 2, 70, 75
 PR_SET_PDEATHSIG = 1
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; no-op elsewhere).
 
@@ -47,8 +53,7 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
     kernel would never signal us), die now.
     """
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        _libc().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):
         pass
     if parent is not None and os.getppid() != parent:
