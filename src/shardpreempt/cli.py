@@ -55,8 +55,10 @@ def _settings(config: str, backend: str | None = None, ttl: float | None = None,
 def common(fn: F) -> F:
     """Options shared by the commands that read a config."""
     for opt in reversed([
-        click.option("-w", "--workers", type=int, default=None, help="Local worker processes (default: [run] workers or 1)."),
-        click.option("--backend", "backend", default=None, metavar="URL", help="Backend URL (overrides [backend] url)."),
+        click.option("-w", "--workers", type=int, default=None,
+                     help="Local worker processes (default: [run] workers or 1)."),
+        click.option("--backend", "backend", default=None, metavar="URL",
+                     help="Backend URL (overrides [backend] url)."),
         click.option("--strategy", type=click.Choice(["round-robin", "contiguous", "rendezvous"]), default=None),
         click.option("--slices", type=int, default=None, help="Number of slices (default: the worker count)."),
     ]):
@@ -78,10 +80,12 @@ def main(verbose: int) -> None:
 @click.option("--ttl", type=float, default=None, help="Lease time in seconds (overrides [backend] ttl).")
 @click.option("--once", is_flag=True, help="Process every slice exactly once, then end the run.")
 @click.option("--events", "events", type=click.Path(dir_okay=False), default=None, help="Append JSON events here.")
-@click.option("--max-failures", type=int, default=5, show_default=True, help="Failed runs in a row before a slice is given up.")
+@click.option("--max-failures", type=int, default=5, show_default=True,
+              help="Failed runs in a row before a slice is given up.")
 @click.option("--backoff", type=float, default=0.5, show_default=True, help="First delay after a failed run (doubles).")
 @click.option("--crash-limit", type=int, default=5, show_default=True, help="Quick deaths in a row that stop the run.")
-@click.option("--hang-timeout", type=float, default=None, help="Kill a worker silent this long (default: 0.35 x ttl on servers, 10 s on file).")
+@click.option("--hang-timeout", type=float, default=None,
+              help="Kill a worker silent this long (default: 0.35 x ttl on servers, 10 s on file).")
 @click.argument("command", nargs=-1, required=True)
 def run(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
         ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
@@ -196,7 +200,8 @@ def init(config: str | None, backend: str | None) -> None:
 @click.option("-w", "--workers", type=int, default=3, show_default=True)
 @click.option("--shards", "shard_count", type=int, default=6, show_default=True)
 @click.option("--items", type=int, default=150, show_default=True, help="Work items per shard.")
-@click.option("--backend", "backend", default=None, metavar="URL", help="Backend URL (default: file locks in the demo dir).")
+@click.option("--backend", "backend", default=None, metavar="URL",
+              help="Backend URL (default: file locks in the demo dir).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None, help="Keep the demo files here.")
 @click.option("--no-kill", is_flag=True, help="Do not kill a worker midway.")
 def demo(workers: int, shard_count: int, items: int, backend: str | None, directory: str | None,
@@ -210,7 +215,8 @@ def demo(workers: int, shard_count: int, items: int, backend: str | None, direct
 
 @main.command()
 @click.option("--backend", default="file", show_default=True,
-              help="file, a server name (redis, postgresql, mysql, etcd, zookeeper: started from its binary), or a URL.")
+              help="file, a server name (redis, postgresql, mysql, etcd, zookeeper: started from its binary), "
+                   "or a URL.")
 @click.option("--faults", "count", type=int, default=20, show_default=True, help="How many faults to inject.")
 @click.option("--duration", type=float, default=None, help="Stop injecting after this many seconds.")
 @click.option("--kinds", default=None, help="Comma-separated fault kinds (default: all that apply).")
@@ -229,6 +235,8 @@ def stress(backend: str, count: int, duration: float | None, kinds: str | None, 
            network: bool) -> None:
     """Run a backend under injected faults, then check the history and the shards."""
     from pathlib import Path
+
+    from rich.console import Console
 
     from .stress import FAULTS, SERVER_BACKENDS, Stress, StressOptions, passed
 

@@ -12,6 +12,7 @@ raises the fence to its own token.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -118,11 +119,12 @@ def audit_shards(shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> 
         with sqlite3.connect(shard.settings["path"]) as db:
             total = db.execute("SELECT count(*) FROM items").fetchone()[0]
             done = db.execute("SELECT count(*) FROM items WHERE processed_by IS NOT NULL").fetchone()[0]
-            dup = db.execute("SELECT count(*) FROM (SELECT item FROM writes GROUP BY item HAVING count(*) > 1)").fetchone()[0]
+            dup = db.execute(
+                "SELECT count(*) FROM (SELECT item FROM writes GROUP BY item HAVING count(*) > 1)").fetchone()[0]
             writes = db.execute("SELECT owner, token FROM writes ORDER BY rowid").fetchall()
         db.close()
         bad = sum(1 for owner, token in writes if (shard.identity, owner, token) not in granted)
-        stale = sum(1 for (_, a), (_, b) in zip(writes, writes[1:]) if b < a)  # the fence must forbid these
+        stale = sum(1 for (_, a), (_, b) in itertools.pairwise(writes) if b < a)  # the fence must forbid these
         row = {"shard": shard.name, "items": total, "processed": done, "lost": total - done, "duplicated": dup,
                "unauthorised": bad, "stale_accepted": stale, "tokens": sorted({t for _, t in writes})}
         per_shard.append(row)

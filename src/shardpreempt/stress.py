@@ -18,6 +18,7 @@ a few seconds); see :mod:`shardpreempt.netfaults`. More kinds can be added to :d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -172,10 +173,8 @@ class Stress:
         return self.rng.choice(sorted(holds.values(), key=lambda e: e["shard"])) if holds else None
 
     def _kill(self, pid: int, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
     def fault_kill_worker(self) -> None:
         """SIGKILL the worker holding a random shard."""

@@ -52,10 +52,8 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
     If ``parent`` is given and is already gone (it died before the request took effect: the
     kernel would never signal us), die now.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         _libc().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
 
@@ -96,10 +94,8 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def _wake(self, *_: object) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):  # full: a wake-up is already pending
             os.write(self._wake_w, b"!")
-        except BlockingIOError:
-            pass
 
     # -- signals and heartbeats -------------------------------------------------------------------
     def on_signal(self, signum: int, frame: object) -> None:
@@ -331,10 +327,8 @@ class Worker:
 
     @staticmethod
     def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _kill(self, proc: subprocess.Popen[bytes], grace: float) -> None:
         if grace > 0:

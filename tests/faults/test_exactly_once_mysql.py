@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -84,7 +85,7 @@ class MySQLWorkload:
             totals["lost"] += total - done
             totals["duplicated"] += dup
             totals["unauthorised"] += sum(1 for o, t in writes if (shard.identity, o, t) not in granted)
-            totals["stale_accepted"] += sum(1 for (_, a), (_, b) in zip(writes, writes[1:]) if b < a)
+            totals["stale_accepted"] += sum(1 for (_, a), (_, b) in itertools.pairwise(writes) if b < a)
         return totals
 
 

@@ -20,7 +20,8 @@ def term(*_):
     if sys.argv[2] == "obey":
         sys.exit(0)
 signal.signal(signal.SIGTERM, term)
-open(out, "a").write(f"start {os.getpid()} {os.environ['SHARDPREEMPT_WORKER']} {os.environ['SHARDPREEMPT_SLICE_ID']}\\n")
+env = os.environ
+open(out, "a").write(f"start {os.getpid()} {env['SHARDPREEMPT_WORKER']} {env['SHARDPREEMPT_SLICE_ID']}\\n")
 while True:
     time.sleep(0.05)
 """

@@ -19,7 +19,7 @@ def test_round_robin_matches_the_seed() -> None:
 def test_contiguous_sizes_differ_by_at_most_one() -> None:
     """Contiguous slices are runs of shards with balanced sizes."""
     slices = make_slices(SHARDS, 4, "contiguous")
-    assert [s.digest for s in slices][0] == ["s0", "s1", "s2"]
+    assert slices[0].digest == ["s0", "s1", "s2"]
     assert sorted(len(s.shards) for s in slices) == [2, 2, 3, 3]
 
 

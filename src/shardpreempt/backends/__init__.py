@@ -66,7 +66,7 @@ def url_options(url: str) -> dict[str, str]:
 def option(options: dict[str, Any], name: str, kind: type, default: Any, *, url: str) -> Any:
     """Read and convert one backend option, with a clear error naming the URL and the option."""
     raw = options.pop(name, default)
-    if raw is None or isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+    if raw is None or (isinstance(raw, kind) and not (kind is int and isinstance(raw, bool))):
         return raw
     try:
         if kind is bool:

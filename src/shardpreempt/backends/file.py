@@ -170,7 +170,7 @@ class FileBackend:
                     return None
             holder = {"owner": owner, "pid": os.getpid(), "host": self._host, "since": time.time()}
             tokens = {}
-            for key, fd in zip(ordered, fds):
+            for key, fd in zip(ordered, fds, strict=True):
                 token = _read_record(fd)[0] + 1
                 _write_record(fd, token, holder, self.durable)
                 tokens[key] = token

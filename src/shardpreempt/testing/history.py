@@ -13,6 +13,7 @@ by ``pid`` and ``host``), or the end of the history. Violations:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -130,7 +131,7 @@ def check(
                     report.violations.append(Violation(
                         "overlap", shard, f"{a.owner} [{a.start:.6f}, {a.end:.6f}] and "
                         f"{b.owner} [{b.start:.6f}, {b.end:.6f}]"))
-        for a, b in zip(holds, holds[1:]):
+        for a, b in itertools.pairwise(holds):
             if b.token <= a.token:
                 report.violations.append(Violation(
                     "token", shard, f"token {b.token} of {b.owner} after {a.token} of {a.owner}"))
