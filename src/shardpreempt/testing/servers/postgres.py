@@ -30,6 +30,25 @@ host all all 127.0.0.1/32 scram-sha-256
 """
 
 
+def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pids`` is stopped: SIGSTOP takes effect asynchronously."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone, or no /proc: nothing to wait for
+        for task in tasks:
+            while time.monotonic() < deadline:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii", errors="replace") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X"):
+                            break
+                except OSError:
+                    break
+                time.sleep(0.001)
+
+
 class PostgresServer(EphemeralServer):
     """PostgreSQL on a free loopback port; ``url(ns)`` names schema ``ns`` of database ``postgres``."""
 
@@ -137,7 +156,9 @@ class PostgresServer(EphemeralServer):
 
     def pause(self) -> None:
         """SIGSTOP the postmaster and every backend, so open connections hang too."""
-        self._signal_all(signal.SIGSTOP)
+        children = self._signal_all(signal.SIGSTOP)
+        if self.proc is not None:
+            wait_stopped([self.proc.pid, *children])
 
     def resume(self) -> None:
         """SIGCONT the whole server."""

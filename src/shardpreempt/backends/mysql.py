@@ -1,0 +1,332 @@
+"""``mysql://`` — leases in MySQL 8 / MariaDB 10.6+ tables, one round trip per operation, polling wait.
+
+URL grammar::
+
+    mysql://[user[:password]@]host[:port]/dbname[?option=value&...]     (also mariadb://)
+
+e.g. ``mysql://worker:secret@db.internal:3306/app?table_prefix=shardpreempt_&timeout=2``. Options (query
+string or keyword arguments):
+
+``table_prefix`` (default ``shardpreempt_``)
+    Prefix of the two tables and the procedure in ``dbname`` (letters, digits, ``_``; at most 40).
+``connect_timeout`` (seconds, default 2)
+    Bound on opening a connection.
+``timeout`` (seconds, default 2)
+    Socket read and write timeout of every call (a paused server or a cut link raises
+    ``BackendUnavailable``); lock waits inside the server are bounded by ``innodb_lock_wait_timeout``
+    = ``timeout`` / 2 (at least 1 s). ``0`` turns both off.
+``poll`` (seconds, default 0.05)
+    How long ``wait`` sleeps: MySQL has no notification a client could block on, so a waiting worker
+    polls. This is the documented fallback of DESIGN §3; use ``postgresql://`` or ``redis://`` where
+    hand-over latency below ``poll`` matters.
+
+Tables: ``<prefix>sessions(id, owner, expires_at, pid, host)`` — one row per worker session, expiring
+by the server clock (``SYSDATE(6)`` in a UTC session; SYSDATE rather than NOW because NOW is the
+statement's start, which a lock wait makes stale) — and ``<prefix>shards(key, session, token, since)``
+— one row per key ever used, keys as VARBINARY (exact, case-sensitive). A key whose session is missing
+or expired is free. ``init()`` creates them and the procedures ``<prefix>acquire`` and
+``<prefix>release``; it is idempotent.
+
+try_acquire is one ``CALL <prefix>acquire(keys as JSON, ...)``: refuse at once if a key has a live
+holder; otherwise, in one READ COMMITTED transaction, create or lock the key rows in key order (the keys
+are sent sorted by their UTF-8 bytes, and rows are inserted ``ORDER BY key``, so overlapping slices
+never deadlock), lock their sessions in share mode and check again, extend or create the owner's session
+and point the keys at it with ``token = token + 1``. A key held by the caller's own live session counts
+as busy. A deadlock (1213) or lock wait timeout (1205) is reported as busy (``None``), not retried: the
+claimer tries again on its own schedule. renew is one ``UPDATE`` of the session row that matches only
+while it has not expired (O(1)); release is one ``CALL <prefix>release``, clearing the keys still
+pointing at the session (READ COMMITTED and key order too: no gap locks to deadlock with an acquire).
+inspect is one ``SELECT ... key IN (...)`` per 10,000 keys.
+
+Token source: ``shards.token``, bumped in the acquiring transaction; durable across server restarts.
+Capabilities: server expiry, cross-host, not session-bound, no blocking wait (polling).
+Caveats: keys are at most 2,048 bytes of UTF-8 without NUL. Do not run the server with
+``--sysdate-is-now``. With statement-based binary logging the procedure is unsafe (SYSDATE, UUID): use
+ROW or MIXED. MySQL 8's ``caching_sha2_password`` over a non-TLS link needs the ``cryptography``
+package. An acquire whose answer timed out may still have committed: its keys then stay held by a
+fresh session nobody renews until ``ttl`` passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pymysql
+from pymysql.constants import CLIENT
+
+from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError
+from ..typing import Capabilities
+from . import option, reject_unknown
+from .sqlcommon import HolderRow, SqlBackend, parse_db_url
+
+log = logging.getLogger("shardpreempt.backends.mysql")
+
+#: Bumped whenever the DDL changes, so existing installations get the new procedure.
+SCHEMA_VERSION = "shardpreempt schema 1"
+
+#: The keys of a call as rows.
+KEY_ROWS = "JSON_TABLE(p_keys, '$[*]' COLUMNS (k VARCHAR(2048) CHARACTER SET utf8mb4 PATH '$')) AS j"
+# The key rows of a call: the JSON array of keys (JSON_TABLE: MariaDB >= 10.6, MySQL >= 8.0.4) joined to
+# the shards. STRAIGHT_JOIN and FORCE INDEX pin the plan to one primary-key lookup per key, in the
+# (sorted) array order; a small table otherwise gets scanned, and a scan in a join locks every row it
+# reads, out of key order: deadlocks. Sessions are joined the same way.
+KEYS = KEY_ROWS + """
+        STRAIGHT_JOIN `{p}shards` h FORCE INDEX (PRIMARY) ON h.`key` = CAST(j.k AS BINARY)"""
+
+TABLES = (
+    """CREATE TABLE IF NOT EXISTS `{p}sessions` (
+        id VARCHAR(512) NOT NULL PRIMARY KEY, owner VARCHAR(400) NOT NULL, expires_at DATETIME(6) NOT NULL,
+        pid INT NULL, host VARCHAR(255) NULL, KEY expires_at (expires_at)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+    """CREATE TABLE IF NOT EXISTS `{p}shards` (
+        `key` VARBINARY(2048) NOT NULL PRIMARY KEY, session VARCHAR(512) NULL,
+        token BIGINT NOT NULL DEFAULT 0, since DATETIME(6) NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+)
+
+ACQUIRE_PROC = """CREATE PROCEDURE `{p}acquire`(IN p_keys LONGTEXT CHARACTER SET utf8mb4,
+    IN p_session VARCHAR(512) CHARACTER SET utf8mb4, IN p_owner VARCHAR(400) CHARACTER SET utf8mb4,
+    IN p_ttl_us BIGINT, IN p_pid INT, IN p_host VARCHAR(255) CHARACTER SET utf8mb4)
+MODIFIES SQL DATA COMMENT '{version}'
+proc: BEGIN
+    DECLARE v_now DATETIME(6);
+    DECLARE v_busy INT DEFAULT 0;
+    DECLARE v_session VARCHAR(512) CHARACTER SET utf8mb4 DEFAULT NULL;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION BEGIN ROLLBACK; RESIGNAL; END;
+    -- cheap refusal first: a live holder means busy, whatever we would lock
+    SELECT COUNT(*) INTO v_busy FROM {keys}
+        STRAIGHT_JOIN `{p}sessions` x FORCE INDEX (PRIMARY) ON x.id = h.session
+        WHERE x.expires_at > SYSDATE(6);
+    IF v_busy > 0 THEN
+        SELECT 'busy', NULL;
+        LEAVE proc;
+    END IF;
+    SET TRANSACTION ISOLATION LEVEL READ COMMITTED;
+    START TRANSACTION;
+    -- creates the missing rows and locks every row, in key order: no deadlock between slices
+    INSERT INTO `{p}shards` (`key`)
+        SELECT CAST(j.k AS BINARY) FROM {key_rows} ORDER BY 1 ON DUPLICATE KEY UPDATE token = token;
+    -- a renewal of one of these sessions that started before its expiry commits before we judge it
+    SELECT COUNT(*) INTO v_busy FROM {keys}
+        STRAIGHT_JOIN `{p}sessions` x FORCE INDEX (PRIMARY) ON x.id = h.session
+        WHERE x.expires_at > SYSDATE(6) LOCK IN SHARE MODE;
+    IF v_busy > 0 THEN
+        ROLLBACK;
+        SELECT 'busy', NULL;
+        LEAVE proc;
+    END IF;
+    SET v_now = SYSDATE(6);
+    IF p_session IS NOT NULL THEN
+        SELECT MAX(x.id) INTO v_session FROM `{p}sessions` x
+            WHERE x.id = p_session AND x.expires_at > v_now FOR UPDATE;
+    END IF;
+    IF v_session IS NULL THEN
+        -- a dead session is never revived: keys still pointing at it stay free
+        SET v_session = CONCAT(p_owner, '/', UUID());
+        INSERT INTO `{p}sessions` (id, owner, expires_at, pid, host)
+            VALUES (v_session, p_owner, v_now + INTERVAL p_ttl_us MICROSECOND, p_pid, p_host);
+        DELETE FROM `{p}sessions` WHERE expires_at < v_now - INTERVAL 60 SECOND ORDER BY expires_at LIMIT 100;
+    ELSE
+        -- GREATEST: a short-ttl acquire must not cut short the owner's other leases
+        UPDATE `{p}sessions` SET expires_at = GREATEST(expires_at, v_now + INTERVAL p_ttl_us MICROSECOND)
+            WHERE id = v_session;
+    END IF;
+    UPDATE {keys} SET h.session = v_session, h.token = h.token + 1, h.since = v_now;
+    SELECT 'acquired', v_session;
+    SELECT h.`key`, h.token FROM {keys};
+    COMMIT;
+END"""
+
+RELEASE_PROC = """CREATE PROCEDURE `{p}release`(IN p_keys LONGTEXT CHARACTER SET utf8mb4,
+    IN p_session VARCHAR(512) CHARACTER SET utf8mb4)
+MODIFIES SQL DATA COMMENT '{version}'
+BEGIN
+    -- READ COMMITTED: row locks only, taken in the (sorted) key order, like acquire: no gap locks to
+    -- deadlock with an acquire inserting new keys
+    SET TRANSACTION ISOLATION LEVEL READ COMMITTED;
+    UPDATE {keys} SET h.session = NULL, h.since = NULL WHERE h.session = p_session;
+END"""
+
+PROCEDURES = {"acquire": ACQUIRE_PROC, "release": RELEASE_PROC}
+
+INSTALLED = """SELECT ROUTINE_NAME, ROUTINE_COMMENT FROM information_schema.ROUTINES
+WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME IN %s AND ROUTINE_TYPE = 'PROCEDURE'"""
+RENEW = """UPDATE `{p}sessions` SET expires_at = GREATEST(expires_at, SYSDATE(6) + INTERVAL %s MICROSECOND)
+WHERE id = %s AND expires_at > SYSDATE(6)"""
+INSPECT = """SELECT h.`key`, x.owner, h.token, TIMESTAMPDIFF(MICROSECOND, SYSDATE(6), x.expires_at) / 1e6,
+    x.pid, x.host, UNIX_TIMESTAMP(h.since)
+FROM `{p}shards` h JOIN `{p}sessions` x ON x.id = h.session
+WHERE h.`key` IN %s AND x.expires_at > SYSDATE(6)"""
+
+#: Server error codes: what retrying will not fix, and lock conflicts (busy).
+CONFIG_CODES = {1044, 1045, 1049, 1142, 1227, 1370, 1698, 1226}
+MISSING_CODES = {1146, 1305}  # table or procedure gone: recreate on the next call
+BUSY_CODES = {1205, 1213}
+PREFIX = re.compile(r"[A-Za-z0-9_]{0,40}")
+
+
+def _utf8_order(key: str) -> bytes:
+    return key.encode("utf-8")
+
+
+class MySQLBackend(SqlBackend):
+    """Leases in MySQL/MariaDB: sessions with server-side expiry, per-key tokens, polling wait."""
+
+    capabilities = Capabilities(server_expiry=True, cross_host=True, session_bound=False, blocking_wait=False)
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, options)
+        self.prefix = option(self.opts, "table_prefix", str, "shardpreempt_", url=url)
+        self.poll = option(self.opts, "poll", float, 0.05, url=url)
+        reject_unknown(self.opts, url)
+        if not PREFIX.fullmatch(self.prefix):
+            raise ConfigError(f"table_prefix must be letters, digits and _ (at most 40), got {self.prefix!r}",
+                              source=self.url)
+        self._db = parse_db_url(url, 3306)
+        self._sql = {name: text.replace("{p}", self.prefix) for name, text in
+                     (("renew", RENEW), ("inspect", INSPECT))}
+        self._conn: pymysql.connections.Connection[Any] | None = None
+        self._initialized = False
+
+    # -- connections ---------------------------------------------------------------------------
+    def _connect(self) -> pymysql.connections.Connection[Any]:
+        db = self._db
+        lock_wait = max(1, int(self.timeout / 2)) if self.timeout else 50
+        try:
+            return pymysql.connect(
+                host=db.host, port=db.port, user=db.user or "", password=db.password or "",
+                database=db.database, charset="utf8mb4", autocommit=True,
+                connect_timeout=self.connect_timeout or None, read_timeout=self.timeout or None,
+                write_timeout=self.timeout or None,
+                client_flag=CLIENT.FOUND_ROWS,  # renew counts the matched row even when unchanged
+                init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {lock_wait}",
+            )
+        except pymysql.err.MySQLError as exc:
+            code = exc.args[0] if exc.args else None
+            if code in CONFIG_CODES:
+                raise ConfigError(f"cannot connect: {exc.args[-1]}", source=self.url) from exc
+            raise BackendUnavailable(f"{self.url}: cannot connect: {exc}") from exc
+
+    def _open(self) -> pymysql.connections.Connection[Any]:
+        if self._conn is None or not self._conn.open:
+            self._conn = self._connect()
+        return self._conn
+
+    def init(self) -> None:
+        """Create the tables and procedures if missing (idempotent, safe to run concurrently)."""
+        conn = self._open()
+        names = {f"{self.prefix}{name}": text for name, text in PROCEDURES.items()}
+        for attempt in range(5):
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(INSTALLED, (tuple(names),))
+                    installed = dict(cur.fetchall())
+                    if all(installed.get(name) == SCHEMA_VERSION for name in names):
+                        break  # up to date: skip DDL, which needs more rights and takes locks
+                    for ddl in TABLES:
+                        cur.execute(ddl.replace("{p}", self.prefix))
+                    for name, text in names.items():
+                        if installed.get(name) == SCHEMA_VERSION:
+                            continue  # never drop a current procedure: a concurrent worker may be using it
+                        if name in installed:
+                            cur.execute(f"DROP PROCEDURE IF EXISTS `{name}`")  # an older version
+                        ddl = text.replace("{keys}", KEYS).replace("{key_rows}", KEY_ROWS)
+                        cur.execute(ddl.replace("{p}", self.prefix).replace("{version}", SCHEMA_VERSION))
+                break
+            except pymysql.err.MySQLError as exc:
+                # 1304: another worker created the procedure since we looked; look again
+                if exc.args and exc.args[0] in (1304, 1050) and attempt < 4:
+                    log.debug("init of %s* raced with another worker, retrying", self.prefix)
+                    continue
+                raise self._translate("init", exc) from exc
+        self._initialized = True
+
+    def _translate(self, op: str, exc: pymysql.err.MySQLError) -> Exception:
+        """The project's exception for a driver error; drops a connection that may be unusable."""
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if code in CONFIG_CODES:
+            return ConfigError(f"{op}: {exc.args[-1]}", source=self.url)
+        if code in MISSING_CODES:
+            self._initialized = False
+            return BackendUnavailable(f"{self.url}: {op}: lease tables missing, recreating: {exc.args[-1]}")
+        if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
+            if code not in BUSY_CODES:
+                self._drop()  # timed out mid-answer, or the link is gone
+            return BackendUnavailable(f"{self.url}: {op} failed: {exc}")
+        return BackendError(f"{self.url}: {op} failed: {exc}")
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.open:
+            try:
+                conn.close()
+            except pymysql.err.MySQLError:
+                conn._force_close()  # the polite COM_QUIT failed: just drop the socket
+
+    def _cursor(self) -> pymysql.cursors.Cursor:
+        conn = self._open()
+        if not self._initialized:
+            self.init()
+        return conn.cursor()
+
+    # -- the four server calls -------------------------------------------------------------------
+    def _run(self, op: str, query: str, args: tuple[Any, ...]) -> tuple[int, list[list[tuple[Any, ...]]]]:
+        """One statement, one round trip: (affected rows, every result set), errors translated."""
+        try:
+            with self._cursor() as cur:
+                count = cur.execute(query, args)
+                results = [list(cur.fetchall())]
+                while cur.nextset():  # a CALL answers with one set per SELECT, then its own status
+                    results.append(list(cur.fetchall()))
+                return count, results
+        except pymysql.err.MySQLError as exc:
+            raise self._translate(op, exc) from exc
+
+    def _call(self, proc: str, keys: list[str], *args: Any) -> list[list[tuple[Any, ...]]]:
+        # sorted by UTF-8 bytes, the order of the VARBINARY primary key: every caller locks alike
+        ordered = json.dumps(sorted(set(keys), key=_utf8_order), ensure_ascii=False)
+        marks = ", ".join(["%s"] * (len(args) + 1))
+        return self._run(proc, f"CALL `{self.prefix}{proc}`({marks})", (ordered, *args))[1]
+
+    def _acquire(self, keys: list[str], session: str | None, owner: str,
+                 ttl: float) -> tuple[str, dict[str, int]] | None:
+        try:
+            results = self._call("acquire", keys, session, owner, max(1, round(ttl * 1e6)), self._pid,
+                                 self._host[:255])
+        except BackendUnavailable as exc:
+            code = getattr(exc.__cause__, "args", (None,))[0]
+            if code in BUSY_CODES:
+                log.debug("acquire of %d keys hit lock conflict %s: reporting busy", len(keys), code)
+                return None
+            raise
+        status, new_session = results[0][0] if results[0] else (None, None)
+        if status == "busy":
+            return None
+        tokens = {bytes(k).decode("utf-8"): int(t) for k, t in results[1]} if len(results) > 1 else {}
+        if status != "acquired" or not isinstance(new_session, str) or len(tokens) != len(set(keys)):
+            raise BackendProtocolError(f"{self.url}: acquire returned {status!r} with {len(tokens)} tokens")
+        return new_session, tokens
+
+    def _renew(self, session: str, ttl: float) -> bool:
+        return self._run("renew", self._sql["renew"], (max(1, round(ttl * 1e6)), session))[0] > 0
+
+    def _release(self, keys: list[str], session: str) -> None:
+        self._call("release", keys, session)
+
+    def _inspect(self, keys: list[str]) -> list[HolderRow]:
+        rows = self._run("inspect", self._sql["inspect"], ([k.encode("utf-8") for k in keys],))[1][0]
+        return [(bytes(k).decode("utf-8"), owner, int(token), float(left), pid, host,
+                 None if since is None else float(since)) for k, owner, token, left, pid, host, since in rows]
+
+    def wait(self, keys: Sequence[str], timeout: float) -> None:
+        """No server notification exists: sleep ``poll`` seconds (at most ``timeout``)."""
+        time.sleep(max(0.0, min(timeout, self.poll)))
+
+    def close(self) -> None:
+        """Close the connection; leases stay on the server until released or expired."""
+        self._drop()
