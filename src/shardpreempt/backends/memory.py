@@ -72,7 +72,7 @@ class MemoryBackend:
             if session is None or not self._alive(session, now):
                 session = f"{owner}/{next(_counter)}"
                 self._sessions[owner] = session
-            store.sessions[session] = now + ttl
+            store.sessions[session] = max(store.sessions.get(session, now), now + ttl)  # never shorten
             tokens = {}
             for key in keys:
                 tokens[key] = store.tokens.get(key, 0) + 1
@@ -89,7 +89,7 @@ class MemoryBackend:
             if not self._alive(lease.session, self.clock.monotonic()):
                 self._sessions.pop(lease.owner, None)
                 raise LeaseLost("session expired", lease.keys)
-            store.sessions[lease.session] = self.clock.monotonic() + lease.ttl
+            store.sessions[lease.session] = max(store.sessions[lease.session], self.clock.monotonic() + lease.ttl)
         return lease.with_deadline(start + lease.ttl)
 
     def release(self, lease: Lease) -> None:

@@ -42,6 +42,25 @@ def unique(prefix: str = "t") -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
 
 
+def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pids`` is stopped: SIGSTOP takes effect asynchronously."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone, or no /proc: nothing to wait for
+        for task in tasks:
+            while time.monotonic() < deadline:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii", errors="replace") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X"):
+                            break
+                except OSError:
+                    break
+                time.sleep(0.001)
+
+
 class EphemeralServer:
     """Base class: subclasses set ``name`` and implement ``command``, ``ready`` and ``url``."""
 
@@ -132,9 +151,10 @@ class EphemeralServer:
         """Forget stored state (servers with persistence override)."""
 
     def pause(self) -> None:
-        """SIGSTOP the server."""
+        """SIGSTOP the server and return once it has really stopped."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGSTOP)
+            wait_stopped([self.proc.pid])
 
     def resume(self) -> None:
         """SIGCONT the server."""

@@ -10,7 +10,6 @@ import subprocess
 from collections.abc import Sequence
 
 from .base import EphemeralServer, find_binary
-from .postgres import wait_stopped
 
 
 class MariaDBServer(EphemeralServer):
@@ -40,13 +39,8 @@ class MariaDBServer(EphemeralServer):
                 f"--pid-file={self.tmp / 'pid'}", "--innodb-flush-log-at-trx-commit=2",
                 "--innodb-doublewrite=0",
                 "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=32M", "--skip-name-resolve",
-                "--max-connections=300", "--performance-schema=0"]
-
-    def pause(self) -> None:
-        """SIGSTOP the server and return once every thread has actually stopped."""
-        super().pause()
-        if self.proc is not None:
-            wait_stopped([self.proc.pid])
+                "--max-connections=300", "--performance-schema=0",
+                f"--tmpdir={self.tmp}"]  # not /tmp: its temp files are the server's own business
 
     def connect(self, database: str | None = None) -> object:
         """A PyMySQL connection as root (for test set-up)."""

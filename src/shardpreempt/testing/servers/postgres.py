@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
-from .base import EphemeralServer, ServerUnavailable, find_binary
+from .base import EphemeralServer, ServerUnavailable, find_binary, wait_stopped
 
 BIN_DIRS = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin")
 
@@ -28,25 +28,6 @@ local all all trust
 host all postgres 127.0.0.1/32 trust
 host all all 127.0.0.1/32 scram-sha-256
 """
-
-
-def wait_stopped(pids: list[int], timeout: float = 5.0) -> None:
-    """Wait until every thread of ``pids`` is stopped: SIGSTOP takes effect asynchronously."""
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue  # gone, or no /proc: nothing to wait for
-        for task in tasks:
-            while time.monotonic() < deadline:
-                try:
-                    with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii", errors="replace") as f:
-                        if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t", "Z", "X"):
-                            break
-                except OSError:
-                    break
-                time.sleep(0.001)
 
 
 class PostgresServer(EphemeralServer):
