@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from shardpreempt.testing.servers import EphemeralServer, ServerUnavailable, server_for, unique
+from shardpreempt.testing.skips import missing
 
 BACKENDS = ["memory", "file", "redis", "postgresql", "mysql", "etcd", "zookeeper"]
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (required under CI)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +27,7 @@ def get_server(servers: dict[str, EphemeralServer], name: str) -> EphemeralServe
         try:
             server = server_for(name)
         except (ServerUnavailable, ImportError) as exc:
-            _unavailable(f"{name}: {exc}")
+            missing(f"{name}: {exc}")
         server.start()
         servers[name] = server
     server = servers[name]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from shardpreempt.stress import Stress, StressOptions, passed
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.netns import NetHost, available
 from shardpreempt.testing.servers import ServerUnavailable, server_for
+from shardpreempt.testing.skips import missing
 
 BACKENDS = ["redis", "postgresql", "mysql", "etcd", "zookeeper"]
 
@@ -54,18 +54,12 @@ for line in sys.stdin:
 """
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (required under CI)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def made() -> Iterator[list[NetHost]]:
     """The hosts made by this module's tests; skips (fails under CI) where namespaces cannot be made."""
     reason = available()
     if reason:
-        _unavailable(reason)
+        missing(reason)
     yield []
 
 
@@ -181,7 +175,7 @@ def test_partitions_and_a_slow_backend_keep_every_guarantee(made: list[NetHost],
         importlib.import_module(f"shardpreempt.backends.{REGISTRY[backend][0]}")
         server_for(backend).close()
     except (ServerUnavailable, ImportError) as exc:
-        _unavailable(f"{backend}: its backend or test server is not available: {exc}")
+        missing(f"{backend}: its backend or test server is not available: {exc}")
     opts = StressOptions(backend=backend, kinds=("partition-worker", "slow-backend"), count=4, network=True,
                          ttl=2.0 if backend == "etcd" else 1.0,  # etcd grants 2 s at least
                          shards=4, workers=2, directory=tmp_path / "stress")
