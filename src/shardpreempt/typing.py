@@ -47,6 +47,19 @@ class Backend(Protocol):
         """Block until one of ``keys`` may have been freed, or ``timeout`` seconds passed."""
         ...
 
+    def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
+        """The value of each named record (``None`` when absent), in one round trip.
+
+        Records are small durable strings beside the locks (the pool's layout, ``--once`` progress),
+        in their own namespace: a record never collides with a lock key of the same name.
+        """
+        ...
+
+    def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """Set record ``name`` to ``value`` (``None``: delete it) if it now holds ``expected``
+        (``None``: absent), atomically; ``True`` if it did."""
+        ...
+
     def close(self) -> None:
         """Drop connections; held locks of session-bound backends are freed."""
         ...

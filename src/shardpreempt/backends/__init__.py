@@ -90,6 +90,20 @@ def reject_unknown(options: dict[str, Any], url: str) -> None:
         raise ConfigError(f"unknown backend option(s): {names}", source=redact_url(url))
 
 
+#: Limits every backend applies to records (``read_records`` / ``swap_record``).
+MAX_RECORD_NAME, MAX_RECORD_VALUE = 200, 8192
+
+
+def check_record(name: str, value: str | None = None) -> None:
+    """ConfigError for a record name or value no backend stores: names 1..200 characters without
+    NUL or ``/`` at the ends, values at most 8,192 bytes of UTF-8 without NUL."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_RECORD_NAME or "\0" in name:
+        raise ConfigError(f"record name must be 1..{MAX_RECORD_NAME} characters without NUL, got {name!r:.80}")
+    if value is not None and (not isinstance(value, str) or "\0" in value
+                              or len(value.encode("utf-8", "surrogatepass")) > MAX_RECORD_VALUE):
+        raise ConfigError(f"record {name!r}: value must be a string of at most {MAX_RECORD_VALUE} bytes without NUL")
+
+
 def open_backend(url: str, **options: Any) -> Backend:
     """Open the backend named by ``url``'s scheme, e.g. ``file:///var/lib/shardpreempt``."""
     if not isinstance(url, str) or "://" not in url:
@@ -112,4 +126,4 @@ def open_backend(url: str, **options: Any) -> Backend:
     return backend
 
 
-__all__ = ["REGISTRY", "open_backend", "redact_url"]
+__all__ = ["REGISTRY", "check_record", "open_backend", "redact_url"]

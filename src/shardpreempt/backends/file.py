@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import option, reject_unknown, url_options
+from . import check_record, option, reject_unknown, url_options
 
 RECORD_SIZE = 512  # token line + holder JSON, written with one pwrite
 
@@ -52,6 +52,11 @@ def default_directory() -> Path:
 def lock_name(key: str) -> str:
     """File name for a key: a hash, so any identity (slashes, NUL, 1 MB long) is a safe name."""
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".lock"
+
+
+def record_name(name: str) -> str:
+    """File name for a record (``.rec``: never the same file as a lock key of the same name)."""
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".rec"
 
 
 def _secure_directory(path: Path, url: str) -> Path:
@@ -233,6 +238,64 @@ class FileBackend:
         if not locked or not rec.get("owner"):
             return None
         return Holder(rec["owner"], token, None, rec.get("pid"), rec.get("host"), rec.get("since"))
+
+    def _open_record(self, name: str, create: bool) -> int | None:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        path = self.directory / record_name(name)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BackendError(f"cannot open record file {str(path)!r}: {exc.strerror}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise BackendError(f"refusing record file {str(path)!r}: not a regular file of ours")
+        return fd
+
+    @staticmethod
+    def _read_value(fd: int) -> str | None:
+        raw = os.pread(fd, 1 << 16, 0)
+        if not raw:
+            return None
+        if raw[:1] != b"=":
+            raise BackendProtocolError(f"unreadable record ({raw[:40]!r})")
+        return raw[1:].decode("utf-8", "surrogatepass")
+
+    def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
+        """Each record's file, read under a shared ``flock`` (absent file or empty: no record)."""
+        out: dict[str, str | None] = {}
+        for name in names:
+            check_record(name)
+            fd = self._open_record(name, create=False)
+            if fd is None:
+                out[name] = None
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                out[name] = self._read_value(fd)
+            finally:
+                os.close(fd)
+        return out
+
+    def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """Compare and set under an exclusive ``flock`` of the record's file (deleting empties it)."""
+        check_record(name, value)
+        fd = self._open_record(name, create=True)
+        assert fd is not None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._read_value(fd) != expected:
+                return False
+            body = b"" if value is None else b"=" + value.encode("utf-8", "surrogatepass")
+            os.pwrite(fd, body, 0)
+            os.ftruncate(fd, len(body))
+            if self.durable:
+                os.fsync(fd)
+            return True
+        finally:
+            os.close(fd)
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
         """flock has no notification across files: sleep one poll interval (at most ``timeout``)."""

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from ..errors import LeaseLost
 from ..model import Holder, Lease
 from ..typing import SYSTEM_CLOCK, Capabilities, Clock
-from . import reject_unknown
+from . import check_record, reject_unknown
 
 
 @dataclass
@@ -32,6 +32,7 @@ class _Store:
     holds: dict[str, str] = field(default_factory=dict)  # key -> session id
     tokens: dict[str, int] = field(default_factory=dict)  # key -> last token, never reset
     since: dict[str, float] = field(default_factory=dict)
+    records: dict[str, str] = field(default_factory=dict)
 
 
 _STORES: dict[str, _Store] = {}
@@ -122,6 +123,25 @@ class MemoryBackend:
         """Wait for a release notification (any key) or the timeout."""
         with self._store.lock:
             self._store.lock.wait(timeout)
+
+    def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
+        """The value of each record, or None."""
+        for name in names:
+            check_record(name)
+        with self._store.lock:
+            return {name: self._store.records.get(name) for name in names}
+
+    def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """Compare-and-set one record (``None``: absent / delete)."""
+        check_record(name, value)
+        with self._store.lock:
+            if self._store.records.get(name) != expected:
+                return False
+            if value is None:
+                self._store.records.pop(name, None)
+            else:
+                self._store.records[name] = value
+            return True
 
     def expire(self, owner: str) -> None:
         """Test helper: end ``owner``'s session now, as if it had stopped renewing."""

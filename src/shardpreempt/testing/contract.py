@@ -129,6 +129,48 @@ class BackendContract:
         holder = b.inspect(["x"])["x"]
         assert holder is not None and holder.owner == other.owner
 
+    def test_records_compare_and_set(self, open_: Callable[[], Backend]) -> None:
+        """A record is set only from the expected value, read back by another client, and deleted."""
+        a, b = open_(), open_()
+        assert a.read_records(["layout", "other"]) == {"layout": None, "other": None}
+        assert a.swap_record("layout", None, "v1") is True
+        assert b.swap_record("layout", None, "v2") is False  # already there
+        assert b.read_records(["layout"]) == {"layout": "v1"}
+        assert b.swap_record("layout", "v0", "v2") is False  # not the expected value
+        assert b.swap_record("layout", "v1", "v2 ü " + "x" * 4000) is True
+        assert a.read_records(["layout"]) == {"layout": "v2 ü " + "x" * 4000}
+        assert a.swap_record("layout", "v2 ü " + "x" * 4000, None) is True
+        assert b.read_records(["layout"]) == {"layout": None}
+        assert b.swap_record("layout", None, "") is True  # an empty string is a value, not absence
+        assert a.read_records(["layout"]) == {"layout": ""}
+
+    def test_records_never_collide_with_lock_keys(self, open_: Callable[[], Backend]) -> None:
+        """A record and a lock key of the same name are independent."""
+        a = open_()
+        assert a.swap_record("same", None, "value") is True
+        lease = a.try_acquire(["same"], new_owner(), 30)
+        assert lease is not None
+        a.release(lease)
+        assert a.read_records(["same"]) == {"same": "value"}
+
+    def test_records_swap_is_atomic_under_contention(self, open_: Callable[[], Backend]) -> None:
+        """Many clients incrementing a counter by compare-and-set never lose an increment."""
+        clients = [open_() for _ in range(4)]
+        clients[0].swap_record("counter", None, "0")
+
+        def bump(client: Backend) -> int:
+            done = 0
+            while done < 10:
+                current = client.read_records(["counter"])["counter"]
+                assert current is not None
+                if client.swap_record("counter", current, str(int(current) + 1)):
+                    done += 1
+            return done
+
+        with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+            assert sum(pool.map(bump, clients)) == 40
+        assert clients[0].read_records(["counter"]) == {"counter": "40"}
+
     def test_tokens_strictly_increase_across_holders(self, open_: Callable[[], Backend]) -> None:
         """Each new holder of a key gets a higher token than every earlier one."""
         backends = [open_(), open_()]
