@@ -30,7 +30,9 @@ A key is free when its value names no session or a session key that no longer ex
 touches only the session (``PEXPIRE``, one round trip, never shortening it) and per-shard state is
 written only when ownership changes. ``try_acquire`` and ``release`` are one ``EVALSHA`` each,
 whatever the number of keys; ``release`` publishes on ``{prefix}released`` and ``wait`` listens
-there on a subscription kept open across calls.
+there on a subscription kept open across calls. Records live at ``{prefix}record:{name}`` (a plain
+string; absent key = no record), a namespace apart from the shard keys: ``read_records`` is one
+``MGET``, ``swap_record`` one ``EVALSHA`` of a compare-and-set script (scripts: ``redis_scripts``).
 
 Restarts that lose data: a lost session would let the server grant a shard while its old holder is
 still working until its next renewal fails. So the acquire script keeps ``{prefix}epoch`` (the
@@ -47,7 +49,8 @@ shard is granted at most once per microsecond. Tokens are near 1.7e15 (below 2**
 Capabilities: server expiry (``PX``, the server's clock), cross host, not session bound, blocking
 wait (pub/sub; any release wakes every waiter, which then retries; expiry does not notify).
 Caveats: one Redis server (no Cluster: the scripts touch keys outside their ``KEYS``); replication
-is asynchronous, so a failover can lose a fresh grant (use one primary, or accept the risk). The
+is asynchronous, so a failover can lose a fresh grant (use one primary, or accept the risk); records
+are as durable as the server's persistence (none: a restart loses them). The
 client never retries (the claimer does); pooled connections are checked before use, so after a
 dropped connection at most one call raises ``BackendUnavailable`` and the next one reconnects.
 Each backend object uses one connection per calling thread, plus one for pub/sub once it waits;
@@ -77,83 +80,19 @@ from redis.retry import Retry
 from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import option, redact_url, reject_unknown, url_options
+from . import check_record, option, redact_url, reject_unknown, url_options
+from .redis_scripts import ACQUIRE, BUSY, CORRUPT, GRANTED, QUARANTINE, RELEASE, RENEW, SWAP_RECORD
 
 log = logging.getLogger("shardpreempt.backends.redis")
 
 MGET_BATCH = 10_000  # keys per MGET in inspect: big enough for few commands, small enough not to stall
 
-# Codes the acquire script returns first; anything else is a BackendProtocolError.
-BUSY, GRANTED, CORRUPT, QUARANTINE = 0, 1, 2, 3
-
-ACQUIRE = """
--- KEYS[1] cached session key, KEYS[2] fresh session key, KEYS[3..] shard keys
--- ARGV[1] ttl ms, ARGV[2] cached sid, ARGV[3] fresh sid, ARGV[4] session key prefix, ARGV[5] session value,
--- ARGV[6] restart grace ms, ARGV[7] epoch key
-if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes on Redis < 5
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local epoch = tonumber(redis.call('GET', ARGV[7]))
-if not epoch then  -- a new namespace, or a server that lost its data: old holders may still be at work
-  epoch = now
-  redis.call('SET', ARGV[7], string.format('%d', now))
-end
-if now < epoch + tonumber(ARGV[6]) * 1000 then return {3} end
-local sid, skey = ARGV[2], KEYS[1]
-if redis.call('EXISTS', skey) == 0 then sid, skey = ARGV[3], KEYS[2] end
-local last = {}
-for i = 3, #KEYS do
-  local v = redis.call('GET', KEYS[i])
-  if v then
-    local token, holder = string.match(v, '^(%d+) %d+ (.*)$')  -- held: token, since, sid
-    if not token then token = string.match(v, '^(%d+)$') end  -- released: the last token only
-    if not token then return {2, KEYS[i]} end
-    if holder and holder ~= sid and redis.call('EXISTS', ARGV[4] .. holder) == 1 then return {0} end
-    last[i] = tonumber(token)
-  else
-    last[i] = 0
-  end
-end
-local ttl = tonumber(ARGV[1])
-if redis.call('PTTL', skey) < ttl then redis.call('SET', skey, ARGV[5], 'PX', ttl) end
-local out = {1, sid}
-for i = 3, #KEYS do
-  local token = math.max(last[i] + 1, now)
-  redis.call('SET', KEYS[i], string.format('%d %d %s', token, now, sid))
-  out[#out + 1] = string.format('%d', token)
-end
-return out
-"""
-
-RENEW = """
--- KEYS[1] session key, ARGV[1] ttl ms; 1 = extended (never shortened), 0 = session gone
-local left = redis.call('PTTL', KEYS[1])
-if left == -2 then return 0 end
-if left < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return 1
-"""
-
-RELEASE = """
--- KEYS shard keys, ARGV[1] sid, ARGV[2] channel; returns how many keys were freed
-local n = 0
-for i = 1, #KEYS do
-  local v = redis.call('GET', KEYS[i])
-  if v then
-    local token, holder = string.match(v, '^(%d+) %d+ (.*)$')
-    if holder == ARGV[1] then
-      redis.call('SET', KEYS[i], token)
-      n = n + 1
-    end
-  end
-end
-if n > 0 then redis.call('PUBLISH', ARGV[2], n) end
-return n
-"""
-
 TLS_OPTIONS: dict[str, type] = {"ssl_ca_certs": str, "ssl_ca_path": str, "ssl_certfile": str,
                                 "ssl_keyfile": str, "ssl_cert_reqs": str, "ssl_check_hostname": bool}
-# Server errors that mean "not now" rather than "never": retrying later may succeed.
-TRANSIENT = ("LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "OOM")
+# Server errors that mean "not now" rather than "never": retrying later may succeed. redis-py strips
+# the code from the message of the errors it knows (keeping it as ``status_code``), not of the others.
+TRANSIENT = frozenset({"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "OOM", "MISCONF",
+                       "NOREPLICAS"})
 
 
 def _owner_of(sid: str) -> str:
@@ -198,6 +137,7 @@ class RedisBackend:
         self._acquire = self._client.register_script(ACQUIRE)
         self._renew = self._client.register_script(RENEW)
         self._release = self._client.register_script(RELEASE)
+        self._swap = self._client.register_script(SWAP_RECORD)
         self._channel = f"{self.prefix}released"
         self._pubsub: redis.client.PubSub | None = None
         self._sessions: dict[str, str] = {}  # owner -> the sid it last held; replaced when found dead
@@ -209,6 +149,9 @@ class RedisBackend:
 
     def _session_key(self, sid: str) -> str:
         return f"{self.prefix}session:{sid}"
+
+    def _record_key(self, name: str) -> str:
+        return f"{self.prefix}record:{name}"
 
     @contextmanager
     def _edge(self, operation: str) -> Iterator[None]:
@@ -223,13 +166,29 @@ class RedisBackend:
             text = self._scrub(exc)
             if "DB index" in text or "invalid DB" in text:
                 raise ConfigError(f"{operation}: no such database: {text}", source=self.url) from exc
-            if getattr(exc, "status_code", None) in TRANSIENT or text.startswith(TRANSIENT):
+            if self._error_code(exc, text) in TRANSIENT:
                 raise BackendUnavailable(f"{self.url}: {operation}: server busy: {text}") from exc
             raise BackendProtocolError(f"{self.url}: {operation}: {text}") from exc
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise BackendUnavailable(f"{self.url}: {operation}: {self._scrub(exc)}") from exc
         except redis.exceptions.RedisError as exc:
             raise BackendError(f"{self.url}: {operation}: {self._scrub(exc)}") from exc
+        except UnicodeEncodeError as exc:  # a lone surrogate in a key: nothing was sent
+            raise ConfigError(f"{operation}: keys and records must be valid UTF-8: {exc.reason}",
+                              source=self.url) from exc
+        except UnicodeDecodeError as exc:  # somebody else wrote bytes under our prefix
+            raise BackendProtocolError(f"{self.url}: {operation}: a stored value is not UTF-8") from exc
+
+    @staticmethod
+    def _error_code(exc: redis.exceptions.ResponseError, text: str) -> str:
+        """The server's error code: redis-py keeps known ones aside and leaves others in the message,
+        which a pipeline prefixes with the failing command."""
+        code = getattr(exc, "status_code", None)
+        if code:
+            return str(code)
+        if text.startswith("Command # ") and " caused error: " in text:
+            text = text.split(" caused error: ", 1)[1]
+        return text.split(" ", 1)[0]
 
     def _scrub(self, exc: BaseException) -> str:
         # redis-py does not echo passwords, but a message is cheap to make certain of.
@@ -341,6 +300,28 @@ class RedisBackend:
         except (TypeError, ValueError):
             return {}
         return info if isinstance(info, dict) else {}
+
+    def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
+        """The value of each record (``None`` when absent): one ``MGET``."""
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            check_record(name)
+        if not wanted:
+            return {}
+        with self._edge("read_records"):
+            values = self._client.mget([self._record_key(name) for name in wanted])
+        return {name: None if value is None else str(value) for name, value in zip(wanted, values, strict=True)}
+
+    def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """Compare-and-set one record in one script run; ``None`` means absent (expected) or delete (value)."""
+        check_record(name, value)
+        with self._edge("swap_record"):
+            reply = self._swap(keys=[self._record_key(name)],
+                               args=["0" if expected is None else "1", expected or "",
+                                     "0" if value is None else "1", value or ""])
+        if reply not in (0, 1):
+            raise BackendProtocolError(f"{self.url}: unexpected reply from the swap script: {reply!r:.99}")
+        return bool(reply == 1)
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
         """Block until a release is published on the prefix's channel, or ``timeout`` passes.

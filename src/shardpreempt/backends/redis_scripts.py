@@ -1,0 +1,87 @@
+"""The Lua scripts of the ``redis://`` backend: each runs atomically on the server, in one round trip.
+
+Kept apart from :mod:`shardpreempt.backends.redis` so the backend module stays readable; the layout
+they work on (session, shard, record and epoch keys) is described there.
+"""
+
+from __future__ import annotations
+
+# Codes the acquire script returns first; anything else is a BackendProtocolError.
+BUSY, GRANTED, CORRUPT, QUARANTINE = 0, 1, 2, 3
+
+ACQUIRE = """
+-- KEYS[1] cached session key, KEYS[2] fresh session key, KEYS[3..] shard keys
+-- ARGV[1] ttl ms, ARGV[2] cached sid, ARGV[3] fresh sid, ARGV[4] session key prefix, ARGV[5] session value,
+-- ARGV[6] restart grace ms, ARGV[7] epoch key
+if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes on Redis < 5
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local epoch = tonumber(redis.call('GET', ARGV[7]))
+if not epoch then  -- a new namespace, or a server that lost its data: old holders may still be at work
+  epoch = now
+  redis.call('SET', ARGV[7], string.format('%d', now))
+end
+if now < epoch + tonumber(ARGV[6]) * 1000 then return {3} end
+local sid, skey = ARGV[2], KEYS[1]
+if redis.call('EXISTS', skey) == 0 then sid, skey = ARGV[3], KEYS[2] end
+local last = {}
+for i = 3, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local token, holder = string.match(v, '^(%d+) %d+ (.*)$')  -- held: token, since, sid
+    if not token then token = string.match(v, '^(%d+)$') end  -- released: the last token only
+    if not token then return {2, KEYS[i]} end
+    if holder and holder ~= sid and redis.call('EXISTS', ARGV[4] .. holder) == 1 then return {0} end
+    last[i] = tonumber(token)
+  else
+    last[i] = 0
+  end
+end
+local ttl = tonumber(ARGV[1])
+if redis.call('PTTL', skey) < ttl then redis.call('SET', skey, ARGV[5], 'PX', ttl) end
+local out = {1, sid}
+for i = 3, #KEYS do
+  local token = math.max(last[i] + 1, now)
+  redis.call('SET', KEYS[i], string.format('%d %d %s', token, now, sid))
+  out[#out + 1] = string.format('%d', token)
+end
+return out
+"""
+
+RENEW = """
+-- KEYS[1] session key, ARGV[1] ttl ms; 1 = extended (never shortened), 0 = session gone
+local left = redis.call('PTTL', KEYS[1])
+if left == -2 then return 0 end
+if left < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+RELEASE = """
+-- KEYS shard keys, ARGV[1] sid, ARGV[2] channel; returns how many keys were freed
+local n = 0
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local token, holder = string.match(v, '^(%d+) %d+ (.*)$')
+    if holder == ARGV[1] then
+      redis.call('SET', KEYS[i], token)
+      n = n + 1
+    end
+  end
+end
+if n > 0 then redis.call('PUBLISH', ARGV[2], n) end
+return n
+"""
+
+SWAP_RECORD = """
+-- KEYS[1] record key; ARGV[1] '1' if a value is expected ('0': absence), ARGV[2] the expected value,
+-- ARGV[3] '1' to store ARGV[4] ('0': delete); 1 = swapped, 0 = the record did not hold what was expected
+local current = redis.call('GET', KEYS[1])  -- false when absent; '' is a value
+if ARGV[1] == '1' then
+  if current ~= ARGV[2] then return 0 end
+elseif current then
+  return 0
+end
+if ARGV[3] == '1' then redis.call('SET', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end
+return 1
+"""
