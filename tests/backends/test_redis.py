@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
 from shardpreempt.testing.skips import missing
@@ -292,3 +294,153 @@ def test_tokens_come_from_the_server_clock(open_: Callable[..., RedisBackend]) -
     lease = b.try_acquire(["fresh"], "o", 5)
     assert lease is not None
     assert server_us <= lease.tokens["fresh"] < server_us + 60_000_000
+
+
+def _lease(owner: str = "o") -> Lease:
+    """A lease object for calls that need one (the server decides whether it is still held)."""
+    return Lease(("a",), owner, {"a": 1}, 5.0, time.monotonic() + 5, f"{owner}/0")
+
+
+#: Every public call, each run once against a backend (the lazy connection is opened by whichever comes first).
+CALLS: dict[str, Callable[[RedisBackend], Any]] = {
+    "try_acquire": lambda b: b.try_acquire(["a"], "o", 5),
+    "renew": lambda b: b.renew(_lease()),
+    "release": lambda b: b.release(_lease()),
+    "inspect": lambda b: b.inspect(["a"]),
+    "read_records": lambda b: b.read_records(["r"]),
+    "swap_record": lambda b: b.swap_record("r", None, "v"),
+    "wait": lambda b: b.wait(["a"], 0.1),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_wrong_password_is_a_config_error_on_every_call(secured: RedisServer, call: str) -> None:
+    """Whichever call first opens the lazy connection, a wrong password is a ConfigError without the password."""
+    backend = open_backend(f"redis://:wrong-{PASSWORD}@127.0.0.1:{secured.port}/0")
+    assert isinstance(backend, RedisBackend)
+    with pytest.raises(ConfigError) as info:
+        CALLS[call](backend)
+    assert "authentication failed" in str(info.value) and PASSWORD not in str(info.value)
+    backend.close()
+
+
+def test_busy_server_is_unavailable_then_recovers(server: RedisServer, open_: Callable[..., RedisBackend]) -> None:
+    """While a script hogs the server (BUSY), every call is BackendUnavailable; after SCRIPT KILL all work again."""
+    b = open_()
+    lease = b.try_acquire(["a"], "o", 30)
+    assert lease is not None
+    admin = redis.Redis(port=server.port)
+    admin.config_set("lua-time-limit", 50)  # answer BUSY after 50 ms instead of 5 s
+    hog = threading.Thread(target=_run_endless_script, args=(server.port,))
+    hog.start()
+    try:
+        wait_until(lambda: _raises(lambda: b.inspect(["a"]), BackendUnavailable), 10, message="BUSY replies")
+        for name, call in CALLS.items():
+            if name != "wait":  # a subscription already open just keeps waiting
+                with pytest.raises(BackendUnavailable, match="busy"):
+                    call(b)
+        with pytest.raises(BackendUnavailable, match="busy"):
+            b.renew(lease)
+    finally:
+        killer = redis.Redis(port=server.port)  # a fresh connection: the pooled one may be mid-reply
+        wait_until(lambda: _killed(killer), 10, message="SCRIPT KILL")
+        hog.join(10)
+        wait_until(lambda: _attempt(lambda: admin.config_set("lua-time-limit", 5000)), 10, message="config reset")
+        admin.close()
+        killer.close()
+    assert wait_until(lambda: _attempt(lambda: b.renew(lease)), 10, message="renew after BUSY").session == lease.session
+    assert b.swap_record("after", None, "busy") is True
+
+
+def _run_endless_script(port: int) -> None:
+    """Run a script that never ends by itself (it writes nothing, so SCRIPT KILL may stop it)."""
+    client = redis.Redis(port=port)
+    with contextlib.suppress(redis.exceptions.ResponseError):
+        client.eval("local i = 0 while true do i = i + 1 end", 0)
+    client.close()
+
+
+def _killed(client: Any) -> bool:
+    """SCRIPT KILL until it reports a script stopped (it fails when none is running yet or any more)."""
+    try:
+        return bool(client.script_kill())
+    except redis.exceptions.ResponseError as exc:
+        return "NOTBUSY" in str(exc)
+
+
+def _raises(call: Callable[[], Any], kind: type[BaseException]) -> bool:
+    try:
+        call()
+    except kind:
+        return True
+    return False
+
+
+def test_full_memory_and_read_only_replica_refuse_writes_as_unavailable(
+    server: RedisServer, open_: Callable[..., RedisBackend]
+) -> None:
+    """OOM (maxmemory reached) and READONLY (the server became a replica) make writes BackendUnavailable."""
+    b = open_()
+    admin = redis.Redis(port=server.port)
+    try:
+        for refuse, allow in ((("CONFIG", "SET", "maxmemory", "1"), ("CONFIG", "SET", "maxmemory", "0")),
+                              (("REPLICAOF", "127.0.0.1", str(free_port())), ("REPLICAOF", "NO", "ONE"))):
+            admin.execute_command(*refuse)
+            try:
+                for write in (lambda: b.try_acquire(["a"], "o", 30), lambda: b.swap_record("r", None, "v")):
+                    with pytest.raises(BackendUnavailable, match="busy"):
+                        write()
+                assert b.read_records(["r"]) == {"r": None}  # reads are still served
+            finally:
+                admin.execute_command(*allow)
+            assert b.swap_record("r", None, "v") is True and b.swap_record("r", "v", None) is True
+    finally:
+        admin.close()
+
+
+def test_max_clients_reached_is_unavailable(server: RedisServer, open_: Callable[..., RedisBackend]) -> None:
+    """A server at maxclients refuses a new connection: BackendUnavailable, and the backend works once it has room."""
+    b = open_()
+    admin = redis.Redis(port=server.port)
+    admin.ping()  # the admin's own connection is opened before the limit
+    admin.config_set("maxclients", 1)
+    try:
+        with pytest.raises(BackendUnavailable, match="max number of clients"):
+            b.read_records(["r"])
+    finally:
+        admin.config_set("maxclients", 10000)
+        admin.close()
+    assert b.read_records(["r"]) == {"r": None}
+
+
+def test_records_are_one_round_trip_each_and_stay_under_the_prefix(
+    server: RedisServer, open_: Callable[..., RedisBackend], round_trips: list[int]
+) -> None:
+    """read_records (any number of names) and swap_record are one round trip; records live at {prefix}record:."""
+    b = open_()
+    assert b.swap_record("warm", None, "x") is True  # loads the script
+    before = round_trips[0]
+    assert b.swap_record("layout", None, "v1") is True
+    assert round_trips[0] - before == 1
+    before = round_trips[0]
+    names = [f"n{i}" for i in range(500)]
+    assert b.read_records(["layout", *names]) == {"layout": "v1", **dict.fromkeys(names)}
+    assert round_trips[0] - before == 1
+    assert b._client.get(f"{b.prefix}record:layout") == "v1"
+    other = open_backend(server.url(unique()))
+    assert other.read_records(["layout"]) == {"layout": None}  # another prefix, another namespace
+    other.close()
+
+
+def test_bad_record_input_is_a_config_error_before_any_round_trip(
+    open_: Callable[..., RedisBackend], round_trips: list[int]
+) -> None:
+    """Names and values no backend stores (empty, NUL, too long, lone surrogate) are refused locally."""
+    b = open_()
+    before = round_trips[0]
+    for call in (lambda: b.read_records([""]), lambda: b.swap_record("a\0b", None, "v"),
+                 lambda: b.swap_record("n" * 201, None, "v"), lambda: b.swap_record("n", None, "v" * 8193),
+                 lambda: b.swap_record("n", None, "bad \udc80"), lambda: b.read_records(["bad \udc80"])):
+        with pytest.raises(ConfigError):
+            call()
+    assert round_trips[0] == before

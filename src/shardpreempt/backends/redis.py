@@ -95,6 +95,14 @@ TRANSIENT = frozenset({"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", 
                        "NOREPLICAS"})
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _owner_of(sid: str) -> str:
     return sid.rsplit("/", 1)[0]
 
@@ -301,11 +309,17 @@ class RedisBackend:
             return {}
         return info if isinstance(info, dict) else {}
 
+    def _check_record(self, name: str, value: str | None = None) -> None:
+        """``check_record``, and valid UTF-8 (no lone surrogate), before any connection is opened."""
+        check_record(name, value)
+        if not (_utf8(name) and (value is None or _utf8(value))):
+            raise ConfigError(f"record {name!r:.80}: names and values must be valid UTF-8", source=self.url)
+
     def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
         """The value of each record (``None`` when absent): one ``MGET``."""
         wanted = list(dict.fromkeys(names))
         for name in wanted:
-            check_record(name)
+            self._check_record(name)
         if not wanted:
             return {}
         with self._edge("read_records"):
@@ -314,7 +328,9 @@ class RedisBackend:
 
     def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
         """Compare-and-set one record in one script run; ``None`` means absent (expected) or delete (value)."""
-        check_record(name, value)
+        self._check_record(name, value)
+        if expected is not None and not _utf8(expected):
+            return False  # no record can hold it
         with self._edge("swap_record"):
             reply = self._swap(keys=[self._record_key(name)],
                                args=["0" if expected is None else "1", expected or "",
