@@ -16,10 +16,11 @@ string or keyword arguments):
     (``timeout`` + 1 s, so a paused or partitioned server is noticed even though it cannot cancel
     anything); either raises ``BackendUnavailable``.
 
-Tables (in ``schema``): ``sessions(id, owner, expires_at, pid, host)`` — one row per worker session,
-expiring by the server's ``clock_timestamp()`` — and ``shards(key, session, token, since)`` — one row per
-key ever used. Every key points at a session; a key whose session is missing or expired is free.
-``init()`` creates them with the plpgsql functions ``acquire`` and ``release``; it is idempotent.
+Tables (in ``schema``): ``sessions(id, owner, expires_at, pid, host)``, one row per worker session,
+expiring by the server's ``clock_timestamp()``; ``shards(key, session, token, since)``, one row per key
+ever used; and ``records(name, value)``, the backend's records. Every key points at a session; a key
+whose session is missing or expired is free. ``init()`` creates them with the plpgsql functions
+``acquire`` and ``release``; it is idempotent, and reruns when ``SCHEMA_VERSION`` changed.
 
 try_acquire is one call of ``acquire()`` (one round trip, one transaction): create missing key rows,
 lock them ``FOR UPDATE`` in key order (no deadlocks between overlapping slices), lock the sessions they
@@ -32,14 +33,17 @@ while the session has not expired (O(1) whatever the number of keys); release is
 ``pg_notify('<schema>_released', <keys as JSON, or '' when too long>)`` in the same transaction.
 ``wait`` listens on a dedicated connection kept open across calls, so releases between calls queue up;
 the first ``wait`` (and the first after a reconnect) returns at once, because it cannot know what it
-missed before it listened.
+missed before it listened. ``read_records`` is one ``SELECT ... name = ANY(...)``; ``swap_record`` one
+autocommitted statement: ``INSERT ... ON CONFLICT DO NOTHING``, ``UPDATE`` or ``DELETE ... WHERE value =
+expected`` (a row lock and a re-check of the newest version make it atomic), or a read when nothing changes.
 
 Token source: ``shards.token``, bumped in the acquiring transaction; it is durable and survives server
 restarts. Capabilities: server expiry, cross-host, not session-bound, blocking wait.
 Caveats: keys are at most 2,048 bytes of UTF-8 without NUL. A connection error is classified by libpq's
-message (authentication or missing database -> ``ConfigError``), which assumes English server messages;
-anything else is ``BackendUnavailable``. An acquire whose answer timed out may still have committed:
-its keys then stay held by a fresh session nobody renews until ``ttl`` passes.
+message, which assumes English server messages: too many connections (53300) and "starting up",
+"shutting down", "in recovery" (57P03) -> ``BackendUnavailable``; authentication, a missing role or
+database -> ``ConfigError``; anything else -> ``BackendUnavailable``. An acquire whose answer timed out
+may still have committed: its keys then stay held by a fresh session nobody renews until ``ttl`` passes.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, cast
@@ -70,6 +76,8 @@ CREATE TABLE IF NOT EXISTS {s}.sessions (
 CREATE INDEX IF NOT EXISTS sessions_expires_at ON {s}.sessions (expires_at);
 CREATE TABLE IF NOT EXISTS {s}.shards (
     key text COLLATE "C" PRIMARY KEY, session text, token bigint NOT NULL DEFAULT 0, since timestamptz);
+-- "C": names and values compare as exact bytes, as everywhere else
+CREATE TABLE IF NOT EXISTS {s}.records (name text COLLATE "C" PRIMARY KEY, value text COLLATE "C" NOT NULL);
 
 CREATE OR REPLACE FUNCTION {s}.acquire(p_keys text[], p_session text, p_owner text, p_ttl float8,
     p_pid integer, p_host text,
@@ -140,7 +148,7 @@ COMMENT ON FUNCTION {s}.release(text[], text, text) IS {version};
 """
 
 #: Bumped whenever SCHEMA_DDL changes, so existing installations get the new functions.
-SCHEMA_VERSION = "shardpreempt schema 1"
+SCHEMA_VERSION = "shardpreempt schema 2"  # 2: the records table
 INSTALLED = "SELECT obj_description(to_regprocedure(%s), 'pg_proc')"
 
 ACQUIRE = "SELECT o_status, o_session, o_keys, o_tokens FROM {s}.acquire(%s, %s, %s, %s, %s, %s)"
@@ -152,10 +160,31 @@ INSPECT = """SELECT h.key, x.owner, h.token, extract(epoch FROM x.expires_at - c
     x.pid, x.host, extract(epoch FROM h.since)::float8
 FROM {s}.shards h JOIN {s}.sessions x ON x.id = h.session
 WHERE h.key = ANY(%s) AND x.expires_at > clock_timestamp()"""
+READ_RECORDS = "SELECT name, value FROM {s}.records WHERE name = ANY(%s)"
+# One statement each, autocommitted: a concurrent writer of the same row is waited for and the newest
+# version re-checked (READ COMMITTED), so a compare-and-set never acts on a value that was replaced.
+SWAP_RECORD = {
+    (False, True): "INSERT INTO {s}.records (name, value) VALUES (%(name)s, %(value)s) ON CONFLICT DO NOTHING"
+                   " RETURNING 1",
+    (True, True): "UPDATE {s}.records SET value = %(value)s WHERE name = %(name)s AND value = %(expected)s"
+                  " RETURNING 1",
+    (True, False): "DELETE FROM {s}.records WHERE name = %(name)s AND value = %(expected)s RETURNING 1",
+    (False, False): "SELECT 1 WHERE NOT EXISTS (SELECT FROM {s}.records WHERE name = %(name)s)",
+}
 
-#: Connection failures that retrying will not fix (libpq reports no SQLSTATE for them).
+# libpq reports no SQLSTATE for a failed connection, so its failures are told apart by message.
+#: Refusals that mean "not now", checked first: 53300 (too many connections: server, reserved slots,
+#: a role's or a database's CONNECTION LIMIT), 57P03 (cannot connect now), 53xxx out of resources.
+TRANSIENT_FAILURES = ("too many clients", "too many connections", "remaining connection slots are reserved",
+                      "the database system is starting up", "the database system is shutting down",
+                      "the database system is not yet accepting connections",
+                      "the database system is not accepting connections", "the database system is in recovery",
+                      "out of memory", "could not fork")
+#: Failures that retrying will not fix.
 CONFIG_FAILURES = ("authentication failed", "does not exist", "no pg_hba.conf entry", "password",
-                   "permission denied", "invalid", "role")
+                   "permission denied", "not permitted to log in", "invalid", "role")
+#: libpq's prefix naming the server: a host or socket name must not be mistaken for the reason.
+SERVER_PREFIX = re.compile(r'connection to server (?:at|on socket) "[^"]*".*? failed:')
 
 
 class _Connection(psycopg.Connection[TupleRow]):
@@ -187,12 +216,16 @@ class PostgresBackend(SqlBackend):
         self.channel = channel
         s = sql.Identifier(self.schema)
         self._q = {name: sql.SQL(text).format(s=s) for name, text in
-                   (("acquire", ACQUIRE), ("renew", RENEW), ("release", RELEASE), ("inspect", INSPECT))}
+                   (("acquire", ACQUIRE), ("renew", RENEW), ("release", RELEASE), ("inspect", INSPECT),
+                    ("read_records", READ_RECORDS))}
+        self._swap_q = {shape: sql.SQL(text).format(s=s) for shape, text in SWAP_RECORD.items()}
         self._ddl = sql.SQL(SCHEMA_DDL).format(s=s, version=sql.Literal(SCHEMA_VERSION))
         self._marker = sql.SQL("{}.release(text[], text, text)").format(s).as_string()
         self._conn: _Connection | None = None
         self._listener: _Connection | None = None
         self._initialized = False
+        # psycopg serialises use of a connection itself; this keeps two threads from both reconnecting
+        self._conn_lock = threading.Lock()
 
     # -- connections ---------------------------------------------------------------------------
     def _connect(self) -> _Connection:
@@ -205,17 +238,19 @@ class PostgresBackend(SqlBackend):
                 options=f"-c statement_timeout={int(self.timeout * 1000)}",
             )
         except psycopg.Error as exc:
-            message = str(exc).lower()
-            if isinstance(exc, psycopg.OperationalError) and not any(m in message for m in CONFIG_FAILURES):
+            reason = SERVER_PREFIX.sub("", str(exc)).lower()
+            if isinstance(exc, psycopg.OperationalError) and (
+                    any(m in reason for m in TRANSIENT_FAILURES) or not any(m in reason for m in CONFIG_FAILURES)):
                 raise BackendUnavailable(f"{self.url}: cannot connect: {exc}") from exc
             raise ConfigError(f"cannot connect: {exc}", source=self.url) from exc
         conn.answer_timeout = self.timeout + 1.0 if self.timeout else None
         return conn
 
     def _open(self) -> _Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = self._connect()
-        return self._conn
+        with self._conn_lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            return self._conn
 
     def _connection(self) -> _Connection:
         conn = self._open()
@@ -260,14 +295,16 @@ class PostgresBackend(SqlBackend):
         return BackendError(f"{self.url}: {op} failed: {exc}")
 
     def _drop(self) -> None:
-        conn, self._conn = self._conn, None
+        with self._conn_lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
 
-    def _run(self, op: str, params: Sequence[Any]) -> list[TupleRow]:
+    def _run(self, op: str, params: Sequence[Any] | dict[str, Any],
+             query: sql.Composed | None = None) -> list[TupleRow]:
         conn = self._connection()
         try:
-            return conn.execute(self._q[op], params).fetchall()
+            return conn.execute(self._q[op] if query is None else query, params).fetchall()
         except psycopg.Error as exc:
             raise self._translate(op, exc) from exc
 
@@ -296,6 +333,13 @@ class PostgresBackend(SqlBackend):
 
     def _inspect(self, keys: list[str]) -> list[HolderRow]:
         return cast("list[HolderRow]", self._run("inspect", (keys,)))
+
+    def _read_records(self, names: list[str]) -> dict[str, str]:
+        return {str(name): str(value) for name, value in self._run("read_records", (names,))}
+
+    def _swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        query = self._swap_q[expected is not None, value is not None]
+        return bool(self._run("swap_record", {"name": name, "expected": expected, "value": value}, query))
 
     # -- notifications -------------------------------------------------------------------------
     def wait(self, keys: Sequence[str], timeout: float) -> None:

@@ -1,9 +1,10 @@
 """What the SQL backends (``postgresql://``, ``mysql://``) share: URL parsing and the lease logic.
 
-Both keep the same two tables: ``sessions`` (one row per live worker session, with a server-side
-``expires_at``) and ``shards`` (one row per key ever used: the session it points at and its token, a
-per-key generation that is never reset). :class:`SqlBackend` turns the one-round-trip server calls
-each dialect provides (acquire, renew, release, inspect) into the Backend contract.
+Both keep the same three tables: ``sessions`` (one row per live worker session, with a server-side
+``expires_at``), ``shards`` (one row per key ever used: the session it points at and its token, a
+per-key generation that is never reset) and ``records`` (name, value: the backend's records, apart
+from the keys). :class:`SqlBackend` turns the one-round-trip server calls each dialect provides
+(acquire, renew, release, inspect, read and swap records) into the Backend contract.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigError, LeaseLost
 from ..model import Holder, Lease
-from . import option, redact_url, url_options
+from . import check_record, option, redact_url, url_options
 
 #: Longest key accepted, in UTF-8 bytes: it must fit in a primary-key index entry on both servers.
 MAX_KEY_BYTES = 2048
@@ -72,6 +73,15 @@ def check_keys(keys: Sequence[str], url: str) -> list[str]:
     return out
 
 
+def storable(text: str) -> bool:
+    """Whether a SQL text column can hold ``text``: valid UTF-8 (no lone surrogate) without NUL."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 class SqlBackend:
     """The lease logic over a dialect's four server calls; subclasses provide them and connections."""
 
@@ -103,6 +113,14 @@ class SqlBackend:
 
     def _inspect(self, keys: list[str]) -> list[HolderRow]:
         """One round trip: a row for each of ``keys`` held by a live session."""
+        raise NotImplementedError
+
+    def _read_records(self, names: list[str]) -> dict[str, str]:
+        """One round trip: the value of each of ``names`` that exists."""
+        raise NotImplementedError
+
+    def _swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """One statement (its own transaction): compare-and-set, ``None`` meaning absent or delete."""
         raise NotImplementedError
 
     # -- contract ------------------------------------------------------------------------------
@@ -141,3 +159,23 @@ class SqlBackend:
             for key, owner, token, left, pid, host, since in self._inspect(wanted[i:i + self.inspect_batch]):
                 out[key] = Holder(owner, int(token), max(0.0, float(left)), pid, host, since)
         return out
+
+    def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
+        """The value of each record (``None`` when absent), in one query."""
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            self._check_record(name)
+        found = self._read_records(wanted) if wanted else {}
+        return {name: found.get(name) for name in wanted}
+
+    def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """Compare-and-set one record in one statement; ``None`` means absent (expected) or delete (value)."""
+        self._check_record(name, value)
+        if expected is not None and not (isinstance(expected, str) and storable(expected)):
+            return False  # no record can hold it: nothing to ask the server
+        return self._swap_record(name, expected, value)
+
+    def _check_record(self, name: str, value: str | None = None) -> None:
+        check_record(name, value)
+        if not (storable(name) and (value is None or storable(value))):
+            raise ConfigError(f"record {name!r:.80}: names and values must be valid UTF-8", source=self.url)
