@@ -3,11 +3,13 @@
 Precedence, highest first: a command-line flag, a ``SHARDPREEMPT_*`` environment variable
 (``SHARDPREEMPT_BACKEND``, ``SHARDPREEMPT_TTL``, ``SHARDPREEMPT_STRATEGY``, ``SHARDPREEMPT_SLICES``,
 ``SHARDPREEMPT_WORKERS``), the file, the default. Every rejection is a :class:`ConfigError` naming the
-file and the key; values of secret keys are never echoed.
+file and the key (or the variable, or the flag); values of secret keys are never echoed. The whole
+format is described in docs/config.md.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -25,6 +27,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 from .backends import redact_url
 from .errors import ConfigError
 from .model import SECRET_KEY, Shard
+from .shardsets import MAX_IDENTITY, combine, read_sets
 
 #: kind -> (identity template, required settings, defaults)
 KINDS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
@@ -32,11 +35,20 @@ KINDS: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {
     "postgresql": ("postgresql:host={host};port={port};dbname={database}", ("host", "database"), {"port": 5432}),
     "sqlite": ("sqlite:{path}", ("path",), {}),
 }
-MAX_IDENTITY = 4096
+#: kind -> the settings a shard of that kind may have; anything else for the driver goes in ``options``
+#: (a table), so that a misspelt ``pasword`` or ``prot`` is an error rather than a setting nobody reads.
+KIND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "mysql": ("host", "port", "database", "username", "user", "password", "options"),
+    "postgresql": ("host", "port", "database", "username", "user", "password", "options"),
+    "sqlite": ("path", "options"),
+}
 SECTIONS = {"backend": {"url": str, "ttl": (int, float)},
             "slicing": {"strategy": str, "slices": int},
             "run": {"workers": int},
-            "shards": dict}
+            "shards": dict,
+            "shard_sets": list}
+__all__ = ["KINDS", "KIND_SETTINGS", "MAX_IDENTITY", "Settings", "apply_overrides", "load_settings", "load_shards",
+           "make_shard", "settings_from_mapping", "shard_table", "to_toml"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ def make_shard(name: str, table: Mapping[str, Any], source: str = "<dict>") -> S
             raise ConfigError(f"unknown shard kind {kind!r} (known: {', '.join(KINDS)})",
                               source=source, key=f"{where}.kind")
         template, required, defaults = KINDS[kind]
+        _check_kind_settings(kind, settings, source, where)
         for req in required:
             if req not in settings:
                 raise ConfigError(f"a {kind} shard needs {req!r}", source=source, key=f"{where}.{req}")
@@ -106,6 +119,22 @@ def make_shard(name: str, table: Mapping[str, Any], source: str = "<dict>") -> S
     return Shard(identity=identity, name=name, settings=settings)
 
 
+def _check_kind_settings(kind: str, settings: Mapping[str, Any], source: str, where: str) -> None:
+    known = KIND_SETTINGS[kind]
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"unknown setting for a {kind} shard ({hint}known: {', '.join(known)}; "
+                              f"anything else for the driver goes in an options table)", source=source,
+                              key=f"{where}.{key}")
+    if "options" in settings and not isinstance(settings["options"], Mapping):
+        raise ConfigError(f"expected a table of driver options, got {type(settings['options']).__name__}",
+                          source=source, key=f"{where}.options")
+    if "username" in settings and "user" in settings:
+        raise ConfigError("give username or user, not both", source=source, key=f"{where}.user")
+
+
 def load_shards(spec: str | os.PathLike[str] | Mapping[str, Any], *, kind: str | None = None) -> list[Shard]:
     """Shards from a TOML file path or a dict ``{name: settings}`` (the seed's shape)."""
     if isinstance(spec, Mapping):
@@ -114,17 +143,16 @@ def load_shards(spec: str | os.PathLike[str] | Mapping[str, Any], *, kind: str |
     return list(load_settings(spec).shards)
 
 
-def _shards(table: Any, source: str) -> tuple[Shard, ...]:
-    if not isinstance(table, Mapping) or not table:
-        raise ConfigError("at least one shard is required ([shards.NAME] tables)", source=source, key="shards")
-    shards = [make_shard(str(name), settings, source) for name, settings in table.items()]
-    seen: dict[str, str] = {}
-    for shard in shards:
-        if shard.identity in seen:
-            raise ConfigError(f"duplicate identity {shard.identity!r} (also used by shards.{seen[shard.identity]})",
-                              source=source, key=f"shards.{shard.name}")
-        seen[shard.identity] = shard.name
-    return tuple(shards)
+def _shards(table: Any, source: str, sets: Any = None, base: Path | None = None) -> tuple[Shard, ...]:
+    """``[shards.NAME]`` tables first in file order, then the ``[[shard_sets]]`` members in order."""
+    if table is not None and not isinstance(table, Mapping):
+        raise ConfigError(f"expected [shards.NAME] tables, got {type(table).__name__}", source=source, key="shards")
+    tables = [make_shard(str(name), settings, source) for name, settings in (table or {}).items()]
+    expanded = [] if sets is None else read_sets(sets, source=source, base=base or Path(), taken=len(tables))
+    if not tables and not any(s.identities for s in expanded):
+        raise ConfigError("at least one shard is required ([shards.NAME] tables or [[shard_sets]])", source=source,
+                          key="shards")
+    return combine(tables, expanded, source=source)
 
 
 def _check_ttl(ttl: Any, source: str, key: str) -> float:
@@ -152,8 +180,8 @@ def _positive(value: Any, source: str, key: str) -> int:
     return int(value)
 
 
-def settings_from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> Settings:
-    """Validate a parsed config document."""
+def settings_from_mapping(data: Mapping[str, Any], source: str = "<dict>", *, base: Path | None = None) -> Settings:
+    """Validate a parsed config document; a relative shard set ``file`` is taken from ``base`` (default: cwd)."""
     for section, value in data.items():
         if section not in SECTIONS:
             raise ConfigError(f"unknown section (known: {', '.join(SECTIONS)})", source=source, key=section)
@@ -165,7 +193,7 @@ def settings_from_mapping(data: Mapping[str, Any], source: str = "<dict>") -> Se
                 if k not in spec:
                     raise ConfigError(f"unknown key (known: {', '.join(spec)})", source=source, key=f"{section}.{k}")
     backend, slicing, run = data.get("backend", {}), data.get("slicing", {}), data.get("run", {})
-    settings = Settings(shards=_shards(data.get("shards"), source), source=source)
+    settings = Settings(shards=_shards(data.get("shards"), source, data.get("shard_sets"), base), source=source)
     if "url" in backend:
         settings = replace(settings, backend_url=_check_url(backend["url"], source, "backend.url"))
     if "ttl" in backend:
@@ -203,42 +231,58 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         raise ConfigError("not UTF-8 text", source=source) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"TOML syntax error: {exc}", source=source) from None
-    return settings_from_mapping(data, source)
+    return settings_from_mapping(data, source, base=Path(path).parent)
+
+
+#: variable suffix -> (Settings field, flag, parse the text, what a good value looks like)
+ENVIRONMENT: dict[str, tuple[str, str, type, str]] = {
+    "BACKEND": ("backend_url", "--backend", str, "a backend URL"),
+    "TTL": ("ttl", "--ttl", float, "a number of seconds"),
+    "STRATEGY": ("strategy", "--strategy", str, "a strategy name"),
+    "SLICES": ("slices", "--slices", int, "a whole number"),
+    "WORKERS": ("workers", "--workers", int, "a whole number"),
+}
+
+
+def _shown(raw: str) -> str:
+    """An environment value fit for an error message: credentials masked, cut to a sane length."""
+    shown = redact_url(raw)
+    return repr(shown if len(shown) <= 100 else shown[:100] + "...")
+
+
+def _check_field(field_: str, value: Any, source: str, key: str) -> Any:
+    if field_ == "backend_url":
+        return _check_url(value, source, key)
+    if field_ == "ttl":
+        return _check_ttl(value, source, key)
+    if field_ == "strategy":
+        return _check_strategy(value, source, key)
+    return _positive(value, source, key)
 
 
 def apply_overrides(settings: Settings, *, backend: str | None = None, ttl: float | None = None,
                     strategy: str | None = None, slices: int | None = None, workers: int | None = None,
                     environ: Mapping[str, str] = os.environ) -> Settings:
     """Apply ``SHARDPREEMPT_*`` variables, then flags (given as arguments, None = not given)."""
-    env_values: list[tuple[str, str, Any]] = []
-    for var, field_, conv in (("BACKEND", "backend_url", str), ("TTL", "ttl", float),
-                              ("STRATEGY", "strategy", str), ("SLICES", "slices", int),
-                              ("WORKERS", "workers", int)):
-        raw = environ.get(f"SHARDPREEMPT_{var}")
-        if raw:
-            try:
-                env_values.append((f"SHARDPREEMPT_{var}", field_, conv(raw)))
-            except ValueError:
-                shown = redact_url(raw) if var == "BACKEND" else raw
-                raise ConfigError(f"expected {conv.__name__}, got {shown!r}", source="environment",
-                                  key=f"SHARDPREEMPT_{var}") from None
-    flags = [("--backend", "backend_url", backend), ("--ttl", "ttl", ttl), ("--strategy", "strategy", strategy),
-             ("--slices", "slices", slices), ("--workers", "workers", workers)]
-    for src, field_, value in [*env_values, *flags]:
-        if value is None:
+    changes: dict[str, Any] = {}
+    # Every variable set is checked, even one a flag overrides: it would break the next run without the flag.
+    # An empty variable counts as unset, as shells make it easy to export one by accident.
+    for suffix, (field_, _flag, parse, looks) in ENVIRONMENT.items():
+        var = f"SHARDPREEMPT_{suffix}"
+        raw = environ.get(var)
+        if not raw:
             continue
-        source = "environment" if src.startswith("SHARDPREEMPT_") else "command line"
-        checked: Any
-        if field_ == "backend_url":
-            checked = _check_url(value, source, src)
-        elif field_ == "ttl":
-            checked = _check_ttl(value, source, src)
-        elif field_ == "strategy":
-            checked = _check_strategy(value, source, src)
-        else:
-            checked = _positive(value, source, src)
-        settings = replace(settings, **{field_: checked})
-    return settings
+        try:
+            value = parse(raw)
+        except ValueError:
+            raise ConfigError(f"expected {looks}, got {_shown(raw)}", source="environment", key=var) from None
+        changes[field_] = _check_field(field_, value, "environment", var)
+    given = {"BACKEND": backend, "TTL": ttl, "STRATEGY": strategy, "SLICES": slices, "WORKERS": workers}
+    for suffix, value in given.items():
+        if value is not None:
+            field_, flag, _, _ = ENVIRONMENT[suffix]
+            changes[field_] = _check_field(field_, value, "command line", flag)
+    return replace(settings, **changes)
 
 
 def to_toml(document: Mapping[str, Mapping[str, Any]]) -> str:
