@@ -19,7 +19,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from .backends import open_backend
 from .errors import BackendError, LeaseLost
@@ -57,7 +57,10 @@ class Claim:
         self._callbacks: list[Callable[[Claim], None]] = []
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
-        self._next_renew = clock.monotonic() + lease.ttl / 3
+        now = clock.monotonic()
+        # The first renewal comes a third of the ttl in, or halfway to the fence time if the grant
+        # arrived late (a slow acquire leaves less than the ttl): never after the fence.
+        self._next_renew = now + max(0.0, min(lease.ttl / 3, (self.fence_at - now) / 2))
 
     @property
     def fence_at(self) -> float:
@@ -80,6 +83,26 @@ class Claim:
         """Raise :class:`LeaseLost` if the claim is lost."""
         if self.lost.is_set():
             raise LeaseLost(self.reason or "lease lost", self.lease.keys)
+
+    def covers(self, lease: Lease) -> bool:
+        """Whether ``lease`` lives in this claim's liveness session, so renewing this claim keeps it.
+
+        Then the claim's deadline moves to the later of the two (the acquire extended the session
+        too). ``False`` means the session was replaced (it had expired): ``lease`` cannot be kept
+        alive by this claim. Backends without server expiry cover everything.
+        """
+        if not self.backend.capabilities.server_expiry:
+            return True
+        if lease.session != self.lease.session:
+            return False
+        with self._lock:
+            if lease.deadline > self.lease.deadline:
+                self.lease = self.lease.with_deadline(lease.deadline)
+        return True
+
+    def lose(self, reason: str) -> None:
+        """Declare the claim lost now (its holder found out some other way)."""
+        self._lose(reason)
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -105,7 +128,10 @@ class Claim:
             return float("inf")
         if now >= self._next_renew:
             try:
-                self.lease = self.backend.renew(self.lease)
+                renewed = self.backend.renew(self.lease)
+                with self._lock:
+                    if renewed.deadline > self.lease.deadline:
+                        self.lease = renewed
                 self._next_renew = self.clock.monotonic() + self.lease.ttl / 3
             except LeaseLost as exc:
                 self._lose(f"backend says lost: {exc.reason}")
@@ -193,46 +219,60 @@ class Claimer:
         self.owner = new_owner_id()
 
 
+class Held(Protocol):
+    """What an :class:`Ownership` reads: a held slice, its lease, and the lease's state."""
+
+    slice: Slice
+    lease: Lease
+    lost: threading.Event
+    reason: str | None
+
+    def time_left(self) -> float:
+        """Seconds before the holder must stop unless the lease is renewed."""
+        ...
+
+
 class Ownership:
     """What a job gets: the slice, its shards with settings, tokens, and the lease's state."""
 
-    def __init__(self, claim: Claim, *, worker: int = 0, stopping: threading.Event | None = None) -> None:
-        self._claim = claim
+    def __init__(self, held: Held, *, worker: int = 0, stopping: threading.Event | None = None) -> None:
+        self._held = held
         self.worker = worker
         self.stopping = stopping or threading.Event()
 
     @property
     def slice(self) -> Slice:
         """The slice held."""
-        return self._claim.slice
+        return self._held.slice
 
     @property
     def shards(self) -> tuple[Shard, ...]:
         """The slice's shards, settings included."""
-        return self._claim.slice.shards
+        return self._held.slice.shards
 
     @property
     def tokens(self) -> dict[str, int]:
         """Identity -> fencing token."""
-        return dict(self._claim.lease.tokens)
+        return dict(self._held.lease.tokens)
 
     @property
     def owner(self) -> str:
         """This holder's owner id."""
-        return self._claim.lease.owner
+        return self._held.lease.owner
 
     @property
     def lost(self) -> threading.Event:
         """Set when the lease is lost."""
-        return self._claim.lost
+        return self._held.lost
 
     def raise_if_lost(self) -> None:
         """Raise :class:`LeaseLost` if the lease is lost."""
-        self._claim.raise_if_lost()
+        if self._held.lost.is_set():
+            raise LeaseLost(self._held.reason or "lease lost", self._held.lease.keys)
 
     def time_left(self) -> float:
         """Seconds before the holder must stop unless the lease is renewed."""
-        return self._claim.time_left()
+        return self._held.time_left()
 
 
 @contextmanager

@@ -80,26 +80,33 @@ def main(verbose: int) -> None:
 @click.option("--ttl", type=float, default=None, help="Lease time in seconds (overrides [backend] ttl).")
 @click.option("--once", is_flag=True, help="Process every slice exactly once, then end the run.")
 @click.option("--events", "events", type=click.Path(dir_okay=False), default=None, help="Append JSON events here.")
-@click.option("--max-failures", type=int, default=5, show_default=True,
+@click.option("--max-failures", type=click.IntRange(min=1), default=5, show_default=True,
               help="Failed runs in a row before a slice is given up.")
-@click.option("--backoff", type=float, default=0.5, show_default=True, help="First delay after a failed run (doubles).")
-@click.option("--crash-limit", type=int, default=5, show_default=True, help="Quick deaths in a row that stop the run.")
-@click.option("--hang-timeout", type=float, default=None,
+@click.option("--backoff", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="First delay after a failed run (doubles).")
+@click.option("--crash-limit", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Quick deaths in a row that stop the run.")
+@click.option("--hang-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Kill a worker silent this long (default: 0.35 x ttl on servers, 10 s on file).")
+@click.option("--stop-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds a command may take to exit after SIGTERM (handoff, warm stop) before it is killed.")
+@click.option("--name", default=None, metavar="NAME",
+              help="This supervisor's name in member identities host/NAME.INDEX (default: its pid).")
 @click.argument("command", nargs=-1, required=True)
 def run(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
         ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
-        crash_limit: int, hang_timeout: float | None, command: Sequence[str]) -> None:
-    """Supervise workers that each run COMMAND for the slice they own (put it after --)."""
+        crash_limit: int, hang_timeout: float | None, stop_grace: float, name: str | None,
+        command: Sequence[str]) -> None:
+    """Supervise workers that join the pool and run COMMAND for each slice they hold (put it after --)."""
     from .poller import Poller
 
     def go() -> int:
         settings = _settings(config, backend, ttl, strategy, slices, workers)
-        if max_failures < 1 or crash_limit < 1 or backoff < 0 or (hang_timeout is not None and hang_timeout <= 0):
-            raise ConfigError("--max-failures and --crash-limit must be >= 1, --backoff >= 0, --hang-timeout > 0",
-                              source="command line")
+        if name is not None and (not name or any(c in name for c in ":/\0 ")):
+            raise ConfigError("must be non-empty, without ':', '/' or spaces", source="command line", key="--name")
         poller = Poller(settings, command=list(command), once=once, events=events, max_failures=max_failures,
-                        backoff=backoff, hang_timeout=hang_timeout, crash_limit=crash_limit)
+                        backoff=backoff, hang_timeout=hang_timeout, crash_limit=crash_limit,
+                        stop_grace=stop_grace, name=name)
         poller.set_worker_count(settings.workers or 1)
         return poller.poll()
 
@@ -112,20 +119,25 @@ def run(config: str, workers: int | None, backend: str | None, strategy: str | N
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
          as_json: bool) -> None:
-    """Show the slices, without touching a backend."""
+    """Show the layout this config asks for and its slices, without touching a backend."""
+    from .pool import Layout
 
     def go() -> int:
         settings = _settings(config, backend, None, strategy, slices, workers)
-        cut = make_slices(settings.shards, settings.slice_count(settings.workers or 1), settings.strategy)
+        count = settings.slice_count(settings.workers or 1)
+        layout = Layout.of(settings.shards, settings.strategy, count)
+        cut = make_slices(settings.shards, count, settings.strategy)
         if as_json:
-            click.echo(json.dumps([{"index": s.index, "id": s.id, "shards": s.digest} for s in cut], indent=2))
+            click.echo(json.dumps({"layout": layout.public(),
+                                   "slices": [{"index": s.index, "id": s.id, "shards": s.digest} for s in cut]},
+                                  indent=2))
             return 0
-        from rich.console import Console
-
-        console = Console()
-        console.print(f"{len(settings.shards)} shards in {len(cut)} slices ({settings.strategy})")
+        click.echo(f"layout: {layout}")
+        if settings.slices is None:
+            click.echo("  (no slice count configured: a pool on a backend keeps the count it recorded first; "
+                       "`shardpreempt status` shows it)")
         for s in cut:
-            console.print(f"  slice {s.index} [{s.id}]: " + ", ".join(sh.name for sh in s.shards), highlight=False)
+            click.echo(f"  slice {s.index} [{s.id}]: " + ", ".join(sh.name for sh in s.shards))
         return 0
 
     _guard(go)
@@ -144,26 +156,86 @@ def status(config: str, workers: int | None, backend: str | None, strategy: str 
     from rich.console import Console
     from rich.live import Live
 
+    from .pool import Layout, recorded_layout
     from .status import snapshot, table
 
     def go() -> int:
         settings = _settings(config, backend, None, strategy, slices, workers)
-        cut = make_slices(settings.shards, settings.slice_count(settings.workers or 1), settings.strategy)
         store = open_backend(settings.backend_url)
         try:
+            asked = Layout.of(settings.shards, settings.strategy, settings.slice_count(settings.workers or 1))
+            pool = recorded_layout(store)
+            # Show the pool's slices when it was cut from these shards, else what this config asks for.
+            use = pool if pool is not None and pool.fingerprint == asked.fingerprint else asked
+            cut = make_slices(settings.shards, use.slices, use.strategy)
+
+            def take() -> dict[str, Any]:
+                return snapshot(store, cut, asked)
+
             if as_json and not watch:
-                click.echo(json.dumps(snapshot(store, cut), indent=2))
+                click.echo(json.dumps(take(), indent=2))
                 return 0
             if not watch:
-                Console().print(table(snapshot(store, cut), limit))
+                Console().print(table(take(), limit))
                 return 0
-            with Live(table(snapshot(store, cut), limit), auto_refresh=False) as live:
+            if as_json:  # one JSON object per line, for machines following along
+                try:
+                    while True:
+                        click.echo(json.dumps(take(), separators=(",", ":")))
+                        time.sleep(interval)
+                except KeyboardInterrupt:
+                    return 0
+            with Live(table(take(), limit), auto_refresh=False) as live:
                 try:
                     while True:
                         time.sleep(interval)
-                        live.update(table(snapshot(store, cut), limit), refresh=True)
+                        live.update(table(take(), limit), refresh=True)
                 except KeyboardInterrupt:
                     return 0
+        finally:
+            store.close()
+
+    _guard(go)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@common
+@click.option("--apply", "apply_", is_flag=True,
+              help="Record this config's layout as the pool's (only while the pool has no live members).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def layout(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
+           apply_: bool, as_json: bool) -> None:
+    """Show the pool's recorded layout beside this config's, or change it with --apply."""
+    from .pool import Layout, apply_layout, check_identities, recorded_layout
+    from .status import members
+
+    def go() -> int:
+        settings = _settings(config, backend, None, strategy, slices, workers)
+        check_identities(settings.shards)
+        store = open_backend(settings.backend_url)
+        try:
+            pool = recorded_layout(store)
+            count = settings.slices if settings.slices is not None else (
+                pool.slices if pool is not None else settings.workers or 1)
+            asked = Layout.of(settings.shards, settings.strategy, count)
+            if apply_:
+                live = members(store)
+                if live:
+                    names = ", ".join(f"{m.identity} (pid {m.pid})" for m in live[:10])
+                    raise ConfigError(f"the pool has {len(live)} live member(s): {names}; stop their supervisors "
+                                      "(a warm stop releases at once), then apply the new layout",
+                                      source=store.url)
+                apply_layout(store, asked)
+                pool = asked
+            if as_json:
+                click.echo(json.dumps({"pool": pool.public() if pool else None, "config": asked.public()}, indent=2))
+            else:
+                click.echo(f"pool:   {pool if pool is not None else 'no layout recorded'}")
+                click.echo(f"config: {asked}")
+                if apply_:
+                    click.echo("recorded this config's layout as the pool's")
+            return 0
         finally:
             store.close()
 

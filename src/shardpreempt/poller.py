@@ -1,22 +1,20 @@
-"""``Poller``: the seed's API made Pythonic — N local workers, each owning one slice at a time."""
+"""``Poller``: the seed's API made Pythonic — local workers that join the pool and work its slices."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from .backends import open_backend
 from .config import Settings
 from .events import EventLog
 from .model import Shard
+from .pool import Layout, begin_pass, default_identity, end_pass, pass_results, resolve_layout
+from .process import EXIT_JOB_FAILED
+from .runner import Job, RunSettings
 from .slicing import make_slices
 from .supervisor import Supervisor
-from .worker import Job, WorkerOptions, run_worker
-
-EXIT_JOB_FAILED = 1
+from .worker import WorkerOptions, run_worker
 
 
 def default_hang_timeout(ttl: float, server_expiry: bool) -> float:
@@ -25,13 +23,18 @@ def default_hang_timeout(ttl: float, server_expiry: bool) -> float:
 
 
 class Poller:
-    """Supervise local workers over ``shards``: ``job(ownership)`` or a ``command`` per slice."""
+    """Supervise local workers over ``shards``: ``job(ownership)`` or a ``command`` per held slice.
+
+    The workers are members of the pool on ``backend``: together with the workers of every other
+    supervisor on the same backend they share the pool's slices fairly (see ``docs/pool.md``).
+    """
 
     def __init__(self, shards: Sequence[Shard] | Settings, job: Job | None = None, *, backend: str | None = None,
                  command: Sequence[str] | None = None, ttl: float | None = None, strategy: str | None = None,
                  slices: int | None = None, once: bool = False, events: str | os.PathLike[str] | None = None,
                  hang_timeout: float | None = None, max_failures: int = 5, backoff: float = 0.5,
-                 crash_limit: int = 5, on_tick: Callable[[Supervisor], None] | None = None) -> None:
+                 crash_limit: int = 5, stop_grace: float = 30.0, name: str | None = None,
+                 on_tick: Callable[[Supervisor], None] | None = None) -> None:
         if (job is None) == (command is None):
             raise TypeError("give exactly one of job or command")
         base = shards if isinstance(shards, Settings) else Settings(shards=tuple(shards))
@@ -39,7 +42,7 @@ class Poller:
         self.backend_url = backend or base.backend_url
         self.ttl = ttl or base.ttl
         self.strategy = strategy or base.strategy
-        self.slice_count = slices or base.slices
+        self.slice_count = slices or base.slices  # None: adopt the pool's, else the worker count
         self.job = job
         self.command = command
         self.once = once
@@ -48,9 +51,12 @@ class Poller:
         self.max_failures = max_failures
         self.backoff = backoff
         self.crash_limit = crash_limit
+        self.stop_grace = stop_grace
+        self.name = name
         self.on_tick = on_tick
         self.worker_count = base.workers or 1
         self.supervisor: Supervisor | None = None
+        self.layout: Layout | None = None
 
     def set_worker_count(self, count: int) -> None:
         """How many local worker processes to run."""
@@ -59,19 +65,28 @@ class Poller:
         self.worker_count = count
 
     def poll(self) -> int:
-        """Run the workers until stopped (or, with ``once``, until every slice is done); return the exit status."""
-        slices = make_slices(self.settings.shards, self.slice_count or self.worker_count, self.strategy)
-        probe = open_backend(self.backend_url)  # config errors surface here, before any fork
-        server_expiry = probe.capabilities.server_expiry
-        probe.close()
+        """Run the workers until stopped (or, with ``once``, until the pool has done every slice)."""
+        shards = self.settings.shards
+        probe = open_backend(self.backend_url)  # config errors and layout conflicts surface here, before any fork
+        try:
+            layout = resolve_layout(probe, shards, self.strategy, self.slice_count, self.worker_count)
+            once_pass = begin_pass(probe, layout) if self.once else None
+            server_expiry = probe.capabilities.server_expiry
+        finally:
+            probe.close()
+        self.layout = layout
+        slices = make_slices(shards, layout.slices, layout.strategy)
         hang = self.hang_timeout or default_hang_timeout(self.ttl, server_expiry)
-        run_dir = Path(tempfile.mkdtemp(prefix="shardpreempt-run-"))
-        done_dir = run_dir if self.once else None
+        identities = tuple(default_identity(self.name, i) for i in range(self.worker_count))
+        grace = max(0.05, self.ttl * 0.1) if server_expiry else 0.5
+        run = RunSettings(index=0, job=self.job, command=self.command, once=self.once,
+                          max_failures=self.max_failures, backoff=self.backoff, grace=grace,
+                          stop_grace=self.stop_grace)
 
         def main(index: int, heartbeat_fd: int, parent: int) -> int:
-            opts = WorkerOptions(self.backend_url, self.ttl, slices, index=index, job=self.job,
-                                 command=self.command, once=self.once, events=self.events, done_dir=done_dir,
-                                 max_failures=self.max_failures, backoff=self.backoff,
+            opts = WorkerOptions(self.backend_url, self.ttl, slices, layout, identities[index],
+                                 RunSettings(**{**run.__dict__, "index": index}), index=index,
+                                 siblings=identities, once_pass=once_pass, events=self.events,
                                  heartbeat_fd=heartbeat_fd, heartbeat_every=hang / 5)
             return run_worker(opts, parent)
 
@@ -79,11 +94,18 @@ class Poller:
                                      crash_limit=self.crash_limit, events=self.events, on_tick=self.on_tick)
         try:
             code = self.supervisor.run()
-            if code == 0 and self.once:
-                statuses = [(run_dir / s.id).read_text() if (run_dir / s.id).exists() else "missing" for s in slices]
-                if any(st != "ok" for st in statuses) and not self.supervisor.stop_requests:
-                    code = EXIT_JOB_FAILED
+            if code == 0 and once_pass is not None and not self.supervisor.stop_requests:
+                code = self._finish_pass(once_pass, slices)
             return code
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
             self.events.close()
+
+    def _finish_pass(self, once_pass: str, slices: Sequence[object]) -> int:
+        backend = open_backend(self.backend_url)
+        try:
+            results = pass_results(backend, once_pass, slices)  # type: ignore[arg-type]
+            if all(r is not None for r in results.values()):
+                end_pass(backend, once_pass)
+            return EXIT_JOB_FAILED if any(r != "ok" for r in results.values()) else 0
+        finally:
+            backend.close()

@@ -23,11 +23,11 @@ import select
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import CrashLoop
 from .events import EventLog
-from .worker import EXIT_CONFIG, EXIT_OK
+from .process import EXIT_CONFIG, EXIT_INTERNAL, EXIT_OK
 
 log = logging.getLogger("shardpreempt.supervisor")
 
@@ -42,7 +42,7 @@ class _Slot:
     pipe: int | None = None
     buffer: bytes = b""
     last_beat: float = 0.0
-    command_pgid: int | None = None
+    command_pgids: set[int] = field(default_factory=set)  # one per slice the worker runs
     started_at: float = 0.0
     quick_deaths: int = 0  # deaths in a row, each within stable_after of its start
     restart_at: float | None = None
@@ -89,7 +89,7 @@ class Supervisor:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
-            code = 70
+            code = EXIT_INTERNAL
             try:
                 os.close(read_fd)
                 os.setpgid(0, 0)  # its own group: a terminal's Ctrl-C reaches only the supervisor
@@ -131,9 +131,9 @@ class Supervisor:
         *lines, slot.buffer = slot.buffer.split(b"\n")
         for line in lines:
             if line.startswith(b"c "):
-                slot.command_pgid = int(line[2:])
+                slot.command_pgids.add(int(line[2:]))
             elif line.startswith(b"x "):
-                slot.command_pgid = None
+                slot.command_pgids.discard(int(line[2:]))
 
     def _reap(self) -> None:
         while True:
@@ -152,8 +152,10 @@ class Supervisor:
         pid = slot.pid
         if slot.pipe is not None:
             os.close(slot.pipe)
-        self._kill(slot.command_pgid, signal.SIGKILL, group=True)  # nothing works a shard unsupervised
-        slot.pid = slot.pipe = slot.command_pgid = None
+        for pgid in slot.command_pgids:  # nothing works a shard unsupervised
+            self._kill(pgid, signal.SIGKILL, group=True)
+        slot.command_pgids.clear()
+        slot.pid = slot.pipe = None
         code = os.waitstatus_to_exitcode(status)
         self.events.emit("exited", worker=slot.index, code=code, worker_pid=pid, **{"pid": pid})
         if code == EXIT_OK and (self.once or self.stop_requests):
@@ -186,7 +188,8 @@ class Supervisor:
                           now - slot.last_beat)
                 self.events.emit("killed", worker=slot.index, reason="hung", **{"pid": slot.pid})
                 self._kill(slot.pid, signal.SIGKILL)
-                self._kill(slot.command_pgid, signal.SIGKILL, group=True)
+                for pgid in slot.command_pgids:
+                    self._kill(pgid, signal.SIGKILL, group=True)
                 slot.last_beat = now  # reaped via SIGCHLD; don't kill twice
 
     def _handle_signals(self) -> None:

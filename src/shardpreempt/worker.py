@@ -1,114 +1,132 @@
-"""One worker process: pick a slice (its own first, then the others), hold it, run the job, release.
+"""One worker process: a member of the pool that holds any number of slices and works each one.
 
-Continuous mode (the default) keeps the slice while the worker lives and runs the job again when it
-returns: at once after success, with exponential backoff after a failure, giving the slice up after
-``max_failures`` failures in a row so another worker can try. ``once`` mode processes each slice once
-per run: a marker file per finished slice in the run's private directory tells every worker what is
-left. A lost lease stops the job (a command gets SIGTERM, then SIGKILL after a grace) before the
-worker reports the loss; a job that ignores the loss is ended with the whole process.
+The worker is a reconcile loop: **observe** the pool (members and slice holders, see
+:mod:`shardpreempt.pool`), ask the **policy** (:func:`shardpreempt.balance.decide`) what to take and
+what to hand over, **apply** it, and wait for news. It holds one member key and all its slices under
+one liveness session, renewed once per ttl/3 whatever it holds; when the session is lost, every
+slice is lost with it: each run is stopped (SIGTERM, then SIGKILL within the grace), ``lost`` events
+are written, and the worker joins again under a fresh owner id.
+
+Each held slice has a :class:`~shardpreempt.runner.SliceRunner` running the job or command for it.
+A handoff (the policy gives the slice to another member) or a warm stop stops the run first and
+releases the slice the moment it has ended, so the next holder never waits for a ttl.
+
+News comes from a watcher thread with its own backend connection: on servers the backend's release
+notification; on ``file://`` a "bell" file any member rings when it joins or releases, plus a probe of
+the next members' keys every poll, so a killed member is noticed in milliseconds. Without news the
+worker looks again every ``period`` seconds (server expiry is only seen this way).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import json
 import logging
 import os
-import random
 import select
 import signal
-import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .backends import open_backend
-from .claims import Claim, Claimer, Ownership
-from .config import shard_table
+from .balance import Members, Params, View, decide
+from .claims import Claim, Ownership
 from .errors import BackendError, ConfigError, Shutdown
 from .events import EventLog
-from .model import Slice
+from .model import Lease, Shard, Slice
+from .pool import Layout, Observation, member_key, member_owner, observe, once_record, slots_to_watch
+from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_parent
+from .runner import Job, RunSettings, SliceRunner
+from .typing import Backend
 
 log = logging.getLogger("shardpreempt.worker")
 
-Job = Callable[[Ownership], None]
-EXIT_OK, EXIT_CONFIG, EXIT_INTERNAL, EXIT_FENCED = 0, 2, 70, 75
-PR_SET_PDEATHSIG = 1
+__all__ = ["Job", "Worker", "WorkerOptions", "run_worker"]
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; no-op elsewhere).
-
-    If ``parent`` is given and is already gone (it died before the request took effect: the
-    kernel would never signal us), die now.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        _libc().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    if parent is not None and os.getppid() != parent:
-        os.kill(os.getpid(), sig)
+def pool_params(server_expiry: bool, ttl: float) -> tuple[Params, float]:
+    """The policy's timing and the observation period for a backend kind."""
+    if not server_expiry:  # file://: news arrives within a poll; look anyway every second
+        return Params(grace=0.1, settle=0.2, min_hold=0.2), 1.0
+    period = min(0.5, max(0.05, ttl / 8))
+    return Params(grace=2 * period, settle=max(0.5, 2 * period), min_hold=max(0.5, 2 * period)), period
 
 
 @dataclass
 class WorkerOptions:
-    """How one worker behaves; the supervisor builds one per worker index."""
+    """How one worker behaves; the supervisor builds one per worker slot."""
 
     backend_url: str
     ttl: float
     slices: Sequence[Slice]
+    layout: Layout
+    identity: str
+    run: RunSettings
     index: int = 0
-    job: Job | None = None
-    command: Sequence[str] | None = None
-    once: bool = False
+    siblings: tuple[str, ...] = ()  # identities its supervisor starts with it: counted while it starts
+    once_pass: str | None = None  # once mode: the pass whose records mark slices done
     events: EventLog = field(default_factory=lambda: EventLog(None))
-    done_dir: Path | None = None  # once mode: one marker file per finished slice
-    max_failures: int = 5
-    backoff: float = 0.5  # first delay after a failed run; doubles up to backoff_max
-    backoff_max: float = 30.0
     heartbeat_fd: int | None = None
     heartbeat_every: float = 1.0
-    grace: float | None = None  # SIGTERM -> SIGKILL for a command after a loss (default: margin / 2)
-    stop_grace: float = 30.0  # warm stop: how long the command may take to exit after SIGTERM
+    preferred_slot: int | None = None
+
+
+class Hold:
+    """One slice held under the worker's session, and the runner working it."""
+
+    def __init__(self, slice_: Slice, lease: Lease, session: Claim) -> None:
+        self.slice = slice_
+        self.lease = lease
+        self.session = session
+        self.lost = threading.Event()
+        self.reason: str | None = None
+        self.since = time.monotonic()
+        self.runner: SliceRunner | None = None
+        self.handing_over = False
+
+    def time_left(self) -> float:
+        """Seconds before the session's fence time."""
+        return self.session.time_left()
 
 
 class Worker:
-    """The worker loop; :func:`run_worker` is its entry point in a forked child."""
+    """The reconcile loop of one pool member; :func:`run_worker` is its entry point."""
 
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
+        self.by_id = {s.id: s for s in opts.slices}
         self.stop_requests = 0
         self.stopping = threading.Event()
         self.cold = threading.Event()
-        self.command_pgid: int | None = None
-        self._cooldown: dict[str, float] = {}
-        # written on a stop signal or a lost lease, so a worker waiting on its command wakes at once
+        self.holds: dict[str, Hold] = {}
+        self.member: Claim | None = None
+        self.member_slot: int | None = opts.preferred_slot
+        self.owner = ""
+        self.free_since: dict[str, float] = {}
+        self.cooldown: dict[str, float] = {}
+        self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
+        self.slots = 16
+        self.started = time.monotonic()
+        self.watch_keys: list[str] = []  # file: member keys the watcher probes
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.params = Params()
+        self.period = 1.0
+        self.members = Members(self.params)
 
-    def _wake(self, *_: object) -> None:
-        with contextlib.suppress(BlockingIOError):  # full: a wake-up is already pending
+    def wake(self, *_: object) -> None:
+        """Make the loop look again now (thread- and signal-safe)."""
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"!")
 
     # -- signals and heartbeats -------------------------------------------------------------------
     def on_signal(self, signum: int, frame: object) -> None:
-        """First SIGTERM: warm stop; second: cold stop (a Python job gets Shutdown raised)."""
+        """First SIGTERM: warm stop; second: cold stop."""
         self.stop_requests += 1
         self.stopping.set()
-        self._wake()
         if self.stop_requests >= 2:
             self.cold.set()
-            if self.opts.job is not None and self._in_job:
-                raise Shutdown()
-
-    _in_job = False
+        self.wake()
 
     def _report(self, line: str) -> None:
         if self.opts.heartbeat_fd is not None:
@@ -126,220 +144,316 @@ class Worker:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> int:
-        """Acquire and work slices until stopped (or, in once mode, until every slice is done)."""
+        """Observe, decide, apply, wait — until stopped (or, in once mode, until every slice is done)."""
         opts = self.opts
         try:
             backend = open_backend(opts.backend_url)
         except ConfigError as exc:
             log.error("worker %d: %s", opts.index, exc)
             return EXIT_CONFIG
-        claimer = Claimer(backend, opts.ttl)
-        poll = 0.25 if backend.capabilities.server_expiry else 0.5
+        self.params, self.period = pool_params(backend.capabilities.server_expiry, opts.ttl)
+        self.members = Members(self.params)
+        watcher = threading.Thread(target=self._watch, args=(backend,), name="watch", daemon=True)
+        watcher.start()
         try:
             while not self.stopping.is_set():
-                candidates = self._candidates()
-                if not candidates:
-                    return EXIT_OK  # once mode: nothing left
-                start = next((i for i, s in enumerate(candidates) if s.index >= opts.index), 0)
-                held = claimer.try_slices(candidates, start)
-                if held is None:
-                    claimer.wait(candidates, poll)
-                    continue
-                self._work(held, claimer)
+                timeout = self._step(backend)
+                if opts.once_pass is not None and len(self.done) == len(opts.slices) and not self.holds:
+                    return EXIT_OK
+                self._sleep(timeout)
+            self._shutdown(backend)
             return EXIT_OK
+        finally:
+            self.stopping.set()
+            self._lose_all("worker exiting", emit=False)
+            backend.close()
+
+    def _sleep(self, timeout: float) -> None:
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        with contextlib.suppress(InterruptedError):
+            poller.poll(max(0, int(timeout * 1000) + 1))
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+
+    def _step(self, backend: Backend) -> float:
+        """One round: (re)join, reap finished runs, observe, decide, apply; the time until the next."""
+        self._reap(backend)
+        if self.member is None or self.member.lost.is_set():
+            if self.member is not None:
+                self._lose_all(self.member.reason or "session lost")
+            if not self._join(backend):
+                return min(1.0, self.period * 2)
+        try:
+            obs = observe(backend, self.opts.slices, self.slots)
+            if self.opts.once_pass is not None:
+                self._read_done(backend)
+        except BackendError as exc:
+            log.warning("worker %d: cannot observe the pool: %s", self.opts.index, exc)
+            return min(1.0, self.period * 2)
+        self.slots = slots_to_watch(obs.top_slot)
+        self._update_watch(obs)
+        recheck = self._apply(backend, obs)
+        now = time.monotonic()
+        return max(0.0, min(self.period, recheck - now if recheck is not None else self.period))
+
+    def _update_watch(self, obs: Observation) -> None:
+        slots = sorted(m.slot for m in obs.members.values())
+        if self.member_slot in slots:
+            i = slots.index(self.member_slot)
+            after = slots[i + 1:] + slots[:i]
+            self.watch_keys = [member_key(j) for j in after[:2]]
+        else:
+            self.watch_keys = [member_key(j) for j in slots[:2]]
+
+    def _read_done(self, backend: Backend) -> None:
+        assert self.opts.once_pass is not None
+        wanted = [s.id for s in self.opts.slices if s.id not in self.done]
+        if not wanted:
+            return
+        names = {once_record(self.opts.once_pass, sid): sid for sid in wanted}
+        for name, value in backend.read_records(list(names)).items():
+            if value is not None:
+                self.done[names[name]] = value
+
+    def _apply(self, backend: Backend, obs: Observation) -> float | None:
+        opts, now = self.opts, time.monotonic()
+        me = opts.identity
+        holders: dict[str, str | None] = {}
+        for s in opts.slices:
+            if s.id in self.done:
+                continue
+            holder = me if s.id in self.holds else obs.holders.get(s.id)
+            holders[s.id] = holder
+            if holder is None:
+                self.free_since.setdefault(s.id, now)
+            else:
+                self.free_since.pop(s.id, None)
+        present = frozenset(obs.members) | {me}
+        established = {m.identity: max(0.0, time.time() - m.since) for m in obs.members.values() if m.since}
+        settled, settles_at = self.members.update(present, now, established)
+        starting = now - self.started < max(1.0, self.params.settle)
+        takers = present | frozenset(opts.siblings) if starting else present
+        view = View(me, now, takers, settled, holders, self.free_since,
+                    {sid: h.since for sid, h in self.holds.items()})
+        decision = decide(view, self.params)
+        for sid in decision.release:
+            hold = self.holds.get(sid)
+            if hold is not None and not hold.handing_over:
+                log.info("worker %d hands slice %s over (share %d)", opts.index, sid, decision.target)
+                hold.handing_over = True
+                if hold.runner is not None:
+                    hold.runner.stop()
+        retry: float | None = None
+        for sid in decision.acquire:
+            if self.stopping.is_set() or sid in self.holds or self.cooldown.get(sid, 0.0) > now:
+                continue
+            if not self._acquire(backend, self.by_id[sid]):
+                retry = now + min(0.05, self.period)  # raced with another member or a probe: look again soon
+        if starting:
+            retry = min(x for x in (retry, self.started + max(1.0, self.params.settle)) if x is not None)
+        times = [t for t in (decision.recheck, settles_at, retry) if t is not None]
+        return min(times) if times else None
+
+    # -- joining, acquiring, releasing ----------------------------------------------------------------
+    def _join(self, backend: Backend) -> bool:
+        """Take a member key (the preferred slot first) under a fresh owner id; ring the bell."""
+        opts = self.opts
+        owner = member_owner(opts.identity)
+        try:
+            seen = backend.inspect([member_key(j) for j in range(self.slots)])
+            free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
+            if self.member_slot in free:
+                free.remove(self.member_slot)
+                free.insert(0, self.member_slot)
+            for j in [*free[:8], self.slots]:
+                key = member_key(j)
+                lease = backend.try_acquire([key], owner, opts.ttl)
+                if lease is None:
+                    continue
+                claim = Claim(backend, Slice(-1, (Shard(key),)), lease)
+                if claim.time_left() <= 0:
+                    claim.release()
+                    continue
+                claim.on_lost(self.wake)
+                claim.on_lost(self._session_lost)
+                claim.start()
+                self.member, self.member_slot, self.owner = claim, j, owner
+                self.started = time.monotonic()
+                self._ring(backend)
+                log.info("worker %d joined the pool as %s (member slot %d)", opts.index, opts.identity, j)
+                return True
+        except BackendError as exc:
+            log.warning("worker %d: cannot join the pool: %s", opts.index, exc)
+        return False
+
+    def _session_lost(self, claim: Claim) -> None:
+        """Called from the fence or renewal thread: every slice under the session is lost now."""
+        for hold in list(self.holds.values()):
+            hold.reason = claim.reason
+            hold.lost.set()
+            if hold.runner is not None:
+                hold.runner.wake()
+
+    def _acquire(self, backend: Backend, slice_: Slice) -> bool:
+        assert self.member is not None
+        try:
+            lease = backend.try_acquire(slice_.keys, self.owner, self.opts.ttl)
+        except BackendError as exc:
+            log.warning("worker %d: acquire of slice %s failed: %s", self.opts.index, slice_.id, exc)
+            return False
+        if lease is None:
+            return False
+        if not self.member.covers(lease):  # our session expired and the backend started another
+            backend.release(lease)
+            self.member.lose("liveness session replaced (it had expired)")
+            return False
+        hold = Hold(slice_, lease, self.member)
+        if hold.time_left() <= 0:
+            backend.release(lease)
+            return False
+        self.holds[slice_.id] = hold
+        self.free_since.pop(slice_.id, None)
+        self._events("acquired", hold)
+        log.info("worker %d owns slice %s (%d shards)", self.opts.index, slice_.id, len(slice_.shards))
+        ownership = Ownership(hold, worker=self.opts.index)
+        hold.runner = SliceRunner(ownership, self.opts.run, report=self._report, on_exit=lambda r: self.wake())
+        hold.runner.start()
+        return True
+
+    def _reap(self, backend: Backend) -> None:
+        """Release the slices whose runs have ended (recording once-mode results first)."""
+        for sid, hold in list(self.holds.items()):
+            runner = hold.runner
+            if runner is None or runner.is_alive() or hold.lost.is_set():
+                continue
+            result = runner.result
+            if self.opts.once_pass is not None and result in ("ok", "failed"):
+                try:
+                    backend.swap_record(once_record(self.opts.once_pass, sid), None, result)
+                    self.done[sid] = result
+                except BackendError as exc:  # keep the slice and try again next round
+                    log.warning("worker %d: cannot record slice %s as done: %s", self.opts.index, sid, exc)
+                    continue
+            elif result == "failed":
+                self.cooldown[sid] = time.monotonic() + self.opts.run.backoff_max
+            reason = "handoff" if hold.handing_over else "done" if result == "ok" else result
+            self._release(backend, hold, reason)
+
+    def _release(self, backend: Backend, hold: Hold, reason: str) -> None:
+        self.holds.pop(hold.slice.id, None)
+        self._events("released", hold, reason=reason)
+        try:
+            backend.release(hold.lease)
+        except BackendError as exc:  # its session's expiry frees it anyway
+            log.warning("worker %d: release of slice %s failed: %s", self.opts.index, hold.slice.id, exc)
+        self._ring(backend)
+
+    def _lose_all(self, reason: str, *, emit: bool = True) -> None:
+        """Every slice is lost (session gone, or exiting): stop each run within the grace, then forget them."""
+        holds = list(self.holds.values())
+        for hold in holds:
+            hold.reason = hold.reason or reason
+            hold.lost.set()
+            if hold.runner is not None:
+                hold.runner.wake()
+        end = time.monotonic() + self.opts.run.grace + 0.5
+        for hold in holds:
+            if hold.runner is not None:
+                hold.runner.join(max(0.0, end - time.monotonic()))
+                if hold.runner.is_alive() and self.opts.run.job is not None:
+                    log.error("worker %d: job did not stop after losing its lease; exiting", self.opts.index)
+                    for h in holds:
+                        self._events("lost", h, reason=h.reason or reason)
+                    os._exit(EXIT_FENCED)
+            if emit:
+                self._events("lost", hold, reason=hold.reason or reason)
+        self.holds.clear()
+        if self.member is not None and (emit or self.member.lost.is_set()):
+            self.member = None
+
+    def _shutdown(self, backend: Backend) -> None:
+        """Warm stop: end every run, release each slice as its run ends, then the member key."""
+        for hold in self.holds.values():
+            if hold.runner is not None:
+                hold.runner.stop(cold=self.cold.is_set())
+        while self.holds:
+            if self.member is not None and self.member.lost.is_set():
+                self._lose_all(self.member.reason or "session lost")
+                break
+            if self.cold.is_set():
+                for hold in self.holds.values():
+                    if hold.runner is not None:
+                        hold.runner.stop(cold=True)
+            self._reap(backend)
+            if self.holds:
+                self._sleep(0.5)
+        if self.member is not None:
+            self.member.release()
+            self.member = None
+            self._ring(backend)
+
+    def _events(self, kind: str, hold: Hold, **extra: object) -> None:
+        lease = hold.lease
+        rows = [{"shard": k, "token": lease.tokens[k]} for k in lease.keys]
+        self.opts.events.emit_many(kind, rows, owner=lease.owner, worker=self.opts.index, slice=hold.slice.id,
+                                   **extra)
+
+    # -- news from the pool ----------------------------------------------------------------------------
+    @staticmethod
+    def _ring(backend: Backend) -> None:
+        ring = getattr(backend, "ring", None)
+        if ring is not None:
+            with contextlib.suppress(OSError):
+                ring()
+
+    def _watch(self, main: Backend) -> None:
+        """Wake the loop when the pool changes: the backend's notification, or on file:// the bell and
+        a probe of the next members' keys."""
+        try:
+            backend = open_backend(self.opts.backend_url)
+        except Exception:  # the main loop reports backend problems; without news it still polls
+            log.debug("watcher could not open the backend", exc_info=True)
+            return
+        try:
+            if hasattr(backend, "bell"):
+                self._watch_file(backend)
+            else:
+                self._watch_server(backend)
+        except Exception:
+            log.debug("watcher stopped", exc_info=True)
         finally:
             backend.close()
 
-    def _candidates(self) -> list[Slice]:
-        now = time.monotonic()
-        out = []
-        for s in self.opts.slices:
-            if self._cooldown.get(s.id, 0.0) > now:
+    def _watch_file(self, backend: Backend) -> None:
+        poll = float(getattr(backend, "poll", 0.01))
+        last = backend.bell()  # type: ignore[attr-defined]
+        while not self.stopping.is_set():
+            time.sleep(poll)
+            bell = backend.bell()  # type: ignore[attr-defined]
+            if bell != last:
+                last = bell
+                self.wake()
                 continue
-            if self.opts.done_dir is not None and (self.opts.done_dir / s.id).exists():
+            for key in list(self.watch_keys):
+                if not backend.held(key):  # type: ignore[attr-defined]
+                    self.watch_keys = [k for k in self.watch_keys if k != key]
+                    backend.ring()  # type: ignore[attr-defined]  # a member died: tell everyone
+                    last = backend.bell()  # type: ignore[attr-defined]
+                    self.wake()
+                    break
+
+    def _watch_server(self, backend: Backend) -> None:
+        keys = [s.keys[0] for s in self.opts.slices]
+        while not self.stopping.is_set():
+            start = time.monotonic()
+            try:
+                backend.wait(keys, 5.0)
+            except BackendError:
+                time.sleep(1.0)
                 continue
-            out.append(s)
-        return out
-
-    def _events(self, kind: str, claim: Claim, **extra: object) -> None:
-        lease = claim.lease
-        rows = [{"shard": k, "token": lease.tokens[k]} for k in lease.keys]
-        self.opts.events.emit_many(kind, rows, owner=lease.owner, worker=self.opts.index,
-                                   slice=claim.slice.id, **extra)
-
-    def _work(self, claim: Claim, claimer: Claimer) -> None:
-        opts = self.opts
-        self._events("acquired", claim)
-        log.info("worker %d owns slice %s (%d shards)", opts.index, claim.slice.id, len(claim.slice.shards))
-        ownership = Ownership(claim, worker=opts.index, stopping=self.stopping)
-        failures = 0
-        outcome = "released"
-        try:
-            while not self.stopping.is_set() and not claim.lost.is_set():
-                ok = self._run_job(ownership, claim)
-                if claim.lost.is_set():
-                    break
-                if ok:
-                    failures = 0
-                    if opts.once:
-                        self._mark_done(claim.slice, "ok")
-                        break
-                    continue
-                if self.stopping.is_set():
-                    break
-                failures += 1
-                if failures >= opts.max_failures:
-                    log.error("worker %d: job failed %d times in a row on slice %s; giving it up",
-                              opts.index, failures, claim.slice.id)
-                    if opts.once:
-                        self._mark_done(claim.slice, "failed")
-                    else:
-                        self._cooldown[claim.slice.id] = time.monotonic() + opts.backoff_max
-                    break
-                delay = min(opts.backoff_max, opts.backoff * 2 ** (failures - 1)) * random.uniform(0.8, 1.2)
-                if self._pause(delay, claim):
-                    break
-        finally:
-            if claim.lost.is_set():
-                outcome = "lost"
-                claimer.renew_owner()
-            self._events(outcome, claim, **({"reason": claim.reason} if claim.reason else {}))
-            claim.release()
-
-    def _pause(self, seconds: float, claim: Claim) -> bool:
-        """Sleep unless stopped or lost; True if interrupted."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            if self.stopping.is_set() or claim.lost.wait(min(0.05, end - time.monotonic())):
-                return True
-        return self.stopping.is_set()
-
-    def _mark_done(self, slice_: Slice, status: str) -> None:
-        assert self.opts.done_dir is not None
-        tmp = self.opts.done_dir / f".{slice_.id}.{os.getpid()}"
-        tmp.write_text(status)
-        os.replace(tmp, self.opts.done_dir / slice_.id)
-
-    # -- running the job --------------------------------------------------------------------------
-    def _grace(self, claim: Claim) -> float:
-        return self.opts.grace if self.opts.grace is not None else max(0.05, claim.margin / 2)
-
-    def _run_job(self, ownership: Ownership, claim: Claim) -> bool:
-        if self.opts.command is not None:
-            return self._run_command(ownership, claim)
-        assert self.opts.job is not None
-        if claim.backend.capabilities.server_expiry:
-            claim.on_lost(lambda c: self._fence_python_job(c))
-        try:
-            self._in_job = True
-            self.opts.job(ownership)
-            return True
-        except Shutdown:
-            return True
-        except Exception:
-            log.exception("worker %d: job failed on slice %s", self.opts.index, claim.slice.id)
-            return False
-        finally:
-            self._in_job = False
-
-    def _fence_python_job(self, claim: Claim) -> None:
-        """A Python job cannot be killed alone: give it the grace to return, then end the process."""
-        def enforce() -> None:
-            end = time.monotonic() + self._grace(claim)
-            while time.monotonic() < end:
-                if not self._in_job:
-                    return
-                time.sleep(0.01)
-            log.error("worker %d: job did not stop after losing its lease; exiting", self.opts.index)
-            self._events("lost", claim, reason=claim.reason or "lost")
-            os._exit(EXIT_FENCED)
-
-        threading.Thread(target=enforce, daemon=True).start()
-
-    def _run_command(self, ownership: Ownership, claim: Claim) -> bool:
-        opts = self.opts
-        assert opts.command is not None
-        with tempfile.TemporaryDirectory(prefix="shardpreempt-slice-") as private:
-            slice_file = Path(private) / "slice.json"
-            fd = os.open(slice_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"slice_id": claim.slice.id, "worker": opts.index, "owner": ownership.owner,
-                           "tokens": ownership.tokens, "shards": shard_table(ownership.shards)}, f)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDPREEMPT_")}
-            env.update({
-                "SHARDPREEMPT_SLICE_ID": claim.slice.id,
-                "SHARDPREEMPT_SHARDS": json.dumps(claim.slice.digest),
-                "SHARDPREEMPT_TOKENS": json.dumps(ownership.tokens),
-                "SHARDPREEMPT_WORKER": str(opts.index),
-                "SHARDPREEMPT_OWNER": ownership.owner,
-                "SHARDPREEMPT_SLICE_FILE": str(slice_file),
-            })
-            worker_pid = os.getpid()
-            try:
-                proc = subprocess.Popen(list(opts.command), env=env, start_new_session=True,
-                                        preexec_fn=lambda: die_with_parent(worker_pid))
-            except OSError as exc:
-                log.error("worker %d: cannot start %s: %s", opts.index, opts.command[0], exc.strerror)
-                return False
-            self.command_pgid = proc.pid
-            self._report(f"c {proc.pid}")
-            try:
-                code = self._supervise(proc, claim)
-            finally:
-                self._report(f"x {proc.pid}")
-                self.command_pgid = None
-        if code != 0 and not self.stopping.is_set() and not claim.lost.is_set():
-            log.warning("worker %d: command exited with %s on slice %s", opts.index, code, claim.slice.id)
-        return code == 0
-
-    def _supervise(self, proc: subprocess.Popen[bytes], claim: Claim) -> int:
-        """Wait for the command, woken only by its exit, a stop signal or a lost lease."""
-        claim.on_lost(self._wake)
-        try:
-            pidfd: int | None = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):  # not Linux >= 5.3: fall back to a short poll
-            pidfd = None
-        try:
-            return self._supervise_loop(proc, claim, pidfd)
-        finally:
-            if pidfd is not None:
-                os.close(pidfd)
-
-    def _supervise_loop(self, proc: subprocess.Popen[bytes], claim: Claim, pidfd: int | None) -> int:
-        termed_for_stop = False
-        while True:
-            fds = [self._wake_r] if pidfd is None else [self._wake_r, pidfd]
-            select.select(fds, [], [], 0.05 if pidfd is None else 1.0)
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._wake_r, 512)
-            code = proc.poll()
-            if code is not None:
-                return code
-            if claim.lost.is_set():
-                self._kill(proc, self._grace(claim))
-                return proc.wait()
-            if self.cold.is_set():
-                self._kill(proc, 0.0)
-                return proc.wait()
-            if self.stopping.is_set() and not termed_for_stop:
-                termed_for_stop = True
-                self._signal(proc, signal.SIGTERM)
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-
-    def _kill(self, proc: subprocess.Popen[bytes], grace: float) -> None:
-        if grace > 0:
-            self._signal(proc, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-                self._signal(proc, signal.SIGKILL)  # the rest of its process group
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        self._signal(proc, signal.SIGKILL)
+            if time.monotonic() - start < 4.9:
+                self.wake()
 
 
 def run_worker(opts: WorkerOptions, parent: int) -> int:

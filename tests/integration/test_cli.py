@@ -53,9 +53,19 @@ def test_plan_shows_stable_slices(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.toml", 5, "redis://u:hunter2@127.0.0.1:1/0")
     first = json.loads(cli("plan", str(cfg), "-w", "2", "--json").stdout)
     again = json.loads(cli("plan", str(cfg), "-w", "2", "--json").stdout)
-    assert first == again and [s["shards"] for s in first] == [["s0", "s2", "s4"], ["s1", "s3"]]
+    assert first == again and [s["shards"] for s in first["slices"]] == [["s0", "s2", "s4"], ["s1", "s3"]]
+    assert first["layout"]["slices"] == 2 and first["layout"]["strategy"] == "round-robin"
     human = cli("plan", str(cfg), "-w", "2", "--strategy", "contiguous")
-    assert human.returncode == 0 and "2 slices" in human.stdout and "hunter2" not in human.stdout
+    assert human.returncode == 0 and "2 slices (contiguous) of 5 shards" in human.stdout
+    assert "hunter2" not in human.stdout
+
+
+def test_plan_shows_ids_that_look_like_markup(tmp_path: Path) -> None:
+    """plan's text output shows every shard name as written, even ones that look like rich markup tags."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[shards."[bold]"]\n[shards."[red]x[/red]"]\n')
+    result = cli("plan", str(cfg))
+    assert result.returncode == 0 and "[bold]" in result.stdout and "[red]x[/red]" in result.stdout
 
 
 def test_run_once_processes_every_slice_exactly_once(tmp_path: Path, lockdir: str) -> None:
@@ -67,7 +77,7 @@ def test_run_once_processes_every_slice_exactly_once(tmp_path: Path, lockdir: st
     result = cli("run", str(cfg), "-w", "3", "--once", "--events", str(ev), "--", "sh", "-c", script)
     assert result.returncode == 0, result.stderr
     ids = [line.split()[0] for line in out.read_text().splitlines()]
-    planned = [s["id"] for s in json.loads(cli("plan", str(cfg), "-w", "3", "--json").stdout)]
+    planned = [s["id"] for s in json.loads(cli("plan", str(cfg), "-w", "3", "--json").stdout)["slices"]]
     assert sorted(ids) == sorted(planned)
     kinds = [e["event"] for e in events(ev)]
     assert kinds.count("acquired") == 7 and kinds.count("released") == 7
@@ -108,7 +118,8 @@ def test_status_json_reports_free_shards(tmp_path: Path, lockdir: str) -> None:
     result = cli("status", str(cfg), "--json")
     assert result.returncode == 0, result.stderr
     snap = json.loads(result.stdout)
-    assert snap["summary"] == {"shards": 3, "owned": 0, "free": 3, "slices": 1, "owners": 0}
+    assert snap["summary"] == {"shards": 3, "owned": 0, "free": 3, "slices": 1, "owners": 0, "members": 0}
+    assert snap["members"] == [] and snap["layout"] is None
     table = cli("status", str(cfg))
     assert table.returncode == 0 and "free" in table.stdout
 

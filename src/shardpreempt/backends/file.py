@@ -143,6 +143,8 @@ class FileBackend:
         self.directory = _secure_directory(Path(raw) if raw else default_directory(), url)
         self.url = f"file://{self.directory}"
         self._held: dict[str, list[int]] = {}  # session -> fds holding the locks
+        self._peek_fds: dict[str, int] = {}  # key -> read-only descriptor kept for peek()
+        self._bell_fd: int | None = None
         self._host = socket.gethostname()
 
     def _open(self, key: str) -> int:
@@ -162,7 +164,7 @@ class FileBackend:
     def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
         """Lock every key (sorted, non-blocking) or roll back and return None."""
         ordered = sorted(set(keys))
-        _ensure_fd_room(len(ordered) + sum(len(v) for v in self._held.values()))
+        _ensure_fd_room(len(ordered) + sum(len(v) for v in self._held.values()) + len(self._peek_fds))
         fds: list[int] = []
         try:
             for key in ordered:
@@ -216,6 +218,64 @@ class FileBackend:
         for key in keys:
             out[key] = self._inspect_one(key, held)
         return out
+
+    def peek(self, keys: Sequence[str]) -> dict[str, Holder | None]:
+        """Like :meth:`inspect`, by probing kept read-only descriptors: no /proc/locks, no opens.
+
+        For the pool's frequent observations. A probe takes a shared lock for an instant, so an
+        acquire racing with it may fail once (it is retried); it never makes two holders.
+        """
+        if len(self._peek_fds) > 8192:
+            self._close_peeks()
+        out: dict[str, Holder | None] = {}
+        for key in keys:
+            fd = self._peek_fds.get(key)
+            if fd is None:
+                try:
+                    fd = os.open(self.directory / lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    out[key] = None
+                    continue
+                except OSError as exc:
+                    raise BackendError(f"cannot open lock file for {key!r}: {exc.strerror}") from exc
+                self._peek_fds[key] = fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                token, rec = _read_record(fd)
+                owner = rec.get("owner")
+                out[key] = Holder(owner, token, None, rec.get("pid"), rec.get("host"), rec.get("since")) \
+                    if owner else Holder("", token)  # locked, record not written yet
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            out[key] = None
+        return out
+
+    def held(self, key: str) -> bool:
+        """Whether anyone holds ``key`` now (one probe of a kept descriptor)."""
+        return self.peek([key])[key] is not None
+
+    def _bell(self) -> int:
+        if self._bell_fd is None:
+            fd = os.open(self.directory / "pool.bell", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise BackendError("refusing pool.bell: not a regular file")
+            self._bell_fd = fd
+        return self._bell_fd
+
+    def ring(self) -> None:
+        """Tell the pool's members on this machine that something changed (a join or a release)."""
+        os.pwrite(self._bell(), os.urandom(8), 0)
+
+    def bell(self) -> bytes:
+        """The bell's current value: it differs from an earlier one after a ring (one ``pread``)."""
+        return os.pread(self._bell(), 8, 0)
+
+    def _close_peeks(self) -> None:
+        fds, self._peek_fds = self._peek_fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
     def _inspect_one(self, key: str, held: set[tuple[int, int, int]] | None) -> Holder | None:
         try:
@@ -305,3 +365,7 @@ class FileBackend:
         """Release everything still held."""
         for session in list(self._held):
             self.release(Lease((), "", {}, 0.0, session=session))
+        self._close_peeks()
+        if self._bell_fd is not None:
+            os.close(self._bell_fd)
+            self._bell_fd = None
