@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import threading
 import time
@@ -13,11 +15,13 @@ import pytest
 
 from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
 from shardpreempt.testing.skips import missing
 
 psycopg = pytest.importorskip("psycopg")
+from psycopg import sql  # noqa: E402
 
 from shardpreempt.backends.postgres import PostgresBackend, _Connection  # noqa: E402
 from shardpreempt.testing.servers.postgres import PostgresServer  # noqa: E402
@@ -283,3 +287,214 @@ def _or_none(call: Callable[[], Any]) -> Any:
         return call()
     except BackendUnavailable:
         return None
+
+
+@pytest.fixture(scope="module")
+def role(server: PostgresServer) -> str:
+    """A login role with a password (PASSWORD) and CREATE on database postgres; returns its name."""
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        admin.execute(f"DROP ROLE IF EXISTS calluser; CREATE ROLE calluser LOGIN PASSWORD '{PASSWORD}'")
+        admin.execute("GRANT CREATE ON DATABASE postgres TO calluser")
+    return "calluser"
+
+
+def _lease(owner: str = "o") -> Lease:
+    """A lease object for calls that need one (the server decides whether it is still held)."""
+    return Lease(("a",), owner, {"a": 1}, 5.0, time.monotonic() + 5, f"{owner}/0")
+
+
+#: Every public call, each run once against a backend (the lazy connection is opened by whichever comes first).
+CALLS: dict[str, Callable[[PostgresBackend], Any]] = {
+    "try_acquire": lambda b: b.try_acquire(["a"], "o", 5),
+    "renew": lambda b: b.renew(_lease()),
+    "release": lambda b: b.release(_lease()),
+    "inspect": lambda b: b.inspect(["a"]),
+    "read_records": lambda b: b.read_records(["r"]),
+    "swap_record": lambda b: b.swap_record("r", None, "v"),
+    "wait": lambda b: b.wait(["a"], 0.1),
+    "init": lambda b: b.init(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_wrong_password_and_missing_database_are_config_errors_on_every_call(
+    server: PostgresServer, role: str, call: str
+) -> None:
+    """Whichever call first opens the lazy connection, a wrong password or database is a ConfigError."""
+    for url in (f"postgresql://{role}:wrong-{PASSWORD}@127.0.0.1:{server.port}/postgres",
+                f"postgresql://{role}:{PASSWORD}@127.0.0.1:{server.port}/no_such_db"):
+        backend = open_backend(url)
+        assert isinstance(backend, PostgresBackend)
+        with pytest.raises(ConfigError) as info:
+            CALLS[call](backend)
+        assert f"{role}:***@" in str(info.value) and PASSWORD not in str(info.value)
+        backend.close()
+
+
+def test_role_connection_limit_is_unavailable_not_a_config_error(server: PostgresServer, role: str) -> None:
+    """A role at its CONNECTION LIMIT ("too many connections for role", 53300) is BackendUnavailable."""
+    url = f"postgresql://{role}:{PASSWORD}@127.0.0.1:{server.port}/postgres?schema={unique()}"
+    with psycopg.connect(server.dsn(), autocommit=True) as admin:
+        admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 1")
+        try:
+            with psycopg.connect(url.split("?")[0]):  # the role's one connection
+                backend = open_backend(url)
+                with pytest.raises(BackendUnavailable, match="too many connections for role") as info:
+                    backend.try_acquire(["k"], "o", 5)
+                assert PASSWORD not in str(info.value)
+            assert wait_until(lambda: _or_none(lambda: backend.try_acquire(["k"], "o", 5)), 10,
+                              message="acquire once the role has a free connection")
+            backend.close()
+        finally:
+            admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+
+
+class _SmallServer(PostgresServer):
+    """A PostgreSQL server with 6 connection slots, 2 of them reserved for superusers."""
+
+    def command(self) -> list[str]:
+        """The usual command; later ``-c`` settings override earlier ones."""
+        return [*super().command(), "-c", "max_connections=6", "-c", "superuser_reserved_connections=2"]
+
+
+def test_full_server_is_unavailable_not_a_config_error() -> None:
+    """Reserved slots only (53300) and "too many clients" (53300) are BackendUnavailable; room again, it works."""
+    try:
+        small = _SmallServer()
+    except ServerUnavailable as exc:
+        missing(f"postgresql: {exc}")
+    small.start()
+    fillers: list[Any] = []
+    try:
+        with psycopg.connect(small.dsn(), autocommit=True) as admin:
+            admin.execute(f"CREATE ROLE filler LOGIN PASSWORD '{PASSWORD}'")
+            admin.execute("GRANT CREATE ON DATABASE postgres TO filler")
+        user_url = f"postgresql://filler:{PASSWORD}@127.0.0.1:{small.port}/postgres"
+        for dsn, backend_url, refusal in ((user_url, f"{user_url}?schema=u", "remaining connection slots"),
+                                          (small.dsn(), small.url("s"), "too many clients")):
+            fillers += _fill(dsn)
+            backend = open_backend(backend_url)
+            with pytest.raises(BackendUnavailable, match=refusal) as info:
+                backend.swap_record("r", None, "v")
+            assert PASSWORD not in str(info.value)
+            backend.close()
+        while fillers:
+            fillers.pop().close()
+        backend = open_backend(f"{user_url}?schema=u")
+        assert wait_until(lambda: _or_none(lambda: backend.swap_record("r", None, "v")), 10, message="room again")
+        backend.close()
+    finally:
+        for conn in fillers:
+            conn.close()
+        small.close()
+
+
+def _fill(dsn: str) -> list[Any]:
+    """Open connections to ``dsn`` until the server refuses one; return them (to be closed by the caller)."""
+    opened: list[Any] = []
+    for _ in range(10):
+        try:
+            opened.append(psycopg.connect(dsn, autocommit=True))
+        except psycopg.OperationalError:
+            return opened
+    raise AssertionError("the server accepted 10 more connections than it has slots")
+
+
+class _StandbyServer(PostgresServer):
+    """A PostgreSQL server that can be restarted as a standby that takes no connections (57P03)."""
+
+    standby = False
+
+    def command(self) -> list[str]:
+        """The usual command, with ``hot_standby=off`` once it is a standby."""
+        return [*super().command(), *(["-c", "hot_standby=off"] if self.standby else [])]
+
+    def ready(self) -> bool:
+        """Up: answering queries, or, as a standby, refusing connections because it is in recovery."""
+        if not self.standby:
+            return super().ready()
+        try:
+            super().ready()
+        except psycopg.OperationalError as exc:
+            return "not accepting connections" in str(exc) or "starting up" in str(exc)
+        return False
+
+
+def test_shutting_down_and_standby_servers_are_unavailable() -> None:
+    """A server shutting down and one in recovery refuse connections (57P03): BackendUnavailable each time."""
+    try:
+        pg = _StandbyServer()
+    except ServerUnavailable as exc:
+        missing(f"postgresql: {exc}")
+    pg.start()
+    try:
+        held = psycopg.connect(pg.dsn())
+        os.kill(pg.pid, signal.SIGTERM)  # a smart shutdown: new connections are refused until the last one leaves
+        backend = open_backend(pg.url("s"))
+        error = wait_until(lambda: _refusal(backend), 10, message="refusal while shutting down")
+        assert "shutting down" in str(error)
+        held.close()
+        assert pg.proc is not None
+        pg.proc.wait(30)
+        (pg.tmp / "data" / "standby.signal").touch()
+        pg.standby = True
+        pg.start()
+        with pytest.raises(BackendUnavailable, match=r"not accepting connections|starting up"):
+            backend.inspect(["k"])
+        backend.close()
+    finally:
+        pg.close()
+
+
+def _refusal(backend: Any) -> BackendUnavailable | None:
+    """The BackendUnavailable an inspect raises, or None while the server still accepts it."""
+    try:
+        backend.inspect(["k"])
+    except BackendUnavailable as exc:
+        return exc
+    return None
+
+
+def test_records_are_one_round_trip_each(open_: Callable[..., PostgresBackend], round_trips: list[int]) -> None:
+    """read_records (any number of names) and every kind of swap_record cost one round trip."""
+    b = open_()
+    b.init()
+    names = [f"n{i}" for i in range(500)]
+    for call, result in ((lambda: b.swap_record("r", None, "v1"), True), (lambda: b.swap_record("r", "v1", "v2"), True),
+                         (lambda: b.read_records(["r", *names]), {"r": "v2", **dict.fromkeys(names)}),
+                         (lambda: b.swap_record("r", "v2", None), True), (lambda: b.swap_record("r", None, None), True),
+                         (lambda: b.swap_record("r", "gone", None), False)):
+        round_trips[0] = 0
+        assert call() == result
+        assert round_trips[0] == 1
+
+
+def test_bad_record_input_is_a_config_error_before_any_round_trip(
+    open_: Callable[..., PostgresBackend], round_trips: list[int]
+) -> None:
+    """Names and values no backend stores are refused locally; an expected value no record can hold is False."""
+    b = open_()
+    round_trips[0] = 0
+    for call in (lambda: b.read_records([""]), lambda: b.swap_record("a\0b", None, "v"),
+                 lambda: b.swap_record("n" * 201, None, "v"), lambda: b.swap_record("n", None, "v" * 8193),
+                 lambda: b.swap_record("n", None, "bad \udc80"), lambda: b.read_records(["bad \udc80"])):
+        with pytest.raises(ConfigError):
+            call()
+    assert b.swap_record("n", "with\0nul", "v") is False and b.swap_record("n", "bad \udc80", None) is False
+    assert round_trips[0] == 0
+
+
+def test_a_schema_1_installation_gets_the_records_table(url: str, open_: Callable[..., PostgresBackend]) -> None:
+    """A schema made by the previous version (no records table) is brought up to date by the next backend."""
+    old = open_()
+    lease = old.try_acquire(["kept"], "owner-old", 60)
+    assert lease is not None
+    conn = old._open()
+    conn.execute(sql.SQL("DROP TABLE {}.records").format(sql.Identifier(old.schema)))
+    conn.execute(sql.SQL("COMMENT ON FUNCTION {}.release(text[], text, text) IS 'shardpreempt schema 1'")
+                 .format(sql.Identifier(old.schema)))
+    new = open_()
+    assert new.swap_record("layout", None, "v1") is True
+    assert new.read_records(["layout"]) == {"layout": "v1"}
+    holder = new.inspect(["kept"])["kept"]
+    assert holder is not None and holder.owner == "owner-old" and holder.token == lease.tokens["kept"]
