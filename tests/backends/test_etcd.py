@@ -1,4 +1,5 @@
-"""etcd:// specifics beyond the contract suite: errors, failover, reconnects, round trips, watch, scale."""
+"""etcd:// specifics beyond the contract suite: errors, failover, reconnects, round trips, watch, scale,
+slices above the server's txn limit, records."""
 
 from __future__ import annotations
 
@@ -21,17 +22,17 @@ from shardpreempt.testing.servers import ServerUnavailable, free_port, server_fo
 pytest.importorskip("etcd3gw")
 from etcd3gw.client import Etcd3Client
 
-from shardpreempt.backends.etcd import EtcdBackend
+from shardpreempt.backends.etcd import SMALL, EtcdBackend
 from shardpreempt.testing.servers.etcd import EtcdServer
 from shardpreempt.testing.skips import missing
 
 PASSWORD = "s3cret-Pa55word"
 
 
-def _started() -> EtcdServer:
+def _started(kind: type[EtcdServer] | None = None) -> EtcdServer:
     """Start an etcd, skipping when the binary is missing (failing under CI, as the contract suite does)."""
     try:
-        server = server_for("etcd")
+        server = server_for("etcd") if kind is None else kind()
     except ServerUnavailable as exc:
         missing(f"etcd: {exc}")
     server.start()
@@ -53,6 +54,45 @@ def open_(server: EtcdServer) -> Iterator[Callable[..., EtcdBackend]]:
     if server.proc is None or server.proc.poll() is not None:
         server.start()
     url = server.url(unique())
+    opened: list[EtcdBackend] = []
+
+    def make(**options: Any) -> EtcdBackend:
+        backend = open_backend(url, **options)
+        assert isinstance(backend, EtcdBackend)
+        opened.append(backend)
+        return backend
+
+    yield make
+    for backend in opened:
+        backend.close()
+
+
+class DefaultEtcdServer(EtcdServer):
+    """etcd with its default limits (--max-txn-ops 128, --max-request-bytes 1.5 MiB), as clusters run."""
+
+    max_txn_ops = 128
+
+    def command(self) -> list[str]:
+        """The test server's command without the raised limits."""
+        command = list(super().command())
+        for flag in ("--max-txn-ops", "--max-request-bytes"):
+            at = command.index(flag)
+            del command[at:at + 2]
+        return command
+
+
+@pytest.fixture(scope="module")
+def default_server() -> Iterator[EtcdServer]:
+    """One default-configured etcd for the module."""
+    srv = _started(DefaultEtcdServer)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def default_open(default_server: EtcdServer) -> Iterator[Callable[..., EtcdBackend]]:
+    """Open backends on a fresh prefix of the default-configured server; closed after the test."""
+    url = default_server.url(unique())
     opened: list[EtcdBackend] = []
 
     def make(**options: Any) -> EtcdBackend:
@@ -281,26 +321,113 @@ def test_an_acquire_whose_reply_was_lost_is_undone_by_the_next_one(open_: Callab
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """If an acquire took effect but its reply was lost, the owner's next acquire frees those keys first."""
     backend = open_()
-    real = backend._txn
+    real = backend.txns.txn
 
     def applied_then_lost(*args: Any) -> Any:
         real(*args)
         raise BackendUnavailable("reply lost")
 
-    monkeypatch.setattr(backend, "_txn", applied_then_lost)
+    monkeypatch.setattr(backend.txns, "txn", applied_then_lost)
     with pytest.raises(BackendUnavailable):
         backend.try_acquire(["l1", "l2"], "o", 30)
-    monkeypatch.setattr(backend, "_txn", real)
+    monkeypatch.setattr(backend.txns, "txn", real)
     assert all(h is not None for h in backend.inspect(["l1", "l2"]).values())
     assert backend.try_acquire(["other"], "o", 30) is not None
     assert backend.inspect(["l1", "l2"]) == {"l1": None, "l2": None}
 
 
-def test_slice_over_the_server_txn_limit_is_config_error(open_: Callable[..., EtcdBackend]) -> None:
-    """A slice larger than the server's --max-txn-ops is refused with a ConfigError that says so."""
+def test_a_key_too_large_for_any_txn_is_config_error(default_open: Callable[..., EtcdBackend]) -> None:
+    """A single key above the server's --max-request-bytes is a ConfigError naming that limit."""
+    with pytest.raises(ConfigError, match="max-request-bytes"):
+        default_open().try_acquire(["x" * 2_000_000], "o", 30)
+
+
+def test_a_1000_key_slice_on_a_default_server_is_held_and_released_whole(
+    default_open: Callable[..., EtcdBackend],
+) -> None:
+    """On a server with etcd's default --max-txn-ops (128) a 1,000-key slice is acquired and released whole."""
+    a, b = default_open(), default_open()
+    keys = [f"shard-{i:04d}" for i in range(1000)]
+    lease = a.try_acquire(keys, "a", 30)
+    assert lease is not None and set(lease.tokens) == set(keys) and all(t > 0 for t in lease.tokens.values())
+    seen = b.inspect(keys)
+    assert all(h is not None and h.owner == "a" and h.token == lease.tokens[k] for k, h in seen.items())
+    assert b.try_acquire(keys[::-1], "b", 30) is None
+    assert b.try_acquire(keys[-1:], "b", 30) is None
+    a.release(lease)
+    assert all(h is None for h in b.inspect(keys).values())
+    again = b.try_acquire(keys, "b", 30)
+    assert again is not None and all(again.tokens[k] > lease.tokens[k] for k in keys)
+
+
+def test_contention_in_a_middle_chunk_rolls_back_every_chunk_taken(
+    default_open: Callable[..., EtcdBackend],
+) -> None:
+    """A key held elsewhere in the fourth chunk makes the acquire fail holding nothing, and its tokens rise."""
+    a, b, c = default_open(), default_open(), default_open()
+    keys = [f"shard-{i:04d}" for i in range(1000)]
+    first = a.try_acquire(keys, "a", 30)
+    assert first is not None
+    a.release(first)
+    middle = b.try_acquire([keys[500]], "b", 30)
+    assert middle is not None
+    assert a.try_acquire(keys, "a", 30) is None
+    seen = c.inspect(keys)
+    holder = seen[keys[500]]
+    assert {k for k, h in seen.items() if h is not None} == {keys[500]} and holder is not None and holder.owner == "b"
+    start = time.monotonic()
+    a.wait(keys[:1], 0.3)  # the roll-back's own deletes must not wake the loser's wait
+    assert time.monotonic() - start >= 0.3
+    b.release(middle)
+    lease = a.try_acquire(keys, "a", 30)
+    assert lease is not None and all(lease.tokens[k] > first.tokens[k] for k in keys)
+    assert lease.tokens[keys[500]] > middle.tokens[keys[500]]
+
+
+def test_round_trips_on_a_default_server(default_open: Callable[..., EtcdBackend], round_trips: list[int]) -> None:
+    """A slice that fits one txn costs one; a larger one one per chunk, after one refused txn per backend."""
+    backend = default_open()
+    assert backend.try_acquire(["warm"], "o", 30) is not None
+    round_trips[0] = 0
+    fits = backend.try_acquire([f"f{i}" for i in range(128)], "o", 30)
+    assert fits is not None and round_trips[0] == 1
+    round_trips[0] = 0
+    keys = [f"k{i}" for i in range(1000)]
+    lease = backend.try_acquire(keys, "o", 30)
+    assert lease is not None and round_trips[0] == 1 + math.ceil(1000 / 128)
+    round_trips[0] = 0
+    backend.release(lease)
+    assert round_trips[0] == math.ceil(1000 / 128)
+    told = default_open(max_txn_ops=100)
+    assert told.try_acquire(["warm2"], "p", 30) is not None
+    round_trips[0] = 0
+    assert told.try_acquire(keys[:250], "p", 30) is not None and round_trips[0] == 3
+
+
+def test_read_records_above_the_txn_limit(default_open: Callable[..., EtcdBackend],
+                                          round_trips: list[int]) -> None:
+    """read_records answers for more names than one txn may read; a few names cost one round trip."""
+    backend = default_open()
+    names = [f"r{i}" for i in range(300)]
+    for name in names[::7]:
+        assert backend.swap_record(name, None, f"v-{name}")
+    values = default_open().read_records(names)
+    assert values == {n: f"v-{n}" if i % 7 == 0 else None for i, n in enumerate(names)}
+    round_trips[0] = 0
+    assert backend.read_records(names[:5]) == {n: f"v-{n}" if n == "r0" else None for n in names[:5]}
+    assert round_trips[0] == 1
+
+
+def test_records_stay_out_of_lock_scans_and_watches(open_: Callable[..., EtcdBackend]) -> None:
+    """Records sit under the prefix but outside the lock keys' range: a scan never reports them as locks."""
     backend = open_()
-    with pytest.raises(ConfigError, match="max-txn-ops"):
-        backend.try_acquire([f"k{i}" for i in range(EtcdServer.max_txn_ops + 1)], "o", 30)
+    keys = [f"s{i}" for i in range(SMALL + 36)]
+    assert backend.swap_record(keys[0], None, "not a lock")
+    assert all(h is None for h in backend.inspect(keys).values())
+    lease = backend.try_acquire(keys, "o", 30)
+    assert lease is not None and backend.read_records([keys[0]]) == {keys[0]: "not a lock"}
+    backend.release(lease)
+    assert backend.read_records([keys[0]]) == {keys[0]: "not a lock"}
 
 
 def test_inspect_of_100000_keys(open_: Callable[..., EtcdBackend]) -> None:

@@ -8,39 +8,40 @@ With USER:PASSWORD the backend calls ``Authenticate`` and sends the token with e
 
 Options (query string or keywords), with defaults: ``connect_timeout`` (2 s), ``timeout`` (2 s, per
 request), ``poll`` (0.05 s: how long ``wait`` sleeps when no watch can be opened), ``page`` (10000:
-keys per range page in ``inspect``), ``tls`` (false: https), ``ca_cert``, ``cert_cert``,
-``cert_key`` (TLS files, passed to the client).
+keys per range page in ``inspect``), ``max_txn_ops`` (0: unknown, learnt when the server refuses a txn;
+else the servers' ``--max-txn-ops``), ``tls`` (false: https), ``ca_cert``, ``cert_cert``, ``cert_key``
+(TLS files, passed to the client).
 
 Design: one etcd lease per owner (the session), TTL = ttl rounded UP to whole seconds; the server may
 grant more (its minimum is about 2 s) and the granted TTL is what ``Lease.ttl`` and the deadline use.
 ``try_acquire`` is one txn: compare ``create_revision == 0`` for every key; on success put every key
-with the lease and a JSON value (owner, pid, host, since). ``renew`` is one LeaseKeepAlive whatever
-the number of keys. ``release`` is one txn: compare every key's lease with ours and delete them all;
-if some key is no longer ours the failure branch reads the keys back and a second txn deletes the
-ones still ours (etcd 3.4 has no nested txn, so that rare case costs a second round trip).
+with the lease and a JSON value (owner, pid, host, since, nonce). A slice above the server's txn limit
+is taken in chunks that fit, one txn each, in order; when a chunk finds a key held, the chunks already
+taken are deleted again (compared on their unique value) before ``None`` is returned, so an acquire
+still holds all or nothing. ``renew`` is one LeaseKeepAlive whatever the number of keys. ``release``
+is one txn per chunk: compare every key's lease with ours and delete them all; if some key is no
+longer ours the failure branch reads the keys back and a second txn deletes the ones still ours.
 ``inspect`` reads the keys (one txn for up to 64 keys, else the prefix in pages) plus one
-LeaseTimeToLive per distinct holder session. ``wait`` opens an etcd watch (DELETE events on the
-prefix) from the revision of the last failed acquire, read on a plain socket with ``select`` so no
-thread is started, and kept open across calls until an acquire succeeds: a release between the failed
-acquire and the wait is never missed.
+LeaseTimeToLive per distinct holder session. ``wait`` reads an etcd watch (see ``etcd_watch``) from
+the revision of the last failed acquire, kept open across calls until an acquire succeeds. Records
+live under ``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so no lock key can collide with them.
 
-Token source: the key's ``create_revision`` (the txn's revision), strictly increasing cluster-wide and
-durable. Round trips: acquire 1 (plus one LeaseGrant/KeepAlive when the owner's session is new or more
-than half used), renew 1, release 1. Capabilities: server expiry, cross-host, not session-bound,
-blocking wait. Caveats: slices larger than the server's ``--max-txn-ops`` (default 128) are refused;
-an acquire whose reply is lost may have taken effect: its keys are deleted before the owner's next
-acquire (they carry a unique nonce).
+Token source: the key's ``create_revision`` (the revision of the txn that created it), strictly
+increasing cluster-wide and durable; keys taken in different chunks get different tokens. Round trips
+for a slice that fits one txn: acquire 1 (plus one LeaseGrant/KeepAlive when the owner's session is
+new or more than half used), renew 1, release 1; above the limit, one per chunk (and one refused txn
+per backend until the limit is learnt). Capabilities: server expiry, cross-host, not session-bound,
+blocking wait. Caveats: an acquire whose reply is lost may have taken effect: its keys are deleted
+before the owner's next acquire (they carry a unique nonce); while a chunked acquire is under way its
+first chunks are briefly held (and shown by ``inspect``) even if it then rolls them back.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import logging
 import math
 import os
-import select
 import socket
 import ssl
 import time
@@ -56,22 +57,14 @@ from etcd3gw.client import Etcd3Client
 from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import option, redact_url, reject_unknown, url_options
+from . import check_record, option, redact_url, reject_unknown, url_options
+from .etcd_txn import Txns
+from .etcd_watch import WatchStream
+from .etcd_wire import Code, b64, code_of, message_of, translate, unb64
 
 log = logging.getLogger("shardpreempt.backends.etcd")
 SMALL = 64  # inspect reads up to this many keys in one txn, more by scanning the prefix
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(data: str) -> bytes:
-    return base64.b64decode(data)
-
-
-def _range_end(prefix: bytes) -> bytes:
-    return prefix[:-1] + bytes([prefix[-1] + 1])  # prefix ends with "/", so no overflow
+RECORDS = b"\xffrecords/"  # after the prefix; 0xff is never part of UTF-8, so never of a lock key
 
 
 @dataclass
@@ -81,59 +74,9 @@ class _Session:
     deadline: float  # local monotonic: start of the last grant/keepalive + granted TTL
 
 
-class _Watch:
-    """An etcd watch stream read without threads: chunked HTTP on a socket, polled with ``select``."""
-
-    def __init__(self, sock: socket.socket, start: int) -> None:
-        self.sock = sock
-        self.start = start  # first revision the stream reports (0 until the server says, if opened at "now")
-        self.seen = 0  # highest revision of an event already consumed
-        self.raw = b""
-        self.data = b""
-        self.headers_done = False
-
-    def read(self, timeout: float) -> list[dict[str, Any]]:
-        """Messages received within ``timeout``; raises OSError/ValueError when the stream broke."""
-        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
-        if not pending and not select.select([self.sock], [], [], max(0.0, timeout))[0]:
-            return []
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise OSError("watch stream closed by the server")
-        self.raw += chunk
-        if not self.headers_done:
-            head, sep, rest = self.raw.partition(b"\r\n\r\n")
-            if not sep:
-                return []
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise ValueError(head.split(b"\r\n", 1)[0].decode("latin-1"))
-            self.raw, self.headers_done = rest, True
-        while True:  # de-chunk what is complete
-            size_line, sep, rest = self.raw.partition(b"\r\n")
-            if not sep:
-                break
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                raise OSError("watch stream ended")
-            if len(rest) < size + 2:
-                break
-            self.data += rest[:size]
-            self.raw = rest[size + 2:]
-        messages = []
-        while b"\n" in self.data:
-            line, _, self.data = self.data.partition(b"\n")
-            if line.strip():
-                messages.append(json.loads(line))
-        return messages
-
-    def close(self) -> None:
-        """Drop the stream (the server cancels the watch)."""
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
 class EtcdBackend:
-    """Lock store on etcd v3: one lease per owner, one txn per acquire/release."""
+    """Lock store on etcd v3: one lease per owner, one txn per acquire/release (per chunk above the
+    server's txn limit)."""
 
     capabilities = Capabilities(server_expiry=True, cross_host=True, session_bound=False, blocking_wait=True)
 
@@ -144,6 +87,7 @@ class EtcdBackend:
         self.timeout = float(option(opts, "timeout", float, 2.0, url=url))
         self.poll = float(option(opts, "poll", float, 0.05, url=url))
         self.page = max(1, int(option(opts, "page", int, 10000, url=url)))
+        max_txn_ops = int(option(opts, "max_txn_ops", int, 0, url=url))  # 0: unknown until refused
         self.tls = bool(option(opts, "tls", bool, False, url=url))
         self.ca_cert = option(opts, "ca_cert", str, None, url=url)
         self.cert_cert = option(opts, "cert_cert", str, None, url=url)
@@ -162,12 +106,14 @@ class EtcdBackend:
                 raise ConfigError(f"bad endpoint {item!r}", source=self.url) from None
         path = unquote(parts.path).strip("/") or "shardpreempt"
         self.prefix = f"/{path}/".encode()
+        self.locks_end = self.prefix + b"\xff"  # every lock key sorts below it, the records above
         self._clients: dict[int, Etcd3Client] = {}
+        self.txns = Txns(self._post, self.url, max_txn_ops)
         self._current = 0
         self._sessions: dict[str, _Session] = {}  # owner -> its etcd lease
         self._limbo: dict[str, tuple[list[str], bytes]] = {}  # owner -> keys/value of an unsure acquire
         self._failed: dict[bytes, int] = {}  # etcd key -> store revision of the last acquire it failed
-        self._watch: _Watch | None = None
+        self._watch: WatchStream | None = None
         self._host = socket.gethostname()
 
     # -- transport -------------------------------------------------------------------------------
@@ -200,7 +146,7 @@ class EtcdBackend:
                 try:
                     reply: dict[str, Any] = client.post(client.get_url(path), json=body)
                 except etcd_exc.Etcd3Exception as exc:
-                    if self._auth is None or _code(exc) != 16:
+                    if self._auth is None or code_of(exc) != Code.UNAUTHENTICATED:
                         raise
                     self._authenticate(client)  # the token expired: once more with a new one
                     reply = client.post(client.get_url(path), json=body)
@@ -214,28 +160,17 @@ class EtcdBackend:
                     break  # the request may have been applied: let the caller decide, do not resend
             except etcd_exc.Etcd3Exception as exc:
                 raise self._translate(exc) from exc
-        raise BackendUnavailable(f"etcd unreachable at {self.url}: {_message(last)}") from last
+        raise BackendUnavailable(f"etcd unreachable at {self.url}: {message_of(last)}") from last
 
     def _translate(self, exc: etcd_exc.Etcd3Exception) -> Exception:
-        code, text = _code(exc), _message(exc)
-        if "too many operations" in text:
-            return ConfigError(f"{text}: raise the server's --max-txn-ops or use smaller slices",
-                               source=self.url)
-        if code in (3, 7, 9, 16) or "authentication" in text:  # invalid argument, denied, auth
-            return ConfigError(f"etcd refused the request: {text}", source=self.url)
-        if code in (4, 13, 14) or isinstance(exc, etcd_exc.InternalServerError):
-            return BackendUnavailable(f"etcd at {self.url}: {text}")
-        return BackendProtocolError(f"etcd at {self.url}: {text}")
-
-    def _txn(self, compare: list[Any], success: list[Any], failure: list[Any]) -> dict[str, Any]:
-        reply = self._post("/kv/txn", {"compare": compare, "success": success, "failure": failure})
-        return reply
+        return translate(code_of(exc), message_of(exc), self.url,
+                         server_error=isinstance(exc, etcd_exc.InternalServerError))
 
     def _raw_key(self, key: str) -> bytes:
         return self.prefix + key.encode("utf-8", "surrogatepass")
 
     def _key(self, key: str) -> str:
-        return _b64(self._raw_key(key))
+        return b64(self._raw_key(key))
 
     # -- sessions --------------------------------------------------------------------------------
     def _session(self, owner: str, ttl: float, start: float) -> _Session:
@@ -263,14 +198,13 @@ class EtcdBackend:
     def _clear_limbo(self, owner: str) -> None:
         """Delete the keys of an earlier acquire whose reply was lost, if it did take effect."""
         keys, value = self._limbo[owner]
-        compare = [{"key": self._key(k), "result": "EQUAL", "target": "VALUE", "value": _b64(value)}
-                   for k in keys]
-        self._txn(compare, [{"request_delete_range": {"key": self._key(k)}} for k in keys], [])
+        self.txns.delete_valued([self._raw_key(k) for k in keys], value)
         del self._limbo[owner]
 
     # -- the contract ----------------------------------------------------------------------------
     def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
-        """Hold every key or none: one txn comparing create_revision == 0 and putting every key."""
+        """Hold every key or none: one txn comparing create_revision == 0 and putting every key (one per
+        chunk above the server's txn limit, the chunks taken deleted again if a later one fails)."""
         start = time.monotonic()
         keys = list(keys)
         if owner in self._limbo:
@@ -278,33 +212,63 @@ class EtcdBackend:
         for attempt in (1, 2):
             session = self._session(owner, ttl, start)
             value = self._value(owner)
-            compare = [{"key": self._key(k), "result": "EQUAL", "target": "CREATE", "create_revision": 0}
-                       for k in keys]
-            success = [{"request_put": {"key": self._key(k), "value": _b64(value), "lease": session.lease_id}}
-                       for k in keys]
             try:
-                reply = self._txn(compare, success, [])
-            except BackendUnavailable:
-                self._limbo[owner] = (keys, value)
-                raise
+                tokens = self._take(keys, owner, session.lease_id, value)
             except BackendProtocolError as exc:
                 if "lease not found" not in str(exc) or attempt == 2:
                     raise
-                self._sessions.pop(owner, None)  # expired under us: a new lease, never the dead one
+                self._sessions.pop(owner, None)  # expired under us (with any chunk taken): a new lease
                 continue
-            revision = int(reply["header"]["revision"])
-            if not reply.get("succeeded"):
-                for key in keys:
-                    self._failed[self._raw_key(key)] = revision
+            if tokens is None:
                 return None
             for key in keys:
                 self._failed.pop(self._raw_key(key), None)
             if self._watch is not None:  # we got what we waited for; reopen from a fresh revision later
                 self._watch.close()
                 self._watch = None
-            return Lease(tuple(keys), owner, dict.fromkeys(keys, revision), float(session.ttl),
-                         session.deadline, str(session.lease_id))
+            return Lease(tuple(keys), owner, tokens, float(session.ttl), session.deadline, str(session.lease_id))
         raise AssertionError("unreachable")
+
+    def _take(self, keys: list[str], owner: str, lease_id: int, value: bytes) -> dict[str, int] | None:
+        """Put the keys chunk by chunk; on contention delete the chunks taken and return None."""
+        tokens: dict[str, int] = {}
+
+        def put(chunk: list[str]) -> bool:
+            compare = [{"key": self._key(k), "result": "EQUAL", "target": "CREATE", "create_revision": 0}
+                       for k in chunk]
+            success = [{"request_put": {"key": self._key(k), "value": b64(value), "lease": lease_id}}
+                       for k in chunk]
+            try:
+                reply = self.txns.txn(compare, success, [])
+            except BackendUnavailable:
+                self._limbo[owner] = ([*tokens, *chunk], value)  # this chunk too may have been applied
+                raise
+            revision = int(reply["header"]["revision"])
+            if not reply.get("succeeded"):
+                self._failed.update((self._raw_key(k), revision) for k in keys[len(tokens):])
+                return False
+            tokens.update(dict.fromkeys(chunk, revision))
+            return True
+
+        try:
+            if self.txns.in_chunks(keys, put):
+                return tokens
+        except (ConfigError, BackendProtocolError):  # refused (too large, lease gone): undo what was taken
+            self._roll_back(owner, list(tokens), value)
+            raise
+        self._roll_back(owner, list(tokens), value)
+        return None
+
+    def _roll_back(self, owner: str, taken: list[str], value: bytes) -> None:
+        """Delete the chunks an acquire took before it failed; a wait then ignores these deletes."""
+        if not taken:
+            return
+        try:
+            revision = self.txns.delete_valued([self._raw_key(k) for k in taken], value)
+        except BackendUnavailable:
+            self._limbo[owner] = (taken, value)  # the owner's next acquire deletes them
+            raise
+        self._failed.update((self._raw_key(k), revision) for k in taken)
 
     def renew(self, lease: Lease) -> Lease:
         """One LeaseKeepAlive for the owner's lease, whatever the number of keys."""
@@ -321,33 +285,22 @@ class EtcdBackend:
         return lease.with_deadline(start + granted)
 
     def release(self, lease: Lease) -> None:
-        """Delete the keys still attached to this lease's etcd lease (one txn; two if some were lost)."""
-        keys, lease_id = list(lease.keys), int(lease.session)
-        for _ in range(3):
-            if not keys:
-                return
-            compare = [{"key": self._key(k), "result": "EQUAL", "target": "LEASE", "lease": lease_id}
-                       for k in keys]
-            reply = self._txn(compare, [{"request_delete_range": {"key": self._key(k)}} for k in keys],
-                              [{"request_range": {"key": self._key(k), "keys_only": True}} for k in keys])
-            if reply.get("succeeded"):
-                return
-            responses = reply.get("responses", [])
-            keys = [k for k, r in zip(keys, responses, strict=True)
-                    if any(int(kv.get("lease", 0)) == lease_id for kv in r["response_range"].get("kvs", []))]
-        log.warning("release of %d keys kept failing its comparison; lease expiry will free them", len(keys))
+        """Delete the keys still attached to this lease's etcd lease (one txn per chunk; two if some were
+        lost)."""
+        lease_id = int(lease.session)
+        self.txns.delete_ours([self._raw_key(k) for k in lease.keys], {"target": "LEASE", "lease": lease_id},
+                              lambda kv: int(kv.get("lease", 0)) == lease_id)
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Read the keys (one txn, or the prefix in pages) and each holder lease's time to live."""
         kvs: dict[str, dict[str, Any]] = {}
         wanted = set(keys)
         if len(wanted) <= SMALL:
-            reply = self._txn([], [{"request_range": {"key": self._key(k)}} for k in wanted], [])
-            found = [kv for r in reply.get("responses", []) for kv in r["response_range"].get("kvs", [])]
+            found = list(self.txns.read([self._raw_key(k) for k in wanted]).values())
         else:
             found, start, revision = [], self.prefix, 0
             while True:
-                body: dict[str, Any] = {"key": _b64(start), "range_end": _b64(_range_end(self.prefix)),
+                body: dict[str, Any] = {"key": b64(start), "range_end": b64(self.locks_end),
                                         "limit": self.page, "sort_order": 1, "sort_target": 0}
                 if revision:
                     body["revision"] = revision  # every page from the same snapshot
@@ -356,9 +309,9 @@ class EtcdBackend:
                 found += reply.get("kvs", [])
                 if not reply.get("more") or not reply.get("kvs"):
                     break
-                start = _unb64(reply["kvs"][-1]["key"]) + b"\0"
+                start = unb64(reply["kvs"][-1]["key"]) + b"\0"
         for kv in found:
-            key = _unb64(kv["key"])[len(self.prefix):].decode("utf-8", "surrogatepass")
+            key = unb64(kv["key"])[len(self.prefix):].decode("utf-8", "surrogatepass")
             if key in wanted:
                 kvs[key] = kv
         ttls: dict[int, int] = {}
@@ -371,7 +324,7 @@ class EtcdBackend:
             if lease_id and ttls.get(lease_id, -1) < 0:
                 continue  # its lease just expired: the key is being deleted
             try:
-                info = json.loads(_unb64(kv.get("value", "")))
+                info = json.loads(unb64(kv.get("value", "")))
                 owner = str(info["owner"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise BackendProtocolError(f"etcd key {key!r} at {self.url} has an unreadable value") from exc
@@ -385,27 +338,12 @@ class EtcdBackend:
         wanted = {raw: self._failed.get(raw, 0) for raw in map(self._raw_key, keys)}
         need = min((r for r in wanted.values() if r), default=0) + 1  # report every delete from here on
         try:
-            old = self._watch
-            if old is not None and need > 1 and not (0 < old.start <= need and old.seen < need):
-                old.close()  # it may have passed a delete we care about: reopen from there
+            if self._watch is not None and need > 1 and not self._watch.covers(need):
+                self._watch.close()  # it may have passed a delete we care about: reopen from there
                 self._watch = None
-            watch = self._watch or self._open_watch(need if need > 1 else 0)
-            while (left := deadline - time.monotonic()) > 0:
-                woken = False
-                for message in watch.read(left):  # consume the whole batch, so ``seen`` stays exact
-                    result = message.get("result", {})
-                    if result.get("canceled") or "error" in message:
-                        reason = result.get("cancel_reason") or message.get("error")
-                        raise OSError(f"watch canceled: {reason}")
-                    if result.get("created") and not watch.start:
-                        watch.start = int(result.get("header", {}).get("revision", 0)) + 1
-                    for event in result.get("events", []):
-                        kv = event.get("kv", {})
-                        key, revision = _unb64(kv.get("key", "")), int(kv.get("mod_revision", 0))
-                        watch.seen = max(watch.seen, revision)
-                        woken |= event.get("type") == "DELETE" and key in wanted and revision > wanted[key]
-                if woken:
-                    return
+            if self._watch is None:
+                self._watch = self._open_watch(need if need > 1 else 0)
+            self._watch.wait_for_delete(wanted, deadline)
         except (OSError, ValueError, BackendUnavailable) as exc:
             log.debug("watch on %s unusable (%s); polling", self.url, exc)
             if self._watch is not None:
@@ -413,26 +351,39 @@ class EtcdBackend:
                 self._watch = None
             time.sleep(max(0.0, min(self.poll, deadline - time.monotonic())))
 
-    def _open_watch(self, start: int) -> _Watch:
+    def _open_watch(self, start: int) -> WatchStream:
         host, port = self.endpoints[self._current]
-        sock: socket.socket = socket.create_connection((host, port), timeout=self.connect_timeout)
+        context = None
         if self.tls:
             context = ssl.create_default_context(cafile=self.ca_cert)
             if self.cert_cert and self.cert_key:
                 context.load_cert_chain(self.cert_cert, self.cert_key)
-            sock = context.wrap_socket(sock, server_hostname=host)
-        create: dict[str, Any] = {"key": _b64(self.prefix), "range_end": _b64(_range_end(self.prefix)),
-                                  "filters": ["NOPUT"]}
-        if start:
-            create["start_revision"] = start  # so no delete after a failed acquire is missed
-        body = json.dumps({"create_request": create}).encode()
         auth = self._client(self._current).session.headers.get("Authorization")
-        head = (f"POST /v3/watch HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                + (f"Authorization: {auth!s}\r\n" if auth else "") + "\r\n")
-        sock.sendall(head.encode() + body)
-        self._watch = _Watch(sock, start)
-        return self._watch
+        return WatchStream.open(host, port, self.prefix, self.locks_end, start, timeout=self.connect_timeout,
+                                tls=context, auth=str(auth) if auth else None)
+
+    # -- records ---------------------------------------------------------------------------------
+    def _record_key(self, name: str) -> bytes:
+        return self.prefix + RECORDS + name.encode("utf-8", "surrogatepass")
+
+    def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
+        """The records' values: one txn of range reads."""
+        for name in names:
+            check_record(name)
+        found = self.txns.read([self._record_key(n) for n in dict.fromkeys(names)])
+        return {n: None if (kv := found.get(self._record_key(n))) is None
+                else unb64(kv.get("value", "")).decode("utf-8", "surrogatepass") for n in names}
+
+    def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """One txn: compare the value (or ``create_revision == 0`` for absent), then put or delete."""
+        check_record(name, value)
+        key = b64(self._record_key(name))
+        # etcd fails a VALUE compare on a missing key, so expecting "" never matches an absent record
+        compare = ({"target": "CREATE", "create_revision": 0} if expected is None
+                   else {"target": "VALUE", "value": b64(expected.encode("utf-8", "surrogatepass"))})
+        change = ({"request_delete_range": {"key": key}} if value is None
+                  else {"request_put": {"key": key, "value": b64(value.encode("utf-8", "surrogatepass"))}})
+        return bool(self.txns.txn([{"key": key, "result": "EQUAL", **compare}], [change], []).get("succeeded"))
 
     def close(self) -> None:
         """Close the watch and the HTTP sessions; the owners' leases are left to expire by their TTL."""
@@ -442,18 +393,3 @@ class EtcdBackend:
         for client in self._clients.values():
             client.session.close()
         self._clients.clear()
-
-
-def _code(exc: Exception) -> int | None:
-    try:
-        return int(json.loads(getattr(exc, "detail_text", None) or "{}").get("code"))
-    except (ValueError, TypeError):
-        return None
-
-
-def _message(exc: Exception | None) -> str:
-    text = getattr(exc, "detail_text", None) or str(exc)
-    try:
-        return str(json.loads(text).get("message", text))
-    except (ValueError, AttributeError):
-        return str(text)[:200]
