@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .backends import open_backend
 from .balance import Members, Params, View, decide
@@ -232,11 +232,14 @@ class Worker:
         present = frozenset(obs.members) | {me}
         established = {m.identity: max(0.0, time.time() - m.since) for m in obs.members.values() if m.since}
         settled, settles_at = self.members.update(present, now, established)
-        starting = now - self.started < max(1.0, self.params.settle)
+        window = max(1.0, self.params.settle)
+        starting = now - self.started < window
         takers = present | frozenset(opts.siblings) if starting else present
         view = View(me, now, takers, settled, holders, self.free_since,
                     {sid: h.since for sid, h in self.holds.items()})
-        decision = decide(view, self.params)
+        # While starting, a slice meant for a sibling that has not joined yet waits for it.
+        params = replace(self.params, grace=max(self.params.grace, window)) if starting else self.params
+        decision = decide(view, params)
         for sid in decision.release:
             hold = self.holds.get(sid)
             if hold is not None and not hold.handing_over:
@@ -251,7 +254,7 @@ class Worker:
             if not self._acquire(backend, self.by_id[sid]):
                 retry = now + min(0.05, self.period)  # raced with another member or a probe: look again soon
         if starting:
-            retry = min(x for x in (retry, self.started + max(1.0, self.params.settle)) if x is not None)
+            retry = min(x for x in (retry, self.started + window) if x is not None)
         times = [t for t in (decision.recheck, settles_at, retry) if t is not None]
         return min(times) if times else None
 

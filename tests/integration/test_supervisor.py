@@ -86,7 +86,8 @@ def test_sigkill_of_a_worker_hands_its_slice_over_with_higher_tokens(tmp_path: P
     run.wait(20)
     report = check(events(ev))
     assert report.ok, report.violations
-    tokens = sorted(e["token"] for e in events(ev) if e["event"] == "acquired" and e["shard"] == "s0")
+    victim = next(e["shard"] for e in events(ev) if e["event"] == "acquired" and e["worker"] == 0)
+    tokens = sorted(e["token"] for e in events(ev) if e["event"] == "acquired" and e["shard"] == victim)
     assert tokens == [1, 2]
 
 
