@@ -72,8 +72,8 @@ def _shards_of(identities: Sequence[str], settings: Mapping[str, Any] | Sequence
     rest = len(identities) - 1
     proxies: Iterable[Mapping[str, Any]] = (repeat(proto.settings, rest) if isinstance(settings, Mapping)
                                             else map(MappingProxyType, settings[1:]))
-    if set(vars(proto)) != {"identity", "name", "settings"}:
-        # Shard has grown a field this shortcut does not know about: build every member the slow, sure way.
+    if set(getattr(proto, "__dict__", ())) != {"identity", "name", "settings"}:
+        # Shard has grown a field or slots this shortcut does not know about: build every member the slow way.
         return [proto, *(Shard(i, i, s) for i, s in zip(identities[1:], proxies, strict=True))]
     # A clone is a Shard whose instance dict is set directly: the same frozen dataclass, equal and hashed by
     # identity and name, its repr still redacting secrets. Only the settings copy and the frozen per-field

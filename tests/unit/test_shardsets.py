@@ -274,3 +274,18 @@ def test_a_hundred_thousand_shards_load_quickly(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - start
     assert len(shards) == 100_000 and shards[-1].identity == TEMPLATE.format(n=100_000)
     assert elapsed < 1.5  # generous against slow CI; it guards against a slide back to per-shard copying
+
+
+def test_members_are_built_the_slow_way_if_shard_changes_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should Shard gain a field the shortcut does not know, every member still comes from the constructor."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Wider(Shard):
+        """A Shard with one more field."""
+
+        extra: int = 7
+
+    monkeypatch.setattr(shardsets, "Shard", Wider)
+    shards = shardsets.ShardSet(0, ["a", "b"], {"password": "x"}, str).shards()
+    assert [type(s) for s in shards] == [Wider, Wider] and [s.extra for s in shards] == [7, 7]
+    assert shards[1].settings == {"password": "x"}
