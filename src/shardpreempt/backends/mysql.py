@@ -20,12 +20,13 @@ string or keyword arguments):
     polls. This is the documented fallback of DESIGN §3; use ``postgresql://`` or ``redis://`` where
     hand-over latency below ``poll`` matters.
 
-Tables: ``<prefix>sessions(id, owner, expires_at, pid, host)`` — one row per worker session, expiring
+Tables: ``<prefix>sessions(id, owner, expires_at, pid, host)``, one row per worker session, expiring
 by the server clock (``SYSDATE(6)`` in a UTC session; SYSDATE rather than NOW because NOW is the
-statement's start, which a lock wait makes stale) — and ``<prefix>shards(key, session, token, since)``
-— one row per key ever used, keys as VARBINARY (exact, case-sensitive). A key whose session is missing
-or expired is free. ``init()`` creates them and the procedures ``<prefix>acquire`` and
-``<prefix>release``; it is idempotent.
+statement's start, which a lock wait makes stale); ``<prefix>shards(key, session, token, since)``, one
+row per key ever used, keys as VARBINARY (exact, case-sensitive); and ``<prefix>records(name, value)``,
+the records, both binary (exact: no collation, no trailing-space padding). A key whose session is
+missing or expired is free. ``init()`` creates them and the procedures ``<prefix>acquire`` and
+``<prefix>release``; it is idempotent, and reruns when ``SCHEMA_VERSION`` changed.
 
 try_acquire is one ``CALL <prefix>acquire(keys as JSON, ...)``: refuse at once if a key has a live
 holder; otherwise, in one READ COMMITTED transaction, create or lock the key rows in key order (the keys
@@ -36,7 +37,12 @@ as busy. A deadlock (1213) or lock wait timeout (1205) is reported as busy (``No
 claimer tries again on its own schedule. renew is one ``UPDATE`` of the session row that matches only
 while it has not expired (O(1)); release is one ``CALL <prefix>release``, clearing the keys still
 pointing at the session (READ COMMITTED and key order too: no gap locks to deadlock with an acquire).
-inspect is one ``SELECT ... key IN (...)`` per 10,000 keys.
+inspect is one ``SELECT ... key IN (...)`` per 10,000 keys. read_records is one ``SELECT``; swap_record
+is one autocommitted ``INSERT`` (a duplicate key: not absent), ``UPDATE`` or ``DELETE ... WHERE value =
+expected`` — InnoDB evaluates the condition of a write on the newest committed row under its lock, never
+on a snapshot, at any isolation level — or a ``SELECT`` when nothing changes. A lock conflict (1205,
+1213) there raises ``BackendUnavailable``: nothing was changed. One connection per backend object, used
+by one thread at a time (a lock), so a worker may renew from one thread while it acquires from another.
 
 Token source: ``shards.token``, bumped in the acquiring transaction; durable across server restarts.
 Capabilities: server expiry, cross-host, not session-bound, no blocking wait (polling).
@@ -44,7 +50,8 @@ Caveats: keys are at most 2,048 bytes of UTF-8 without NUL. Do not run the serve
 ``--sysdate-is-now``. With statement-based binary logging the procedure is unsafe (SYSDATE, UUID): use
 ROW or MIXED. MySQL 8's ``caching_sha2_password`` over a non-TLS link needs the ``cryptography``
 package. An acquire whose answer timed out may still have committed: its keys then stay held by a
-fresh session nobody renews until ``ttl`` passes.
+fresh session nobody renews until ``ttl`` passes. Refusals for too many connections (1040, 1203, 1226) are
+``BackendUnavailable``; access denied, unknown database, missing privileges are ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -66,8 +74,11 @@ from .sqlcommon import HolderRow, SqlBackend, parse_db_url
 
 log = logging.getLogger("shardpreempt.backends.mysql")
 
-#: Bumped whenever the DDL changes, so existing installations get the new procedure.
-SCHEMA_VERSION = "shardpreempt schema 1"
+#: Bumped whenever the DDL changes, so existing installations get the new tables and procedures.
+SCHEMA_VERSION = "shardpreempt schema 2"  # 2: the records table
+#: Versions whose procedures have the current bodies: init relabels them in place (ALTER PROCEDURE)
+#: instead of dropping them, so workers of that version still running never find them missing.
+SAME_PROCEDURES = {"shardpreempt schema 1"}
 
 #: The keys of a call as rows.
 KEY_ROWS = "JSON_TABLE(p_keys, '$[*]' COLUMNS (k VARCHAR(2048) CHARACTER SET utf8mb4 PATH '$')) AS j"
@@ -87,6 +98,10 @@ TABLES = (
         `key` VARBINARY(2048) NOT NULL PRIMARY KEY, session VARCHAR(512) NULL,
         token BIGINT NOT NULL DEFAULT 0, since DATETIME(6) NULL
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin""",
+    # binary, not utf8mb4_bin: that collation pads, so 'v' = 'v ' would let a compare-and-set match
+    """CREATE TABLE IF NOT EXISTS `{p}records` (
+        name VARBINARY(800) NOT NULL PRIMARY KEY, value BLOB NOT NULL
+    ) ENGINE=InnoDB""",
 )
 
 ACQUIRE_PROC = """CREATE PROCEDURE `{p}acquire`(IN p_keys LONGTEXT CHARACTER SET utf8mb4,
@@ -162,9 +177,22 @@ INSPECT = """SELECT h.`key`, x.owner, h.token, TIMESTAMPDIFF(MICROSECOND, SYSDAT
     x.pid, x.host, UNIX_TIMESTAMP(h.since)
 FROM `{p}shards` h JOIN `{p}sessions` x ON x.id = h.session
 WHERE h.`key` IN %s AND x.expires_at > SYSDATE(6)"""
+READ_RECORDS = "SELECT name, value FROM `{p}records` WHERE name IN %s"
+# One autocommitted statement each; its row count says whether it swapped. FOUND_ROWS makes an UPDATE
+# to the same value count as matched.
+SWAP_RECORD = {
+    (False, True): "INSERT INTO `{p}records` (name, value) VALUES (%(name)s, %(value)s)",
+    (True, True): "UPDATE `{p}records` SET value = %(value)s WHERE name = %(name)s AND value = %(expected)s",
+    (True, False): "DELETE FROM `{p}records` WHERE name = %(name)s AND value = %(expected)s",
+    (False, False): "SELECT 1 FROM DUAL WHERE NOT EXISTS (SELECT 1 FROM `{p}records` WHERE name = %(name)s)",
+}
+DUPLICATE_KEY = 1062
 
-#: Server error codes: what retrying will not fix, and lock conflicts (busy).
-CONFIG_CODES = {1044, 1045, 1049, 1142, 1227, 1370, 1698, 1226}
+#: Server error codes: refusals that mean "not now" (too many connections: 1040 for the server, 1203 for
+#: max_user_connections, 1226 for a user's MAX_USER_CONNECTIONS), what retrying will not fix (access
+#: denied, unknown database, missing privileges, host not allowed), and lock conflicts (busy).
+TRANSIENT_CODES = {1040, 1203, 1226}
+CONFIG_CODES = {1044, 1045, 1049, 1130, 1142, 1227, 1370, 1698}
 MISSING_CODES = {1146, 1305}  # table or procedure gone: recreate on the next call
 BUSY_CODES = {1205, 1213}
 PREFIX = re.compile(r"[A-Za-z0-9_]{0,40}")
@@ -189,9 +217,13 @@ class MySQLBackend(SqlBackend):
                               source=self.url)
         self._db = parse_db_url(url, 3306)
         self._sql = {name: text.replace("{p}", self.prefix) for name, text in
-                     (("renew", RENEW), ("inspect", INSPECT))}
+                     (("renew", RENEW), ("inspect", INSPECT), ("read_records", READ_RECORDS))}
+        self._swap_sql = {shape: text.replace("{p}", self.prefix) for shape, text in SWAP_RECORD.items()}
         self._conn: pymysql.connections.Connection[Any] | None = None
         self._initialized = False
+        # A PyMySQL connection is not thread-safe: two threads interleaving packets corrupt the protocol.
+        # Reentrant: a call that finds the tables missing runs init() while holding it.
+        self._lock = threading.RLock()
 
     # -- connections ---------------------------------------------------------------------------
     def _connect(self) -> pymysql.connections.Connection[Any]:
@@ -211,6 +243,8 @@ class MySQLBackend(SqlBackend):
             if code in CONFIG_CODES:
                 raise ConfigError(f"cannot connect: {exc.args[-1]}", source=self.url) from exc
             raise BackendUnavailable(f"{self.url}: cannot connect: {exc}") from exc
+        except RuntimeError as exc:  # PyMySQL lacks a package the server's authentication method needs
+            raise ConfigError(f"cannot connect: {exc}", source=self.url) from exc
 
     def _open(self) -> pymysql.connections.Connection[Any]:
         if self._conn is None or not self._conn.open:
@@ -219,6 +253,10 @@ class MySQLBackend(SqlBackend):
 
     def init(self) -> None:
         """Create the tables and procedures if missing (idempotent, safe to run concurrently)."""
+        with self._lock:
+            self._init()
+
+    def _init(self) -> None:
         conn = self._open()
         names = {f"{self.prefix}{name}": text for name, text in PROCEDURES.items()}
         for attempt in range(5):
@@ -233,6 +271,9 @@ class MySQLBackend(SqlBackend):
                     for name, text in names.items():
                         if installed.get(name) == SCHEMA_VERSION:
                             continue  # never drop a current procedure: a concurrent worker may be using it
+                        if installed.get(name) in SAME_PROCEDURES:
+                            cur.execute(f"ALTER PROCEDURE `{name}` COMMENT '{SCHEMA_VERSION}'")
+                            continue
                         if name in installed:
                             cur.execute(f"DROP PROCEDURE IF EXISTS `{name}`")  # an older version
                         ddl = text.replace("{keys}", KEYS).replace("{key_rows}", KEY_ROWS)
@@ -249,6 +290,9 @@ class MySQLBackend(SqlBackend):
     def _translate(self, op: str, exc: pymysql.err.MySQLError) -> Exception:
         """The project's exception for a driver error; drops a connection that may be unusable."""
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if code in TRANSIENT_CODES:
+            self._drop()
+            return BackendUnavailable(f"{self.url}: {op}: server refused: {exc.args[-1]}")
         if code in CONFIG_CODES:
             return ConfigError(f"{op}: {exc.args[-1]}", source=self.url)
         if code in MISSING_CODES:
@@ -261,31 +305,37 @@ class MySQLBackend(SqlBackend):
         return BackendError(f"{self.url}: {op} failed: {exc}")
 
     def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and conn.open:
-            try:
-                conn.close()
-            except pymysql.err.MySQLError:
-                conn._force_close()  # the polite COM_QUIT failed: just drop the socket
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None and conn.open:
+                try:
+                    conn.close()
+                except pymysql.err.MySQLError:
+                    conn._force_close()  # the polite COM_QUIT failed: just drop the socket
 
     def _cursor(self) -> pymysql.cursors.Cursor:
         conn = self._open()
         if not self._initialized:
-            self.init()
+            self._init()
         return conn.cursor()
 
-    # -- the four server calls -------------------------------------------------------------------
-    def _run(self, op: str, query: str, args: tuple[Any, ...]) -> tuple[int, list[list[tuple[Any, ...]]]]:
-        """One statement, one round trip: (affected rows, every result set), errors translated."""
-        try:
-            with self._cursor() as cur:
-                count = cur.execute(query, args)
-                results = [list(cur.fetchall())]
-                while cur.nextset():  # a CALL answers with one set per SELECT, then its own status
-                    results.append(list(cur.fetchall()))
-                return count, results
-        except pymysql.err.MySQLError as exc:
-            raise self._translate(op, exc) from exc
+    # -- the server calls -----------------------------------------------------------------------
+    def _run(self, op: str, query: str, args: tuple[Any, ...] | dict[str, Any],
+             accept: frozenset[int] = frozenset()) -> tuple[int, list[list[tuple[Any, ...]]]]:
+        """One statement, one round trip: (affected rows, every result set), errors translated; a server
+        error whose code is in ``accept`` answers ``(-1, [])`` instead."""
+        with self._lock:
+            try:
+                with self._cursor() as cur:
+                    count = cur.execute(query, args)
+                    results = [list(cur.fetchall())]
+                    while cur.nextset():  # a CALL answers with one set per SELECT, then its own status
+                        results.append(list(cur.fetchall()))
+                    return count, results
+            except pymysql.err.MySQLError as exc:
+                if exc.args and exc.args[0] in accept:
+                    return -1, []
+                raise self._translate(op, exc) from exc
 
     def _call(self, proc: str, keys: list[str], *args: Any) -> list[list[tuple[Any, ...]]]:
         # sorted by UTF-8 bytes, the order of the VARBINARY primary key: every caller locks alike
@@ -322,6 +372,17 @@ class MySQLBackend(SqlBackend):
         rows = self._run("inspect", self._sql["inspect"], ([k.encode("utf-8") for k in keys],))[1][0]
         return [(bytes(k).decode("utf-8"), owner, int(token), float(left), pid, host,
                  None if since is None else float(since)) for k, owner, token, left, pid, host, since in rows]
+
+    def _read_records(self, names: list[str]) -> dict[str, str]:
+        rows = self._run("read_records", self._sql["read_records"], ([n.encode("utf-8") for n in names],))[1][0]
+        return {bytes(name).decode("utf-8"): bytes(value).decode("utf-8") for name, value in rows}
+
+    def _swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        args = {"name": name.encode("utf-8"), "expected": None if expected is None else expected.encode("utf-8"),
+                "value": None if value is None else value.encode("utf-8")}
+        count, _ = self._run("swap_record", self._swap_sql[expected is not None, value is not None], args,
+                             accept=frozenset({DUPLICATE_KEY}))  # inserting a record that exists: not absent
+        return count > 0
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
         """No server notification exists: sleep ``poll`` seconds (at most ``timeout``)."""
