@@ -13,6 +13,7 @@ import pytest
 
 from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
 from shardpreempt.testing.skips import missing
@@ -305,3 +306,224 @@ def _or_none(call: Callable[[], Any]) -> Any:
         return call()
     except BackendUnavailable:
         return None
+
+
+def _lease(owner: str = "o") -> Lease:
+    """A lease object for calls that need one (the server decides whether it is still held)."""
+    return Lease(("a",), owner, {"a": 1}, 5.0, time.monotonic() + 5, f"{owner}/0")
+
+
+#: Every public call, each run once against a backend (the lazy connection is opened by whichever comes first).
+CALLS: dict[str, Callable[[MySQLBackend], Any]] = {
+    "try_acquire": lambda b: b.try_acquire(["a"], "o", 5),
+    "renew": lambda b: b.renew(_lease()),
+    "release": lambda b: b.release(_lease()),
+    "inspect": lambda b: b.inspect(["a"]),
+    "read_records": lambda b: b.read_records(["r"]),
+    "swap_record": lambda b: b.swap_record("r", None, "v"),
+    "init": lambda b: b.init(),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_wrong_password_and_missing_database_are_config_errors_on_every_call(
+    server: MariaDBServer, url: str, call: str
+) -> None:
+    """Whichever call first opens the lazy connection, a wrong password or database is a ConfigError."""
+    database = url.rsplit("/", 1)[1]
+    _admin(server, "DROP USER IF EXISTS 'calluser'@'%'", f"CREATE USER 'calluser'@'%' IDENTIFIED BY '{PASSWORD}'",
+           f"GRANT ALL ON `{database}`.* TO 'calluser'@'%'")
+    for bad in (f"mysql://calluser:wrong-{PASSWORD}@127.0.0.1:{server.port}/{database}",
+                f"mysql://calluser:{PASSWORD}@127.0.0.1:{server.port}/no_such_db"):
+        backend = open_backend(bad)
+        assert isinstance(backend, MySQLBackend)
+        with pytest.raises(ConfigError) as info:
+            CALLS[call](backend)
+        assert "calluser:***@" in str(info.value) and PASSWORD not in str(info.value)
+        backend.close()
+
+
+class _LimitedServer(MariaDBServer):
+    """MariaDB started with a per-user connection limit, so SET GLOBAL max_user_connections may change it."""
+
+    def command(self) -> list[str]:
+        """The usual command with ``--max-user-connections`` (MariaDB refuses to set it later if it starts at 0)."""
+        return [*super().command(), "--max-user-connections=1000"]
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[MariaDBServer]:
+    """A MariaDB server whose connection limits the tests may lower, with user ``lim`` (password PASSWORD)."""
+    try:
+        srv = _LimitedServer()
+    except ServerUnavailable as exc:
+        missing(f"mysql: {exc}")
+    srv.start()
+    _admin(srv, "CREATE DATABASE lim", f"CREATE USER 'lim'@'%' IDENTIFIED BY '{PASSWORD}'",
+           "GRANT ALL ON lim.* TO 'lim'@'%'")
+    yield srv
+    srv.close()
+
+
+#: name -> (statements that lower a limit, statements that restore it, the server's error code)
+LIMITS = {
+    "user MAX_USER_CONNECTIONS": (["GRANT USAGE ON *.* TO 'lim'@'%' WITH MAX_USER_CONNECTIONS 2"],
+                                  ["GRANT USAGE ON *.* TO 'lim'@'%' WITH MAX_USER_CONNECTIONS 0"], 1226),
+    "max_user_connections": (["SET GLOBAL max_user_connections = 2"], ["SET GLOBAL max_user_connections = 1000"],
+                             1203),
+    "max_connections": (["SET GLOBAL max_connections = 10"], ["SET GLOBAL max_connections = 300"], 1040),
+}
+
+
+@pytest.mark.parametrize("limit", sorted(LIMITS))
+def test_too_many_connections_is_unavailable_not_a_config_error(limited: MariaDBServer, limit: str) -> None:
+    """Connection refusals 1040, 1203 and 1226 are BackendUnavailable (no password shown); with room, calls work."""
+    lower, restore, code = LIMITS[limit]
+    url = f"mysql://lim:{PASSWORD}@127.0.0.1:{limited.port}/lim"
+    admin: Any = limited.connect()  # opened first: it must be able to restore the limit
+    fillers: list[Any] = []
+    try:
+        with admin.cursor() as cur:
+            for statement in lower:
+                cur.execute(statement)
+        for _ in range(20):  # take every connection the limit allows
+            try:
+                fillers.append(pymysql.connect(host="127.0.0.1", port=limited.port, user="lim", password=PASSWORD))
+            except pymysql.err.OperationalError as exc:
+                assert exc.args[0] == code, exc.args
+                break
+        else:
+            raise AssertionError(f"{limit}: 20 connections accepted")
+        backend = open_backend(url)
+        with pytest.raises(BackendUnavailable, match=str(code)) as info:
+            backend.swap_record(f"r{code}", None, limit)
+        assert PASSWORD not in str(info.value)
+    finally:
+        with admin.cursor() as cur:
+            for statement in restore:
+                cur.execute(statement)
+        admin.close()
+        for conn in fillers:
+            conn.close()
+    wait_until(lambda: _or_none(lambda: backend.read_records([f"r{code}"])), 10, message="room again")
+    assert backend.swap_record(f"r{code}", None, limit) is True
+    backend.close()
+
+
+def test_one_backend_shared_by_threads_never_mixes_up_its_connection(open_: Callable[..., MySQLBackend]) -> None:
+    """Threads acquiring, renewing, inspecting, swapping and releasing on one backend object all get right answers."""
+    b = open_()
+    held = b.try_acquire(["held"], "owner-renewer", 30)
+    assert held is not None
+    threads, rounds = 6, 30
+    start = threading.Barrier(threads + 1)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def renewer() -> None:
+        nonlocal held
+        start.wait()
+        try:
+            while not done.is_set():  # a worker's renewal thread, racing with the others' calls
+                assert held is not None
+                held = b.renew(held)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    def worker(n: int) -> None:
+        owner, keys = f"owner-{n}", [f"t{n}-a", f"t{n}-b"]
+        start.wait()
+        try:
+            for i in range(rounds):
+                lease = b.try_acquire(keys, owner, 30)
+                assert lease is not None, (n, i)
+                seen = b.inspect(keys)
+                assert all(h is not None and h.owner == owner and h.token == lease.tokens[k] for k, h in seen.items())
+                lease = b.renew(lease)
+                assert b.swap_record(f"r{n}", None if i == 0 else str(i - 1), str(i)) is True
+                assert b.read_records([f"r{n}"]) == {f"r{n}": str(i)}
+                b.release(lease)
+                assert b.inspect(keys) == dict.fromkeys(keys)
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    pool.append(threading.Thread(target=renewer))
+    for t in pool:
+        t.start()
+    for t in pool[:-1]:
+        t.join(60)
+    done.set()
+    pool[-1].join(10)
+    assert not errors, errors[:3]
+    holder = b.inspect(["held"])["held"]
+    assert holder is not None and holder.owner == "owner-renewer"
+    assert b.read_records([f"r{n}" for n in range(threads)]) == {f"r{n}": str(rounds - 1) for n in range(threads)}
+
+
+def test_records_are_one_round_trip_each_and_exact(open_: Callable[..., MySQLBackend],
+                                                   round_trips: list[int]) -> None:
+    """read_records and every kind of swap_record send one command; values compare byte for byte."""
+    b = open_()
+    b.init()
+    names = [f"n{i}" for i in range(500)]
+    for call, result in ((lambda: b.swap_record("r", None, "v"), True), (lambda: b.swap_record("r", None, "v"), False),
+                         (lambda: b.swap_record("r", "v ", "w"), False), (lambda: b.swap_record("r", "V", "w"), False),
+                         (lambda: b.swap_record("r", "v", "v"), True), (lambda: b.swap_record("r", "v", "v ü"), True),
+                         (lambda: b.read_records(["r", *names]), {"r": "v ü", **dict.fromkeys(names)}),
+                         (lambda: b.swap_record("r", "v ü", None), True),
+                         (lambda: b.swap_record("r", None, None), True),
+                         (lambda: b.swap_record("r", "gone", None), False)):
+        round_trips[0] = 0
+        assert call() == result
+        assert round_trips[0] == 1
+
+
+def test_bad_record_input_is_a_config_error_before_any_round_trip(
+    open_: Callable[..., MySQLBackend], round_trips: list[int]
+) -> None:
+    """Names and values no backend stores are refused locally; an expected value no record can hold is False."""
+    b = open_()
+    round_trips[0] = 0
+    for call in (lambda: b.read_records([""]), lambda: b.swap_record("a\0b", None, "v"),
+                 lambda: b.swap_record("n" * 201, None, "v"), lambda: b.swap_record("n", None, "v" * 8193),
+                 lambda: b.swap_record("n", None, "bad \udc80"), lambda: b.read_records(["bad \udc80"])):
+        with pytest.raises(ConfigError):
+            call()
+    assert b.swap_record("n", "with\0nul", "v") is False and b.swap_record("n", "bad \udc80", None) is False
+    assert round_trips[0] == 0
+
+
+def test_a_schema_1_installation_gets_the_records_table(server: MariaDBServer, url: str,
+                                                        open_: Callable[..., MySQLBackend]) -> None:
+    """Tables of the previous version gain the records table; their procedures are relabelled, never dropped."""
+    old = open_()
+    lease = old.try_acquire(["kept"], "owner-old", 60)
+    assert lease is not None
+    database = url.rsplit("/", 1)[1]
+    _admin(server, f"DROP TABLE `{database}`.shardpreempt_records",
+           *(f"ALTER PROCEDURE `{database}`.shardpreempt_{p} COMMENT 'shardpreempt schema 1'"
+             for p in ("acquire", "release")))
+    before = _procedures(server, database)
+    new = open_()
+    assert new.swap_record("layout", None, "v1") is True
+    assert new.read_records(["layout"]) == {"layout": "v1"}
+    after = _procedures(server, database)
+    assert {name: created for name, (created, _) in after.items()} == \
+           {name: created for name, (created, _) in before.items()}  # the same procedures: not recreated
+    assert {comment for _, comment in after.values()} == {"shardpreempt schema 2"}
+    holder = new.inspect(["kept"])["kept"]
+    assert holder is not None and holder.owner == "owner-old" and holder.token == lease.tokens["kept"]
+    assert old.renew(lease).session == lease.session  # a worker of the old version goes on working
+
+
+def _procedures(server: MariaDBServer, database: str) -> dict[str, tuple[Any, str]]:
+    """name -> (creation time, comment) of the procedures in ``database``."""
+    conn: Any = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT ROUTINE_NAME, CREATED, ROUTINE_COMMENT FROM information_schema.ROUTINES "
+                        "WHERE ROUTINE_SCHEMA = %s", (database,))
+            return {name: (created, comment) for name, created, comment in cur.fetchall()}
+    finally:
+        conn.close()
