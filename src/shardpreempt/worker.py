@@ -240,7 +240,8 @@ class Worker:
         # While starting, a slice meant for a sibling that has not joined yet waits for it.
         params = replace(self.params, grace=max(self.params.grace, window)) if starting else self.params
         decision = decide(view, params)
-        for sid in decision.release:
+        # Once mode never hands a slice over mid-run: a run cut short would have to start again.
+        for sid in decision.release if opts.once_pass is None else ():
             hold = self.holds.get(sid)
             if hold is not None and not hold.handing_over:
                 log.info("worker %d hands slice %s over (share %d)", opts.index, sid, decision.target)

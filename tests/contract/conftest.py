@@ -6,34 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from shardpreempt.testing.servers import EphemeralServer, ServerUnavailable, server_for, unique
-from shardpreempt.testing.skips import missing
+from shardpreempt.testing.servers import EphemeralServer, unique
+
+from ..conftest import get_server
 
 BACKENDS = ["memory", "file", "redis", "postgresql", "mysql", "etcd", "zookeeper"]
-
-
-@pytest.fixture(scope="session")
-def servers() -> Iterator[dict[str, EphemeralServer]]:
-    """Servers started on first use, stopped by pid at the end of the session."""
-    started: dict[str, EphemeralServer] = {}
-    yield started
-    for server in started.values():
-        server.close()
-
-
-def get_server(servers: dict[str, EphemeralServer], name: str) -> EphemeralServer:
-    """The session's server for backend ``name``, started if needed."""
-    if name not in servers:
-        try:
-            server = server_for(name)
-        except (ServerUnavailable, ImportError) as exc:
-            missing(f"{name}: {exc}")
-        server.start()
-        servers[name] = server
-    server = servers[name]
-    if server.proc is None or server.proc.poll() is not None:
-        server.start()
-    return server
 
 
 @pytest.fixture(params=BACKENDS)
@@ -68,10 +45,3 @@ def _print_log_on_failure(request: pytest.FixtureRequest, server: EphemeralServe
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         print(f"--- {server.name} log ---\n{server.log_tail()}")
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    rep = yield
-    setattr(item, f"rep_{rep.when}", rep)
-    return rep
