@@ -1,4 +1,5 @@
-"""zookeeper:// specifics beyond the contract suite: errors, reconnects, round trips, sessions, watch."""
+"""zookeeper:// specifics beyond the contract suite: errors, reconnects, round trips, sessions, watch, records,
+clients of lost owners."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from shardpreempt.testing.servers import ServerUnavailable, free_port, server_fo
 pytest.importorskip("kazoo")
 from kazoo import exceptions as kz
 from kazoo.client import KazooClient
+from kazoo.handlers.utils import AsyncResult
 
 from shardpreempt.backends.zookeeper import ZooKeeperBackend
 from shardpreempt.testing.servers.zookeeper import ZooKeeperServer
@@ -280,3 +282,79 @@ def test_an_acquire_whose_reply_was_lost_is_undone_by_the_next_one(open_: Callab
     assert all(h is not None for h in open_().inspect(["l1", "l2"]).values())
     assert backend.try_acquire(["other"], "o", 30) is not None
     assert open_().inspect(["l1", "l2"]) == {"l1": None, "l2": None}
+
+
+def test_owners_that_lost_their_sessions_have_their_clients_closed(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """Losing leases again and again, a new owner each time as the worker does, leaves no kazoo client behind."""
+    a, b = open_(), open_()
+    assert b.try_acquire(["warm"], "b", 30) is not None
+    a.inspect(["x"])  # a's reader session, which lives as long as the backend
+    before = threading.active_count()
+    for i in range(6):
+        lease = a.try_acquire(["x"], f"a{i}", 0.4)
+        assert lease is not None
+        taken = wait_until(lambda: b.try_acquire(["x"], "b", 30), 10, interval=0.02, message="takeover")
+        with contextlib.suppress(BackendUnavailable):
+            a.release(lease)  # as the claimer does after its local deadline passed, then a fresh owner id
+        b.release(taken)
+    wait_until(lambda: a.inspect(["any"])["any"] is None and not a._owners, 10, interval=0.05,
+               message="every lost owner's client closed")
+    wait_until(lambda: threading.active_count() <= before, 10, message="kazoo threads of lost owners stopped")
+
+
+def test_records_outlive_the_session_that_wrote_them(open_: Callable[..., ZooKeeperBackend]) -> None:
+    """A record is a persistent node: closing the writer's backend leaves it for every other reader."""
+    writer = open_()
+    assert writer.swap_record("layout", None, "v1") is True
+    writer.close()
+    assert open_().read_records(["layout", "none"]) == {"layout": "v1", "none": None}
+
+
+def test_swapping_an_absent_record_to_absent_succeeds_only_while_absent(
+    open_: Callable[..., ZooKeeperBackend],
+) -> None:
+    """swap_record(name, None, None) is True while the record is absent, leaves nothing, and False once set."""
+    backend = open_()
+    assert backend.swap_record("r", None, None) is True
+    assert backend.read_records(["r"]) == {"r": None}
+    assert backend.swap_record("r", None, "v") is True
+    assert backend.swap_record("r", None, None) is False
+    assert backend.read_records(["r"]) == {"r": "v"}
+
+
+def test_read_records_issues_every_request_before_awaiting_a_reply(open_: Callable[..., ZooKeeperBackend],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_records pipelines: a sync and one get per name all go out before the first reply is awaited."""
+    backend = open_()
+    names = [f"n{i}" for i in range(300)]
+    for name in names[::3]:
+        assert backend.swap_record(name, None, name.upper())
+    order: list[str] = []
+    call, get, caller = KazooClient._call, AsyncResult.get, threading.current_thread()
+
+    def called(self: KazooClient, *args: Any, **kwargs: Any) -> Any:
+        order.append("call")
+        return call(self, *args, **kwargs)
+
+    def awaited(self: AsyncResult, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is caller:  # kazoo's own completion callbacks call get too
+            order.append("get")
+        return get(self, *args, **kwargs)
+
+    monkeypatch.setattr(KazooClient, "_call", called)
+    monkeypatch.setattr(AsyncResult, "get", awaited)
+    values = backend.read_records(names)
+    assert order == ["call"] * 301 + ["get"] * 301
+    assert values == {n: n.upper() if i % 3 == 0 else None for i, n in enumerate(names)}
+
+
+def test_records_with_a_wrong_password_are_config_error(server: ZooKeeperServer,
+                                                        open_: Callable[..., ZooKeeperBackend]) -> None:
+    """Records carry the user's digest ACL: another password cannot write them."""
+    chroot = unique()
+    good = open_(f"zookeeper://alice:{PASSWORD}@127.0.0.1:{server.port}/{chroot}")
+    assert good.swap_record("r", None, "v") is True
+    bad = open_(f"zookeeper://alice:wrong-password@127.0.0.1:{server.port}/{chroot}")
+    with pytest.raises(ConfigError) as info:
+        bad.swap_record("s", None, "v")
+    assert "wrong-password" not in str(info.value)

@@ -15,9 +15,12 @@ bounds it to its min/max session timeout (2..20 x tickTime by default) and the N
 ``Lease.ttl`` and sets the deadline. Each held key is an empty ephemeral node ``/CHROOT/k/<sha256(key)>``
 (so any key works: ``/``, NUL, 1 MB); each acquire also writes one ephemeral claim record
 ``/CHROOT/c/<random>`` (owner, pid, host, the keys) and each session one marker ``/CHROOT/s/<session>``;
-all die with the session. Kazoo's heartbeat pings are switched off on owner sessions, so ``renew`` (one
-``exists`` of the marker) is what keeps the session alive: a holder that stops renewing loses its keys
-after the session timeout, by the server's clock, like every other backend. While kazoo is reconnecting
+all die with the session. Records are persistent nodes ``/CHROOT/r/<sha256(name)>`` holding the value:
+``read_records`` is a ``sync`` and one ``get`` per name, pipelined (one round trip's wait);
+``swap_record`` creates (expected absent), or reads the version and sets or deletes at that version.
+Kazoo's heartbeat pings are switched off on owner sessions, so ``renew`` (one ``exists`` of the marker)
+is what keeps the session alive: a holder that stops renewing loses its keys after the session timeout,
+by the server's clock, like every other backend. While kazoo is reconnecting
 (SUSPENDED) ``renew`` waits up to ``timeout`` for the verdict: same session (renewed), expired
 (``LeaseLost``) or still unknown (``BackendUnavailable``; the claimer's local deadline does the rest).
 ``try_acquire`` is one multi: create every key node, the claim record (plus the marker on a session's
@@ -34,8 +37,9 @@ Capabilities: server expiry, cross-host, not session-bound (a killed holder's no
 times out), blocking wait. Caveats: kazoo starts threads of its own (a connection thread and a callback
 thread per client: unavoidable with kazoo); switching its pings off uses two private kazoo hooks
 (``ConnectionHandler._send_ping``/``_connect``, kazoo 2.11). ``Holder.expires_in`` is None: ZooKeeper
-does not tell other clients when a session will expire. An owner whose session expired while idle gets
-a new one from kazoo at once (and again each session timeout while it stays idle).
+does not tell other clients when a session will expire. kazoo replaces an expired session at once;
+an owner whose session was lost and that holds nothing on the new one has its client closed by the
+backend's next call (any method, e.g. the claimer's next renewal), so lost owners leave no client behind.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from kazoo.security import make_digest_acl
 from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import option, redact_url, reject_unknown, url_options
+from . import check_record, option, redact_url, reject_unknown, url_options
 
 log = logging.getLogger("shardpreempt.backends.zookeeper")
 SMALL = 64  # inspect asks for up to this many nodes directly, lists the children first above it
@@ -83,6 +87,9 @@ class _Owner:
     claims: dict[int, str] = field(default_factory=dict)  # token -> claim record path
     limbo: tuple[list[str], str] | None = None  # paths and claim record of an acquire whose reply was lost
     changed: threading.Event = field(default_factory=threading.Event)  # set on every state change
+    lost: threading.Event = field(default_factory=threading.Event)  # set when a session of it expired
+    busy: threading.Lock = field(default_factory=threading.Lock)  # held by acquire and release: never reaped then
+    closed: bool = False  # its client was stopped: the owner gets a new one
 
     def settle(self, timeout: float) -> None:
         """Give kazoo up to ``timeout`` to learn whether a dropped connection's session still lives."""
@@ -123,6 +130,7 @@ class ZooKeeperBackend:
         self.keys_dir = f"{self.root}/k"  # one ephemeral node per held key: the lock itself
         self.claims_dir = f"{self.root}/c"  # one ephemeral record per acquire: owner, keys; czxid = token
         self.sessions_dir = f"{self.root}/s"  # one ephemeral marker per owner session
+        self.records_dir = f"{self.root}/r"  # one persistent node per record, named by the name's hash
         self._owners: dict[str, _Owner] = {}
         self._reader: _Owner | None = None
         self._paths_ready = False
@@ -168,12 +176,17 @@ class ZooKeeperBackend:
             raise BackendUnavailable(
                 f"ZooKeeper unreachable at {self.url} within {self.connect_timeout} s") from exc
         state = _Owner(client, negotiated)
-        client.add_listener(lambda _: state.changed.set())
+
+        def changed(new: str) -> None:  # runs on kazoo's connection thread: only flags, never closes here
+            if new == KazooState.LOST:
+                state.lost.set()
+            state.changed.set()
+
+        client.add_listener(changed)
         if not self._paths_ready:
             with self._edge("creating the chroot"):
-                client.ensure_path(self.keys_dir)
-                client.ensure_path(self.claims_dir)
-                client.ensure_path(self.sessions_dir)
+                for path in (self.keys_dir, self.claims_dir, self.sessions_dir, self.records_dir):
+                    client.ensure_path(path)
             self._paths_ready = True
         return state
 
@@ -181,7 +194,7 @@ class ZooKeeperBackend:
         with self._lock:
             state = self._owners.get(owner)
         if state is not None and state.client.state == KazooState.LOST:
-            self._drop(owner)
+            self._drop(owner, state)
             state = None
         if state is None:
             state = self._connect(ttl, ping=False)
@@ -189,12 +202,34 @@ class ZooKeeperBackend:
                 self._owners[owner] = state
         return state
 
-    def _drop(self, owner: str) -> None:
+    def _drop(self, owner: str, state: _Owner | None = None) -> None:
+        """Close the owner's client (only if it is still ``state``, when given); its nodes go at once."""
         with self._lock:
-            state = self._owners.pop(owner, None)
-        if state is not None:
-            state.client.stop()
-            state.client.close()
+            current = self._owners.get(owner)
+            if current is None or (state is not None and current is not state):
+                return
+            del self._owners[owner]
+        current.closed = True
+        current.client.stop()
+        current.client.close()
+
+    def _reap(self) -> None:
+        """Close the client of every owner whose session was lost and that holds nothing on its current one.
+
+        kazoo replaces an expired session at once, and again after each timeout while the owner is idle
+        (its pings are off); a claimer takes a new owner id after a loss, so without this every loss would
+        leave a client re-creating sessions for ever. Called at the start of every public method."""
+        with self._lock:
+            lost = [(owner, state) for owner, state in self._owners.items() if state.lost.is_set()]
+        for owner, state in lost:
+            if not state.busy.acquire(blocking=False):
+                continue  # an acquire or release is using it: a later call decides
+            try:
+                sid = state.client._session_id
+                if sid is None or sid not in state.held.values():
+                    self._drop(owner, state)
+            finally:
+                state.busy.release()
 
     def _reader_client(self) -> Any:
         if self._reader is None:
@@ -217,7 +252,14 @@ class ZooKeeperBackend:
     def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
         """Hold every key or none: one multi creating an ephemeral node per key and a claim record."""
         start = time.monotonic()
-        state = self._owner(owner, ttl)
+        self._reap()
+        while True:
+            state = self._owner(owner, ttl)
+            with state.busy:
+                if not state.closed:  # else reaped between the two lines above: take a new client
+                    return self._acquire(state, keys, owner, start)
+
+    def _acquire(self, state: _Owner, keys: Sequence[str], owner: str, start: float) -> Lease | None:
         if state.limbo is not None:
             self._clear_limbo(state)
         paths = [self._path(k) for k in keys]
@@ -249,7 +291,7 @@ class ZooKeeperBackend:
             if not failures:
                 stat = results[-1]
                 if stat.ephemeralOwner != sid:  # the session changed under us: closing it undoes the multi
-                    self._drop(owner)
+                    self._drop(owner, state)
                     raise BackendUnavailable(f"ZooKeeper session at {self.url} changed during an acquire")
                 state.marked = sid
                 state.held.update(dict.fromkeys([*paths, claim], sid))
@@ -284,13 +326,13 @@ class ZooKeeperBackend:
         """One ``exists`` of the session's marker: proves the session alive and resets its timeout."""
         start = time.monotonic()
         sid = int(lease.session, 16)
+        self._reap()
         with self._lock:
             state = self._owners.get(lease.owner)
         if state is not None:
             state.settle(self.timeout)  # after a drop kazoo reconnects: same session, or expired
         if state is None or state.client._session_id != sid:
-            if state is not None and state.marked != state.client._session_id:
-                self._drop(lease.owner)  # nothing was acquired on the new session: stop it churning
+            self._reap()  # the session was lost: its client goes unless it holds a newer acquire
             raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
         if state.client.state != KazooState.CONNECTED:
             raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
@@ -300,24 +342,31 @@ class ZooKeeperBackend:
         except BackendUnavailable as exc:
             if isinstance(exc.__cause__, kz.SessionExpiredError) and not isinstance(
                     exc.__cause__, kz.ConnectionClosedError):
+                self._reap()
                 raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys) from exc
             raise
         if stat is None or stat.ephemeralOwner != sid:
+            with state.busy:  # no lease of a session without its marker can be proven or released: end it
+                self._drop(lease.owner, state)
             raise LeaseLost(f"ZooKeeper session {sid:x} is gone", lease.keys)
         return lease.with_deadline(start + state.negotiated[0])
 
     def release(self, lease: Lease) -> None:
         """Delete the nodes this lease's session still holds: one multi guarded by the session marker."""
         sid = int(lease.session, 16)
+        self._reap()
         with self._lock:
             state = self._owners.get(lease.owner)
-        if state is None or state.client._session_id != sid:
-            return  # the session is over, and its ephemeral nodes with it
-        paths = [self._path(k) for k in lease.keys]
-        claim = state.claims.get(next(iter(lease.tokens.values()), -1))
-        self._delete(state, sid, [*paths, claim] if claim else paths)
-        if claim and claim not in state.held:
-            state.claims = {t: c for t, c in state.claims.items() if c != claim}
+        if state is None:
+            return  # closed: its sessions are over, and their ephemeral nodes with them
+        with state.busy:
+            if state.closed or state.client._session_id != sid:
+                return
+            paths = [self._path(k) for k in lease.keys]
+            claim = state.claims.get(next(iter(lease.tokens.values()), -1))
+            self._delete(state, sid, [*paths, claim] if claim else paths)
+            if claim and claim not in state.held:
+                state.claims = {t: c for t, c in state.claims.items() if c != claim}
 
     def _delete(self, state: _Owner, sid: int, paths: list[str]) -> None:
         ours = [p for p in paths if state.held.get(p) == sid]
@@ -328,8 +377,14 @@ class ZooKeeperBackend:
             txn.check(self._marker(sid), -1)
             for path in ours:
                 txn.delete(path)
-            with self._edge("release"):
-                results = txn.commit_async().get(timeout=self.timeout)
+            try:
+                with self._edge("release"):
+                    results = txn.commit_async().get(timeout=self.timeout)
+            except BackendUnavailable as exc:
+                if isinstance(exc.__cause__, kz.SessionExpiredError) and not isinstance(
+                        exc.__cause__, kz.ConnectionClosedError):
+                    return  # the session expired: its nodes are gone already
+                raise
             if not any(isinstance(r, Exception) for r in results):
                 for path in ours:
                     state.held.pop(path, None)
@@ -346,6 +401,7 @@ class ZooKeeperBackend:
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Few keys: their nodes and owners' markers (2 round trips); many: every claim record, pipelined."""
+        self._reap()
         client = self._reader_client()
         out: dict[str, Holder | None] = dict.fromkeys(keys)
         with self._edge("inspect"):
@@ -385,6 +441,7 @@ class ZooKeeperBackend:
     def wait(self, keys: Sequence[str], timeout: float) -> None:
         """Set an ``exists`` watch on every key; return when one is deleted or free, or at the timeout."""
         deadline = time.monotonic() + timeout
+        self._reap()
         client = self._reader_client()
         self._wake.clear()
         with self._edge("wait"):
@@ -395,6 +452,67 @@ class ZooKeeperBackend:
 
     def _on_watch(self, event: Any) -> None:
         self._wake.set()
+
+    # -- records ---------------------------------------------------------------------------------
+    def _record_path(self, name: str) -> str:
+        return f"{self.records_dir}/{node_name(name)}"
+
+    def read_records(self, names: Sequence[str]) -> dict[str, str | None]:
+        """A ``sync`` and a ``get`` per name, issued together and then collected (pipelined)."""
+        for name in names:
+            check_record(name)
+        self._reap()
+        client = self._reader_client()
+        out: dict[str, str | None] = {}
+        with self._edge("reading records"):
+            # a session's requests are answered in order: after the sync, the gets see the leader's state
+            synced = client.sync_async(self.records_dir)
+            replies = {name: client.get_async(self._record_path(name)) for name in dict.fromkeys(names)}
+            synced.get(timeout=self.timeout)
+            for name, reply in replies.items():
+                try:
+                    out[name] = reply.get(timeout=self.timeout)[0].decode("utf-8", "surrogatepass")
+                except kz.NoNodeError:
+                    out[name] = None
+        return {name: out[name] for name in names}
+
+    def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
+        """Expected absent: a multi creating the node (and deleting it again for ``None``); else the node's
+        version is read and the set or delete is made at that version."""
+        check_record(name, value)
+        self._reap()
+        client, path = self._reader_client(), self._record_path(name)
+        data = None if value is None else value.encode("utf-8", "surrogatepass")
+        with self._edge("swapping a record"):
+            if expected is None:
+                txn = client.transaction()
+                txn.create(path, data or b"")
+                if data is None:
+                    txn.delete(path)  # absent to absent: succeeds only while absent, leaves nothing
+                results = txn.commit_async().get(timeout=self.timeout)
+                failures = [r for r in results if isinstance(r, Exception)
+                            and not isinstance(r, (kz.RolledBackError, kz.RuntimeInconsistency))]
+                if failures and not isinstance(failures[0], kz.NodeExistsError):
+                    raise failures[0]
+                return not failures
+            want = expected.encode("utf-8", "surrogatepass")
+            while True:
+                synced = client.sync_async(path)  # so the read below is not a lagging member's
+                reply = client.get_async(path)
+                synced.get(timeout=self.timeout)
+                try:
+                    current, stat = reply.get(timeout=self.timeout)
+                except kz.NoNodeError:
+                    return False
+                if current != want:
+                    return False
+                write = (client.delete_async(path, version=stat.version) if data is None
+                         else client.set_async(path, data, version=stat.version))
+                try:
+                    write.get(timeout=self.timeout)
+                    return True
+                except (kz.BadVersionError, kz.NoNodeError):
+                    continue  # changed since the read: compare again with what is there now
 
     def close(self) -> None:
         """Close every session (their ephemeral nodes go at once) and stop kazoo's threads."""
