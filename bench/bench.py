@@ -9,12 +9,15 @@ Usage (from the repository root)::
     python bench/bench.py idle --shards 1000 --workers 4
     python bench/bench.py status --shards 100000 --backend redis
     python bench/bench.py renew --backend etcd
+    python bench/bench.py pool --backend file --shards 10000 --slices 100 --supervisors 10 --workers 1 --runs 3
 
 ``--backend`` is ``file`` (default), a server name (redis, postgresql, mysql, etcd, zookeeper: an
 ephemeral server is started from its binary, as the tests do) or a full URL. Every figure is printed
 with the median, the min and max, and a ratio against a baseline measured in the same invocation
 (``coverage``/``failover``: the file backend; ``status``: the time to read the config and cut the
-slices; ``renew``: one renew with 1 key held).
+slices; ``renew``: one renew with 1 key held). ``pool`` runs M supervisors, one per "machine", over one
+namespace and measures coverage, balance, a join and a failover from outside (see ``bench/pool.py``).
+``--json`` adds one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -105,11 +108,40 @@ class Run:
                 self.proc.wait()
 
 
-def summary(name: str, values: list[float], unit: str = "s", baseline: float | None = None) -> str:
+#: every summary line of this invocation, for --json
+FIGURES: list[dict[str, Any]] = []
+#: extra detail a scenario adds for --json (the pool scenario: every run's figures)
+RESULT: dict[str, Any] = {}
+OPS: dict[str, Callable[[float, float], bool]] = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
+                                                  "==": lambda a, b: a == b}
+
+
+def summary(name: str, values: list[float], unit: str = "s", baseline: float | None = None, *,
+            baseline_name: str = "baseline", target: tuple[str, float] | None = None, judge: str = "median",
+            per_run: bool = False, key: str | None = None) -> str:
+    """One line: median (min, max, n), optionally each run, the ratio to a baseline and a target met or not.
+
+    ``judge`` is the statistic held against the target: ``median``, or ``max`` (every run must meet it).
+    """
     med = statistics.median(values)
-    text = f"{name}: median {med:.4f} {unit} (min {min(values):.4f}, max {max(values):.4f}, n={len(values)})"
+
+    def fmt(v: float) -> str:
+        return f"{v:.4f}" if unit in ("s", "ms") else f"{v:g}"
+
+    text = f"{name}: median {fmt(med)} {unit} (min {fmt(min(values))}, max {fmt(max(values))}, n={len(values)})"
+    if per_run:
+        text += f" [runs: {', '.join(fmt(v) for v in values)}]"
     if baseline:
-        text += f"; ratio to baseline {med / baseline:.2f}"
+        text += f"; ratio to {baseline_name} {med / baseline:.2f}"
+    met = None
+    if target is not None:
+        stat = med if judge == "median" else max(values)
+        met = OPS[target[0]](stat, target[1])
+        text += f"; target {judge} {target[0]} {target[1]:g} {unit}: {'met' if met else 'NOT met'}"
+    FIGURES.append({"name": name, "key": key, "unit": unit, "median": med, "min": min(values), "max": max(values),
+                    "n": len(values), "values": list(values), "baseline": baseline, "baseline_name": baseline_name,
+                    "ratio": med / baseline if baseline else None,
+                    "target": f"{judge} {target[0]} {target[1]:g}" if target else None, "met": met})
     return text
 
 
@@ -202,6 +234,8 @@ def cmd_idle(args: argparse.Namespace, tmp: Path) -> None:
             run.stop()
     print(f"idle worker {args.backend} S={args.shards} W={args.workers}: {used:.3f} % of a core per worker over "
           f"{args.seconds} s; RSS median {statistics.median(rss) / 1024:.1f} MiB")
+    FIGURES.append({"name": f"idle worker {args.backend} S={args.shards} W={args.workers}", "key": "idle_cpu_percent",
+                    "unit": "% of a core", "median": used, "rss_median_mib": statistics.median(rss) / 1024})
 
 
 def cmd_status(args: argparse.Namespace, tmp: Path) -> None:
@@ -250,18 +284,33 @@ def cmd_renew(args: argparse.Namespace, tmp: Path) -> None:
     for size, rate in rates.items():
         print(f"renew {args.backend}, {size} keys held: {rate:.0f} renewals/s from one worker "
               f"(ratio to 1 key: {rate / rates[1]:.2f})")
+        FIGURES.append({"name": f"renew {args.backend}, {size} keys held", "key": f"renew_{size}", "unit": "renewals/s",
+                        "median": rate, "baseline": rates[1], "ratio": rate / rates[1]})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["coverage", "failover", "handoff", "idle", "status", "renew"])
+    parser.add_argument("what", choices=["coverage", "failover", "handoff", "idle", "status", "renew", "pool"])
     parser.add_argument("--backend", default="file")
-    parser.add_argument("--shards", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=10)
+    parser.add_argument("--shards", type=int, default=None, help="default 100; pool: 10000")
+    parser.add_argument("--workers", type=int, default=None, help="default 10; pool: 1 per supervisor")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--ttl", type=float, default=10.0)
+    parser.add_argument("--ttl", type=float, default=None, help="default 10; pool: 2")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true", help="also print every figure as one JSON object")
+    pool = parser.add_argument_group("pool")
+    pool.add_argument("--slices", type=int, default=100, help="K, the pool's slice count")
+    pool.add_argument("--supervisors", type=int, default=10, help="M, supervisors started at first")
+    pool.add_argument("--poll", type=float, default=0.005, help="seconds between the bench's observations")
+    pool.add_argument("--steady", type=float, default=1.0, help="seconds of steady-state observation")
+    pool.add_argument("--timeout", type=float, default=120.0, help="seconds a pool may take to reach a state")
+    pool.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the coverage baseline")
+    pool.add_argument("--evidence", default=None, help="where a failed run's events and logs are kept")
     args = parser.parse_args()
+    is_pool = args.what == "pool"
+    args.shards = args.shards if args.shards is not None else 10000 if is_pool else 100
+    args.workers = args.workers if args.workers is not None else 1 if is_pool else 10
+    args.ttl = args.ttl if args.ttl is not None else 2.0 if is_pool else 10.0
     # Not /tmp: on some machines file creation there is very slow; this sits beside the default lock dir.
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     base.mkdir(parents=True, exist_ok=True)
@@ -269,7 +318,18 @@ def main() -> None:
         os.chmod(tmp, 0o700)
         path = Path(tmp)
         {"coverage": cmd_coverage, "failover": cmd_failover, "idle": cmd_idle, "status": cmd_status,
-         "renew": cmd_renew, "handoff": lambda a, p: cmd_failover(a, p, graceful=True)}[args.what](args, path)
+         "renew": cmd_renew, "handoff": lambda a, p: cmd_failover(a, p, graceful=True), "pool": cmd_pool,
+         }[args.what](args, path)
+    if args.json:
+        print(json.dumps({"what": args.what, "args": vars(args), "figures": FIGURES, **RESULT}, default=str))
+
+
+def cmd_pool(args: argparse.Namespace, tmp: Path) -> None:
+    """M supervisors over one namespace: coverage, balance, join, failover, history (see bench/pool.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pool
+
+    pool.cmd_pool(args, tmp, sys.modules[__name__])
 
 
 if __name__ == "__main__":
