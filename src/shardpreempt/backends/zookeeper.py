@@ -34,8 +34,8 @@ atomic call, so a release before the wait is seen at once).
 
 Token source: the node's czxid, the zxid of the multi that created it: strictly increasing and durable.
 Capabilities: server expiry, cross-host, not session-bound (a killed holder's nodes go when its session
-times out), blocking wait. Caveats: kazoo starts threads of its own (a connection thread and a callback
-thread per client: unavoidable with kazoo); switching its pings off uses two private kazoo hooks
+times out), blocking wait. Caveats: kazoo starts threads of its own (a connection thread and two
+callback threads per client: unavoidable with kazoo); switching its pings off uses two private kazoo hooks
 (``ConnectionHandler._send_ping``/``_connect``, kazoo 2.11). ``Holder.expires_in`` is None: ZooKeeper
 does not tell other clients when a session will expire. kazoo replaces an expired session at once;
 an owner whose session was lost and that holds nothing on the new one has its client closed by the
