@@ -40,8 +40,9 @@ pointing at the session (READ COMMITTED and key order too: no gap locks to deadl
 inspect is one ``SELECT ... key IN (...)`` per 10,000 keys. read_records is one ``SELECT``; swap_record
 is one autocommitted ``INSERT`` (a duplicate key: not absent), ``UPDATE`` or ``DELETE ... WHERE value =
 expected`` — InnoDB evaluates the condition of a write on the newest committed row under its lock, never
-on a snapshot, at any isolation level — or a ``SELECT`` when nothing changes. A lock conflict (1205,
-1213) there raises ``BackendUnavailable``: nothing was changed. One connection per backend object, used
+on a snapshot, at any isolation level — or a ``SELECT`` when nothing changes. A deadlock victim (1213:
+inserts racing with a delete) is run again, up to 3 times; a lock wait timeout (1205) raises
+``BackendUnavailable``: nothing was changed. One connection per backend object, used
 by one thread at a time (a lock), so a worker may renew from one thread while it acquires from another.
 
 Token source: ``shards.token``, bumped in the acquiring transaction; durable across server restarts.
@@ -186,7 +187,8 @@ SWAP_RECORD = {
     (True, False): "DELETE FROM `{p}records` WHERE name = %(name)s AND value = %(expected)s",
     (False, False): "SELECT 1 FROM DUAL WHERE NOT EXISTS (SELECT 1 FROM `{p}records` WHERE name = %(name)s)",
 }
-DUPLICATE_KEY = 1062
+DUPLICATE_KEY, DEADLOCK = 1062, 1213
+SWAP_ATTEMPTS = 3
 
 #: Server error codes: refusals that mean "not now" (too many connections: 1040 for the server, 1203 for
 #: max_user_connections, 1226 for a user's MAX_USER_CONNECTIONS), what retrying will not fix (access
@@ -380,9 +382,21 @@ class MySQLBackend(SqlBackend):
     def _swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
         args = {"name": name.encode("utf-8"), "expected": None if expected is None else expected.encode("utf-8"),
                 "value": None if value is None else value.encode("utf-8")}
-        count, _ = self._run("swap_record", self._swap_sql[expected is not None, value is not None], args,
-                             accept=frozenset({DUPLICATE_KEY}))  # inserting a record that exists: not absent
-        return count > 0
+        query = self._swap_sql[expected is not None, value is not None]
+        for _ in range(SWAP_ATTEMPTS - 1):
+            try:
+                return self._swap_once(query, args)
+            except BackendUnavailable as exc:
+                # Inserts racing with a delete of one name can deadlock (shared locks of the duplicate check
+                # both upgraded); InnoDB rolled the victim back whole, so running it again is safe.
+                if getattr(exc.__cause__, "args", (None,))[0] != DEADLOCK:
+                    raise
+                log.debug("swap_record of %r was a deadlock victim: running it again", name)
+        return self._swap_once(query, args)
+
+    def _swap_once(self, query: str, args: dict[str, Any]) -> bool:
+        # inserting a record that exists is a duplicate key: the record was not absent
+        return self._run("swap_record", query, args, accept=frozenset({DUPLICATE_KEY}))[0] > 0
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
         """No server notification exists: sleep ``poll`` seconds (at most ``timeout``)."""
