@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -498,3 +499,20 @@ def test_a_schema_1_installation_gets_the_records_table(url: str, open_: Callabl
     assert new.read_records(["layout"]) == {"layout": "v1"}
     holder = new.inspect(["kept"])["kept"]
     assert holder is not None and holder.owner == "owner-old" and holder.token == lease.tokens["kept"]
+
+
+def test_records_inserts_and_deletes_racing_stay_consistent(open_: Callable[..., PostgresBackend]) -> None:
+    """Clients creating and deleting one record by compare-and-set never fail and never lose a change."""
+    clients = [open_() for _ in range(6)]
+
+    def toggle(client: PostgresBackend) -> int:
+        balance = 0  # records created minus records deleted by this client
+        for _ in range(100):
+            current = client.read_records(["flag"])["flag"]
+            if client.swap_record("flag", current, None if current is not None else "on"):
+                balance += 1 if current is None else -1
+        return balance
+
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        total = sum(pool.map(toggle, clients))
+    assert total == (1 if clients[0].read_records(["flag"])["flag"] is not None else 0)
