@@ -106,6 +106,7 @@ class Worker:
         self.free_since: dict[str, float] = {}
         self.cooldown: dict[str, float] = {}
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
+        self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
         self.slots = 16
         self.started = time.monotonic()
         self.watch_keys: list[str] = []  # file: member keys the watcher probes
@@ -184,6 +185,7 @@ class Worker:
                 self._lose_all(self.member.reason or "session lost")
             if not self._join(backend):
                 return min(1.0, self.period * 2)
+        self._release_orphans(backend)
         try:
             obs = observe(backend, self.opts.slices, self.slots)
             if self.opts.once_pass is not None:
@@ -216,9 +218,31 @@ class Worker:
             if value is not None:
                 self.done[names[name]] = value
 
+    def _release_orphans(self, backend: Backend) -> None:
+        """Free keys our session may still hold without a run on them (a failed release, or an acquire
+        whose reply was lost): the session is renewed for our other slices, so nothing else frees them."""
+        for lease in list(self.orphans):
+            try:
+                backend.release(lease)
+                self.orphans.remove(lease)
+            except BackendError as exc:
+                log.warning("worker %d: release of %d keys failed again: %s", self.opts.index, len(lease.keys), exc)
+                return
+
+    def _orphan(self, keys: Sequence[str]) -> Lease:
+        """A lease for ``keys`` under our session, for :meth:`_release_orphans` (release needs no tokens)."""
+        assert self.member is not None
+        return Lease(tuple(keys), self.owner, {}, self.opts.ttl, session=self.member.lease.session)
+
     def _apply(self, backend: Backend, obs: Observation) -> float | None:
         opts, now = self.opts, time.monotonic()
         me = opts.identity
+        for s in opts.slices:  # held by this very session but not run here: give it back
+            record = obs.owners.get(s.id)
+            if record is not None and record.owner == self.owner and s.id not in self.holds:
+                log.warning("worker %d: slice %s is held by our session without a run; releasing it", opts.index, s.id)
+                self.orphans.append(self._orphan(s.keys))
+        self._release_orphans(backend)
         holders: dict[str, str | None] = {}
         for s in opts.slices:
             if s.id in self.done:
@@ -305,6 +329,8 @@ class Worker:
             lease = backend.try_acquire(slice_.keys, self.owner, self.opts.ttl)
         except BackendError as exc:
             log.warning("worker %d: acquire of slice %s failed: %s", self.opts.index, slice_.id, exc)
+            if backend.capabilities.server_expiry:  # the grant may have happened: never let it pin the slice
+                self.orphans.append(self._orphan(slice_.keys))
             return False
         if lease is None:
             return False
@@ -349,8 +375,9 @@ class Worker:
         self._events("released", hold, reason=reason)
         try:
             backend.release(hold.lease)
-        except BackendError as exc:  # its session's expiry frees it anyway
-            log.warning("worker %d: release of slice %s failed: %s", self.opts.index, hold.slice.id, exc)
+        except BackendError as exc:  # our session lives on for the other slices: retry until it goes
+            log.warning("worker %d: release of slice %s failed (will retry): %s", self.opts.index, hold.slice.id, exc)
+            self.orphans.append(hold.lease)
         self._ring(backend)
 
     def _lose_all(self, reason: str, *, emit: bool = True) -> None:

@@ -118,3 +118,18 @@ def test_claim_context_manager_holds_and_releases() -> None:
         assert all(h is not None for h in b.inspect(own.slice.digest).values())
         assert own.time_left() > 0 and not own.lost.is_set()
     assert all(h is None for h in b.inspect(own.slice.digest).values())
+
+
+def test_a_late_grant_is_renewed_before_its_fence_time() -> None:
+    """A lease that arrived with only half its ttl left gets its first renewal before the fence time."""
+    clock = FakeClock()
+    b = backend(clock)
+    lease = b.try_acquire(["late"], "late-owner", 10)
+    assert lease is not None
+    late = lease.with_deadline(clock.monotonic() + 5)  # the acquire took half the ttl
+    c = Claim(b, make_slices([Shard("late")], 1)[0], late, clock=clock)
+    due = c.tick()
+    assert clock.monotonic() + due < c.fence_at
+    clock.advance(due)
+    c.tick()
+    assert not c.lost.is_set() and c.fence_at > clock.monotonic() + 5

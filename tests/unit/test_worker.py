@@ -1,0 +1,112 @@
+"""The worker's reconcile loop, one step at a time, on the memory backend (no processes, no sleeps)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from shardpreempt import BackendUnavailable, Shard
+from shardpreempt.backends.memory import MemoryBackend
+from shardpreempt.balance import Members
+from shardpreempt.claims import Ownership
+from shardpreempt.model import Lease
+from shardpreempt.pool import Layout
+from shardpreempt.runner import RunSettings
+from shardpreempt.slicing import make_slices
+from shardpreempt.worker import Worker, WorkerOptions, pool_params
+
+SHARDS = [Shard(f"s{i}") for i in range(6)]
+
+
+class Faulty(MemoryBackend):
+    """Acquires whose reply is lost after the grant, and releases that fail, on demand."""
+
+    lose_replies = 0
+    fail_releases = 0
+
+    def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        lease = super().try_acquire(keys, owner, ttl)
+        if lease is not None and self.lose_replies and not keys[0].startswith("shardpreempt:"):
+            self.lose_replies -= 1
+            raise BackendUnavailable("reply lost")
+        return lease
+
+    def release(self, lease: Lease) -> None:
+        if self.fail_releases:
+            self.fail_releases -= 1
+            raise BackendUnavailable("unreachable")
+        super().release(lease)
+
+
+def wait_job(ownership: Ownership) -> None:
+    ownership.stopping.wait(10)
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[Worker, Faulty]]:
+    backend = Faulty(f"memory://{uuid.uuid4().hex}")
+    slices = make_slices(SHARDS, 2)
+    opts = WorkerOptions(backend.url, 10.0, slices, Layout.of(SHARDS, "round-robin", 2), "host/t.0",
+                         RunSettings(index=0, job=wait_job))
+    worker = Worker(opts)
+    worker.params, worker.period = pool_params(True, 10.0)
+    worker.members = Members(worker.params)
+    yield worker, backend
+    for hold in list(worker.holds.values()):
+        assert hold.runner is not None
+        hold.runner.stop()
+        hold.runner.join(5)
+    if worker.member is not None:
+        worker.member.release()
+
+
+def held_by(backend: MemoryBackend, owner: str) -> set[str]:
+    return {k for k, h in backend.inspect([s.identity for s in SHARDS]).items() if h is not None and h.owner == owner}
+
+
+def test_an_acquire_whose_reply_was_lost_never_pins_the_slice(setup: tuple[Worker, Faulty]) -> None:
+    """Keys granted to the worker's session by an acquire whose reply was lost are released and taken properly."""
+    worker, backend = setup
+    backend.lose_replies = 1
+    worker._step(backend)
+    assert len(worker.holds) == 1  # the other slice's grant was lost on the way back
+    assert held_by(backend, worker.owner) == {s.identity for s in SHARDS}  # ...but the server holds it for us
+    worker._step(backend)
+    worker._step(backend)
+    assert len(worker.holds) == 2 and not worker.orphans
+    assert held_by(backend, worker.owner) == {s.identity for s in SHARDS}
+
+
+def test_a_failed_release_is_retried_until_the_keys_are_free(setup: tuple[Worker, Faulty]) -> None:
+    """A release that fails is retried on the next rounds, so the renewed session does not keep the slice."""
+    worker, backend = setup
+    worker._step(backend)
+    hold = next(iter(worker.holds.values()))
+    assert hold.runner is not None
+    hold.runner.stop()
+    hold.runner.join(5)
+    backend.fail_releases = 2
+    worker._release(backend, hold, "test")
+    assert set(hold.lease.keys) <= held_by(backend, worker.owner) and worker.orphans
+    worker._release_orphans(backend)  # fails again
+    assert worker.orphans
+    worker._release_orphans(backend)
+    assert not worker.orphans and not set(hold.lease.keys) & held_by(backend, worker.owner)
+
+
+def test_a_lost_session_loses_every_slice_and_the_worker_joins_again(setup: tuple[Worker, Faulty]) -> None:
+    """When the session expires, every held slice is lost together, and the next round joins under a new owner."""
+    worker, backend = setup
+    worker._step(backend)
+    first_owner = worker.owner
+    holds = list(worker.holds.values())
+    assert len(holds) == 2
+    backend.expire(first_owner)
+    assert worker.member is not None
+    worker.member.lose("session expired")  # as the renewal thread does when it finds the session gone
+    assert all(h.lost.is_set() for h in holds)
+    worker._step(backend)
+    assert worker.owner != first_owner and len(worker.holds) == 2
+    assert all(h.runner is not None and not h.runner.is_alive() for h in holds)
