@@ -306,6 +306,7 @@ def main() -> None:
     pool.add_argument("--timeout", type=float, default=120.0, help="seconds a pool may take to reach a state")
     pool.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the coverage baseline")
     pool.add_argument("--evidence", default=None, help="where a failed run's events and logs are kept")
+    pool.add_argument("--keep", action="store_true", help="keep every run's events and logs, not only failed ones")
     args = parser.parse_args()
     is_pool = args.what == "pool"
     args.shards = args.shards if args.shards is not None else 10000 if is_pool else 100

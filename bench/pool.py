@@ -304,7 +304,7 @@ def pool_run(pool: Pool, m: int, args: argparse.Namespace, index: int) -> dict[s
     moved = {sid for sid, h in before.holders.items() if after.holders.get(sid) != h}
     evs = slice_events(pool, wall_join, wall_end)
     handoffs = [e for e in evs if e["event"] == "released" and e.get("reason") == "handoff"]
-    fig.update(join_moved=len(moved), join_optimum=math.ceil(len(pool.slices) / (m + 1)),
+    fig.update(join_at_unix=wall_join, join_moved=len(moved), join_optimum=math.ceil(len(pool.slices) / (m + 1)),
                join_handoffs=len(handoffs), join_to_newcomer=sum(1 for h in after.holders.values()
                                                                    if h in pool.identities(newcomer)),
                join_converge_s=t_conv - t_join, join_converge_from_member_s=t_conv - t_member,
@@ -323,7 +323,8 @@ def pool_run(pool: Pool, m: int, args: argparse.Namespace, index: int) -> dict[s
     for e in evs:
         if e["event"] == "acquired" and e["slice"] in lost:
             first_acq.setdefault(e["slice"], e["t"])
-    fig.update(failover_s=t_owned - t_kill, failover_rebalanced_s=t_rebal - t_kill,
+    fig.update(failover_at_unix=wall_kill, failover_victim=sorted(gone),
+               failover_s=t_owned - t_kill, failover_rebalanced_s=t_rebal - t_kill,
                failover_events_s=(max(first_acq.values()) - wall_kill) if len(first_acq) == len(lost) and lost
                else None)
     fig["steady_spread_end"], fig["uncovered_looks_end"], _ = pool.steady(args.steady, m * w)
@@ -401,9 +402,10 @@ def cmd_pool(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
             finally:
                 pool.stop()
             fig.update(history(pool))
-            if "error" in fig or fig["overlaps"] or fig["token_violations"]:
+            if "error" in fig or fig["overlaps"] or fig["token_violations"] or args.keep:
                 fig["evidence"] = str(keep_evidence(pool, args))
-                failures.append(f"run {i}: {fig.get('error', 'history violations')}; evidence in {fig['evidence']}")
+                if "error" in fig or fig["overlaps"] or fig["token_violations"]:
+                    failures.append(f"run {i}: {fig.get('error', 'history violations')}; evidence in {fig['evidence']}")
             runs.append(fig)
             print(f"run {i}: " + json.dumps({key: (round(v, 4) if isinstance(v, float) else v) for key, v in fig.items()
                                              if key not in ("join_unowned_s", "violations")}), file=sys.stderr)
