@@ -28,3 +28,42 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
         _libc().prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
+
+
+def start_guard() -> int:
+    """Fork a guard for this worker's commands; return the pipe to tell it about them.
+
+    Write ``+PGID`` when a command's process group starts and ``-PGID`` when it is gone. When this
+    process dies — however it dies — the kernel closes the pipe, and the guard kills every process
+    group it still knows with SIGKILL, then exits: nothing a command started outlives the worker
+    that held its lease (except a process that left its group, e.g. with ``setsid``; on ``file://``
+    such a process still holds the slice's locks through the descriptors it inherited, so the
+    slice stays unavailable to others until it ends). Call it before starting any thread.
+    """
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid != 0:
+        os.close(read_fd)
+        return write_fd
+    code = 0
+    try:
+        os.close(write_fd)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        groups: set[int] = set()
+        buffer = b""
+        while data := os.read(read_fd, 4096):
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line[:1] == b"+":
+                    groups.add(int(line[1:]))
+                elif line[:1] == b"-":
+                    groups.discard(int(line[1:]))
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+    except BaseException:  # never let the guard run the worker's code
+        code = 1
+    finally:
+        os._exit(code)

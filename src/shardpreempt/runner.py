@@ -64,7 +64,7 @@ class SliceRunner(threading.Thread):
     """The job loop for one held slice; ``result`` tells how it ended."""
 
     def __init__(self, ownership: Ownership, settings: RunSettings, *, report: Callable[[str], None],
-                 on_exit: Callable[[SliceRunner], None]) -> None:
+                 on_exit: Callable[[SliceRunner], None], inherit_fds: Sequence[int] = ()) -> None:
         super().__init__(name=f"slice-{ownership.slice.id}", daemon=True)
         self.ownership = ownership
         self.settings = settings
@@ -73,6 +73,7 @@ class SliceRunner(threading.Thread):
         self.cold = threading.Event()
         self.result = "stopped"  # ok | failed | lost | stopped
         self.in_job = False
+        self.inherit_fds = tuple(inherit_fds)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     @property
@@ -192,7 +193,7 @@ class SliceRunner(threading.Thread):
             })
             worker_pid = os.getpid()
             try:
-                proc = subprocess.Popen(list(command), env=env, start_new_session=True,
+                proc = subprocess.Popen(list(command), env=env, start_new_session=True, pass_fds=self.inherit_fds,
                                         preexec_fn=lambda: die_with_parent(worker_pid))
             except OSError as exc:
                 log.error("worker %d: cannot start %s: %s", index, command[0], exc.strerror)

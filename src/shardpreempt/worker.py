@@ -36,7 +36,7 @@ from .errors import BackendError, ConfigError, Shutdown
 from .events import EventLog
 from .model import Lease, Shard, Slice
 from .pool import Layout, Observation, member_key, member_owner, observe, once_record, slots_to_watch
-from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_parent
+from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_parent, start_guard
 from .runner import Job, RunSettings, SliceRunner
 from .typing import Backend
 
@@ -70,6 +70,7 @@ class WorkerOptions:
     heartbeat_fd: int | None = None
     heartbeat_every: float = 1.0
     preferred_slot: int | None = None
+    guard_fd: int | None = None  # the command guard's pipe (see process.start_guard)
 
 
 class Hold:
@@ -130,6 +131,10 @@ class Worker:
         self.wake()
 
     def _report(self, line: str) -> None:
+        if self.opts.guard_fd is not None and line[:2] in ("c ", "x "):
+            # the guard first: from here on a command group outlives this worker by milliseconds at most
+            with contextlib.suppress(OSError):
+                os.write(self.opts.guard_fd, (("+" if line[0] == "c" else "-") + line[2:] + "\n").encode())
         if self.opts.heartbeat_fd is not None:
             try:
                 os.write(self.opts.heartbeat_fd, line.encode() + b"\n")
@@ -347,7 +352,12 @@ class Worker:
         self._events("acquired", hold)
         log.info("worker %d owns slice %s (%d shards)", self.opts.index, slice_.id, len(slice_.shards))
         ownership = Ownership(hold, worker=self.opts.index)
-        hold.runner = SliceRunner(ownership, self.opts.run, report=self._report, on_exit=lambda r: self.wake())
+        # file://: the command inherits the locks' descriptors, so the slice stays locked until every
+        # process it started has ended, even if this worker dies first.
+        lease_fds = getattr(backend, "lease_fds", None)
+        inherit = tuple(lease_fds(lease)) if lease_fds is not None and self.opts.run.command else ()
+        hold.runner = SliceRunner(ownership, self.opts.run, report=self._report, on_exit=lambda r: self.wake(),
+                                  inherit_fds=inherit)
         hold.runner.start()
         return True
 
@@ -490,6 +500,8 @@ class Worker:
 def run_worker(opts: WorkerOptions, parent: int) -> int:
     """Entry point in a freshly forked worker process."""
     die_with_parent(parent)
+    if opts.run.command is not None and opts.guard_fd is None:
+        opts.guard_fd = start_guard()  # before any thread starts
     worker = Worker(opts)
     signal.signal(signal.SIGTERM, worker.on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -219,6 +219,11 @@ class FileBackend:
             out[key] = self._inspect_one(key, held)
         return out
 
+    def lease_fds(self, lease: Lease) -> list[int]:
+        """The descriptors holding ``lease``'s locks: a process that inherits them keeps the locks
+        held until it (and every process that inherited them from it) has ended."""
+        return list(self._held.get(lease.session, ()))
+
     def peek(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Like :meth:`inspect`, by probing kept read-only descriptors: no /proc/locks, no opens.
 

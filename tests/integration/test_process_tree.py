@@ -1,0 +1,46 @@
+"""Nothing a command started outlives the lease it ran under."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from shardpreempt.testing import wait_until
+
+from .conftest import alive, events, write_config
+
+
+def test_a_killed_supervisor_takes_the_commands_children_with_it(tmp_path: Path, lockdir: str,
+                                                                   start_run: Any) -> None:
+    """SIGKILL of the supervisor ends the command's background children too, not only the command."""
+    cfg = write_config(tmp_path / "c.toml", 2, lockdir)
+    pidfile = tmp_path / "child.pid"
+    run = start_run(str(cfg), "-w", "1", "--", "bash", "-c", f"sleep 1000 & echo $! > {pidfile}; wait")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, message="the child started")
+    child = int(pidfile.read_text())
+    assert alive(child)
+    run.signal(signal.SIGKILL)
+    run.wait(10)
+    wait_until(lambda: not alive(child), 10, message="the command's child is gone")
+
+
+def test_on_file_a_process_that_left_the_group_keeps_the_slice_locked(tmp_path: Path, lockdir: str,
+                                                                        start_run: Any) -> None:
+    """On file://, a process that escaped the command's group still holds the slice's locks, so no
+    other worker starts on the slice until it has ended."""
+    cfg = write_config(tmp_path / "c.toml", 2, lockdir, extra="[slicing]\nslices = 1\n")
+    ev = tmp_path / "ev.jsonl"
+    started, ended = tmp_path / "started", tmp_path / "ended"
+    script = f"setsid sh -c 'echo $$ > {started}; sleep 1.5; date +%s.%N > {ended}' & wait"
+    first = start_run(str(cfg), "-w", "1", "--events", str(ev), "--", "bash", "-c", script)
+    wait_until(lambda: started.exists() and started.read_text().strip(), 20, message="the escaped process started")
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    start_run(str(cfg), "-w", "1", "--events", str(ev), "--", "sleep", "1000")
+    wait_until(lambda: ended.exists() and ended.read_text().strip(), 20, message="the escaped process ended")
+    wait_until(lambda: sum(e["event"] == "acquired" for e in events(ev)) == 4, 20, message="second holder")
+    second = max(e["t"] for e in events(ev) if e["event"] == "acquired")
+    assert second >= float(ended.read_text()) - 0.05  # not before the escaped process let go
+    assert os.path.exists(lockdir.removeprefix("file://"))
