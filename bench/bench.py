@@ -315,14 +315,20 @@ def main() -> None:
     # Not /tmp: on some machines file creation there is very slow; this sits beside the default lock dir.
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     base.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="shardpreempt-bench-", dir=base) as tmp:
         os.chmod(tmp, 0o700)
         path = Path(tmp)
         {"coverage": cmd_coverage, "failover": cmd_failover, "idle": cmd_idle, "status": cmd_status,
          "renew": cmd_renew, "handoff": lambda a, p: cmd_failover(a, p, graceful=True), "pool": cmd_pool,
          }[args.what](args, path)
+    # Other processes on the machine skew every figure: say how busy it was (1-minute load average).
+    load_end = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores; load average (1 min) {load_start[0]:.2f} at the start, "
+          f"{load_end[0]:.2f} at the end")
     if args.json:
-        print(json.dumps({"what": args.what, "args": vars(args), "figures": FIGURES, **RESULT}, default=str))
+        print(json.dumps({"what": args.what, "args": vars(args), "figures": FIGURES, **RESULT,
+                          "cores": os.cpu_count(), "load_start": load_start, "load_end": load_end}, default=str))
 
 
 def cmd_pool(args: argparse.Namespace, tmp: Path) -> None:
