@@ -83,7 +83,7 @@ def storable(text: str) -> bool:
 
 
 class SqlBackend:
-    """The lease logic over a dialect's four server calls; subclasses provide them and connections."""
+    """The lease and record logic over a dialect's server calls; subclasses provide them and connections."""
 
     inspect_batch = 10_000
 
