@@ -545,3 +545,16 @@ def test_records_inserts_and_deletes_racing_stay_consistent(open_: Callable[...,
     with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
         total = sum(pool.map(toggle, clients))
     assert total == (1 if clients[0].read_records(["flag"])["flag"] is not None else 0)
+
+
+def test_a_table_dropped_under_a_running_backend_is_recreated_by_the_next_call(
+    server: MariaDBServer, url: str, open_: Callable[..., MySQLBackend]
+) -> None:
+    """Dropping the records table under an up-to-date backend costs one BackendUnavailable, then it is back."""
+    b = open_()
+    assert b.swap_record("r", None, "v") is True
+    _admin(server, f"DROP TABLE `{url.rsplit('/', 1)[1]}`.shardpreempt_records")
+    with pytest.raises(BackendUnavailable, match="missing"):
+        b.read_records(["r"])
+    assert b.read_records(["r"]) == {"r": None}
+    assert b.swap_record("r", None, "again") is True

@@ -516,3 +516,16 @@ def test_records_inserts_and_deletes_racing_stay_consistent(open_: Callable[...,
     with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
         total = sum(pool.map(toggle, clients))
     assert total == (1 if clients[0].read_records(["flag"])["flag"] is not None else 0)
+
+
+def test_a_table_dropped_under_a_running_backend_is_recreated_by_the_next_call(
+    open_: Callable[..., PostgresBackend]
+) -> None:
+    """Dropping the records table under an up-to-date backend costs one BackendUnavailable, then it is back."""
+    b = open_()
+    assert b.swap_record("r", None, "v") is True
+    b._open().execute(sql.SQL("DROP TABLE {}.records").format(sql.Identifier(b.schema)))
+    with pytest.raises(BackendUnavailable, match="missing"):
+        b.read_records(["r"])
+    assert b.read_records(["r"]) == {"r": None}
+    assert b.swap_record("r", None, "again") is True

@@ -223,6 +223,7 @@ class MySQLBackend(SqlBackend):
         self._swap_sql = {shape: text.replace("{p}", self.prefix) for shape, text in SWAP_RECORD.items()}
         self._conn: pymysql.connections.Connection[Any] | None = None
         self._initialized = False
+        self._missing = False  # a table or procedure was found missing: rerun the DDL whatever the versions say
         # A PyMySQL connection is not thread-safe: two threads interleaving packets corrupt the protocol.
         # Reentrant: a call that finds the tables missing runs init() while holding it.
         self._lock = threading.RLock()
@@ -266,7 +267,7 @@ class MySQLBackend(SqlBackend):
                 with conn.cursor() as cur:
                     cur.execute(INSTALLED, (tuple(names),))
                     installed = dict(cur.fetchall())
-                    if all(installed.get(name) == SCHEMA_VERSION for name in names):
+                    if all(installed.get(name) == SCHEMA_VERSION for name in names) and not self._missing:
                         break  # up to date: skip DDL, which needs more rights and takes locks
                     for ddl in TABLES:
                         cur.execute(ddl.replace("{p}", self.prefix))
@@ -287,7 +288,7 @@ class MySQLBackend(SqlBackend):
                     log.debug("init of %s* raced with another worker, retrying", self.prefix)
                     continue
                 raise self._translate("init", exc) from exc
-        self._initialized = True
+        self._initialized, self._missing = True, False
 
     def _translate(self, op: str, exc: pymysql.err.MySQLError) -> Exception:
         """The project's exception for a driver error; drops a connection that may be unusable."""
@@ -298,7 +299,7 @@ class MySQLBackend(SqlBackend):
         if code in CONFIG_CODES:
             return ConfigError(f"{op}: {exc.args[-1]}", source=self.url)
         if code in MISSING_CODES:
-            self._initialized = False
+            self._initialized, self._missing = False, True
             return BackendUnavailable(f"{self.url}: {op}: lease tables missing, recreating: {exc.args[-1]}")
         if isinstance(exc, (pymysql.err.OperationalError, pymysql.err.InterfaceError)):
             if code not in BUSY_CODES:

@@ -224,6 +224,7 @@ class PostgresBackend(SqlBackend):
         self._conn: _Connection | None = None
         self._listener: _Connection | None = None
         self._initialized = False
+        self._missing = False  # a table or function was found missing: rerun the DDL whatever its version says
         # psycopg serialises use of a connection itself; this keeps two threads from both reconnecting
         self._conn_lock = threading.Lock()
 
@@ -267,7 +268,7 @@ class PostgresBackend(SqlBackend):
             try:
                 # up to date already: skip the DDL, which needs CREATE rights and takes catalog locks
                 row = conn.execute(INSTALLED, (self._marker,)).fetchone()
-                if row is not None and row[0] == SCHEMA_VERSION:
+                if row is not None and row[0] == SCHEMA_VERSION and not self._missing:
                     break
                 with conn.transaction():
                     conn.execute(self._ddl)
@@ -279,14 +280,15 @@ class PostgresBackend(SqlBackend):
                     raise self._translate("init", exc) from exc
             except psycopg.Error as exc:
                 raise self._translate("init", exc) from exc
-        self._initialized = True
+        self._initialized, self._missing = True, False
 
     def _translate(self, op: str, exc: psycopg.Error) -> Exception:
         """The project's exception for a driver error; drops a connection that may be unusable."""
         if exc.sqlstate is None or self._conn is None or self._conn.broken:
             self._drop()  # a timeout or a dropped link: the connection is mid-protocol or dead
         if isinstance(exc, (errors.UndefinedTable, errors.UndefinedFunction, errors.InvalidSchemaName)):
-            self._initialized = False  # somebody dropped the schema: recreate it on the next call
+            # somebody dropped the schema or a table: recreate it on the next call
+            self._initialized, self._missing = False, True
             return BackendUnavailable(f"{self.url}: {op}: lease tables missing, recreating: {exc}")
         if isinstance(exc, errors.InsufficientPrivilege):
             return ConfigError(f"{op}: {exc}", source=self.url)
