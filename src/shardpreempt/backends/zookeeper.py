@@ -329,22 +329,28 @@ class ZooKeeperBackend:
         self._reap()
         with self._lock:
             state = self._owners.get(lease.owner)
-        if state is not None:
-            state.settle(self.timeout)  # after a drop kazoo reconnects: same session, or expired
-        if state is None or state.client._session_id != sid:
-            self._reap()  # the session was lost: its client goes unless it holds a newer acquire
+        if state is None:  # closed, or reaped after its session was lost
             raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
-        if state.client.state != KazooState.CONNECTED:
-            raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
-        try:
-            with self._edge("renew"):
-                stat = state.client.exists_async(self._marker(sid)).get(timeout=self.timeout)
-        except BackendUnavailable as exc:
-            if isinstance(exc.__cause__, kz.SessionExpiredError) and not isinstance(
-                    exc.__cause__, kz.ConnectionClosedError):
-                self._reap()
-                raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys) from exc
-            raise
+        for attempt in (1, 2):
+            state.settle(self.timeout)  # after a drop kazoo reconnects: same session, or expired
+            if state.client._session_id != sid:
+                self._reap()  # the session was lost: its client goes unless it holds a newer acquire
+                raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
+            if state.client.state != KazooState.CONNECTED:
+                raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
+            try:
+                with self._edge("renew"):
+                    stat = state.client.exists_async(self._marker(sid)).get(timeout=self.timeout)
+                break
+            except BackendUnavailable as exc:
+                if isinstance(exc.__cause__, kz.SessionExpiredError) and not isinstance(
+                        exc.__cause__, kz.ConnectionClosedError):
+                    self._reap()
+                    raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys) from exc
+                if attempt == 2 or not isinstance(exc.__cause__, kz.ConnectionLoss):
+                    raise
+                # the connection dropped under the request (as when the server ends an expired session):
+                # kazoo queues the retry until it has reconnected, so it gets the verdict, not a guess
         if stat is None or stat.ephemeralOwner != sid:
             with state.busy:  # no lease of a session without its marker can be proven or released: end it
                 self._drop(lease.owner, state)
