@@ -43,8 +43,8 @@ def targets(slices: int, members: Sequence[str]) -> dict[str, int]:
     """Each member's fair share of ``slices``: ``slices // M`` or one more, by a fixed ranking."""
     if not members:
         return {}
-    base, extra = divmod(slices, len(members))
     ranked = sorted(set(members), key=lambda m: (_rank(m), m))
+    base, extra = divmod(slices, len(ranked))  # a member listed twice counts once
     return {m: base + (1 if i < extra else 0) for i, m in enumerate(ranked)}
 
 
@@ -169,7 +169,8 @@ class Members:
             del self._settles_at[gone]
         for member in present_set - set(self._settles_at):
             history = [t for t in self._history.get(member, []) if now - t <= p.flap_window]
-            settle = min(p.max_settle, p.settle * 2 ** len(history))
+            # exponent bounded: 2 ** 1024 does not convert to a float (OverflowError) after that many flaps
+            settle = min(p.max_settle, p.settle * 2.0 ** min(len(history), 1000))
             age = (established or {}).get(member, 0.0)
             self._settles_at[member] = now + settle - (age if not history else 0.0)
             self._history[member] = [*history, now]
