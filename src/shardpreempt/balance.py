@@ -134,7 +134,14 @@ def decide(view: View, params: Params = Params()) -> Decision:
     excess = len(mine) - share_settled[view.me]
     someone_short = any(share_settled[m] > len(held_settled[m]) for m in settled if m != view.me)
     if excess > 0 and not acquire and someone_short:
-        for slice_id in sorted(mine, key=lambda s: (weight(view.me, s), s)):
+        # Hand over first what the short members prefer most over us: a member that restarts under the
+        # same identity gets back the slices it had, since it prefers them.
+        short = [m for m in settled if m != view.me and share_settled[m] > len(held_settled[m])]
+
+        def keep(slice_id: str) -> tuple[int, str]:
+            return weight(view.me, slice_id) - max(weight(m, slice_id) for m in short), slice_id
+
+        for slice_id in sorted(mine, key=keep):
             if len(release) == excess:
                 break
             since = view.held_since.get(slice_id, now - params.min_hold)

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from .backends import open_backend
 from .config import Settings
+from .errors import ConfigError
 from .events import EventLog
-from .model import Shard
+from .model import Shard, Slice
 from .pool import Layout, begin_pass, default_identity, end_pass, pass_results, resolve_layout
-from .process import EXIT_JOB_FAILED
+from .process import EXIT_INTERRUPTED, EXIT_JOB_FAILED, make_run_dir
 from .runner import Job, RunSettings
 from .slicing import make_slices
 from .supervisor import Supervisor
 from .worker import WorkerOptions, run_worker
+
+
+def check_command(command: Sequence[str]) -> None:
+    """ConfigError, before any worker starts, for a command that cannot be run at all."""
+    if not command:
+        raise ConfigError("no command given (put it after --)", key="COMMAND")
+    program = command[0]
+    found = program if os.sep in program else shutil.which(program)
+    if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
+        raise ConfigError(f"cannot run {program!r}: no such executable file", key="COMMAND")
 
 
 def default_hang_timeout(ttl: float, server_expiry: bool) -> float:
@@ -66,6 +80,10 @@ class Poller:
 
     def poll(self) -> int:
         """Run the workers until stopped (or, with ``once``, until the pool has done every slice)."""
+        if self.command is not None:
+            check_command(self.command)
+        if self.hang_timeout is not None and self.hang_timeout <= 0:
+            raise ConfigError(f"must be positive, got {self.hang_timeout!r}", key="--hang-timeout")
         shards = self.settings.shards
         probe = open_backend(self.backend_url)  # config errors and layout conflicts surface here, before any fork
         try:
@@ -76,36 +94,60 @@ class Poller:
             probe.close()
         self.layout = layout
         slices = make_slices(shards, layout.slices, layout.strategy)
+        if server_expiry and self.hang_timeout is not None and self.hang_timeout >= self.ttl:
+            raise ConfigError(f"{self.hang_timeout:g} s is not below the ttl ({self.ttl:g} s): a hung worker would "
+                              "be killed only after its lease could be granted to another", key="--hang-timeout")
         hang = self.hang_timeout or default_hang_timeout(self.ttl, server_expiry)
         identities = tuple(default_identity(self.name, i) for i in range(self.worker_count))
         grace = max(0.05, self.ttl * 0.1) if server_expiry else 0.5
+        run_dir = make_run_dir() if self.command is not None else None
         run = RunSettings(index=0, job=self.job, command=self.command, once=self.once,
                           max_failures=self.max_failures, backoff=self.backoff, grace=grace,
                           stop_grace=self.stop_grace)
 
+        def worker_dir(index: int) -> str | None:
+            if run_dir is None:
+                return None
+            path = run_dir / str(index)
+            path.mkdir(mode=0o700, exist_ok=True)
+            return str(path)
+
         def main(index: int, heartbeat_fd: int, parent: int) -> int:
-            opts = WorkerOptions(self.backend_url, self.ttl, slices, layout, identities[index],
-                                 RunSettings(**{**run.__dict__, "index": index}), index=index,
+            settings = replace(run, index=index, files_dir=worker_dir(index))
+            opts = WorkerOptions(self.backend_url, self.ttl, slices, layout, identities[index], settings, index=index,
                                  siblings=identities, once_pass=once_pass, events=self.events,
                                  heartbeat_fd=heartbeat_fd, heartbeat_every=hang / 5)
             return run_worker(opts, parent)
 
+        def cleanup(index: int) -> None:  # a dead worker's slice files hold secrets
+            if run_dir is not None:
+                shutil.rmtree(run_dir / str(index), ignore_errors=True)
+
         self.supervisor = Supervisor(self.worker_count, main, once=self.once, hang_timeout=hang,
-                                     crash_limit=self.crash_limit, events=self.events, on_tick=self.on_tick)
+                                     crash_limit=self.crash_limit, events=self.events, on_tick=self.on_tick,
+                                     on_worker_exit=cleanup)
         try:
             code = self.supervisor.run()
-            if code == 0 and once_pass is not None and not self.supervisor.stop_requests:
+            sup = self.supervisor
+            if code == 0 and once_pass is not None:
                 code = self._finish_pass(once_pass, slices)
+                if code != 0 and sup.stop_requests:  # interrupted before every slice was done
+                    code = 128 + (sup.stop_signal or signal.SIGTERM)
+            if code == 0 and sup.stop_requests >= 2:  # a cold stop never reads as success
+                code = 128 + (sup.stop_signal or signal.SIGTERM)
             return code
         finally:
             self.events.close()
+            if run_dir is not None:
+                shutil.rmtree(run_dir, ignore_errors=True)
 
-    def _finish_pass(self, once_pass: str, slices: Sequence[object]) -> int:
+    def _finish_pass(self, once_pass: str, slices: Sequence[Slice]) -> int:
         backend = open_backend(self.backend_url)
         try:
-            results = pass_results(backend, once_pass, slices)  # type: ignore[arg-type]
-            if all(r is not None for r in results.values()):
-                end_pass(backend, once_pass)
+            results = pass_results(backend, once_pass, slices)
+            if any(r is None for r in results.values()):
+                return EXIT_INTERRUPTED  # some slice has no result yet: the pass stays open
+            end_pass(backend, once_pass)
             return EXIT_JOB_FAILED if any(r != "ok" for r in results.values()) else 0
         finally:
             backend.close()

@@ -6,10 +6,15 @@ import contextlib
 import ctypes
 import functools
 import os
+import shutil
 import signal
+import stat
+import tempfile
+from pathlib import Path
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_BACKEND = 0, 1, 2, 3, 4
 EXIT_INTERNAL, EXIT_FENCED = 70, 75
+EXIT_INTERRUPTED = 128 + signal.SIGTERM  # a --once pass left unfinished
 PR_SET_PDEATHSIG = 1
 
 
@@ -67,3 +72,40 @@ def start_guard() -> int:
         code = 1
     finally:
         os._exit(code)
+
+
+def runtime_base() -> Path:
+    """The private per-user directory for run files: ``$XDG_RUNTIME_DIR/shardpreempt``, else
+    ``$TMPDIR/shardpreempt-UID``; created 0700 and refused if a symlink or not ours."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(xdg) / "shardpreempt" if xdg else Path(tempfile.gettempdir()) / f"shardpreempt-{os.geteuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(base)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        from .errors import ConfigError
+
+        raise ConfigError(f"runtime directory {str(base)!r} is not a private directory of ours (mode 0700)")
+    return base
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_run_dir() -> Path:
+    """A private directory for this supervisor's slice files (they hold secrets), after removing the
+    directories of supervisors that are gone (killed before they could clean up)."""
+    base = runtime_base()
+    for old in base.iterdir():
+        if old.name.isdigit() and int(old.name) != os.getpid() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    run = base / str(os.getpid())
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(mode=0o700)
+    return run

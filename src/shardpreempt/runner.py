@@ -38,7 +38,6 @@ from pathlib import Path
 from .claims import Ownership
 from .config import shard_table
 from .errors import Shutdown
-from .process import die_with_parent
 
 log = logging.getLogger("shardpreempt.runner")
 
@@ -58,6 +57,7 @@ class RunSettings:
     backoff_max: float = 30.0
     grace: float = 0.5  # lost lease: SIGTERM -> SIGKILL
     stop_grace: float = 30.0  # handoff / warm stop: SIGTERM -> SIGKILL
+    files_dir: str | None = None  # private (0700) directory for slice files; None: a temporary one
 
 
 class SliceRunner(threading.Thread):
@@ -176,7 +176,7 @@ class SliceRunner(threading.Thread):
     # -- commands ---------------------------------------------------------------------------------
     def _run_command(self, command: Sequence[str]) -> bool:
         own, index = self.ownership, self.settings.index
-        with tempfile.TemporaryDirectory(prefix="shardpreempt-slice-") as private:
+        with tempfile.TemporaryDirectory(prefix=f"slice-{own.slice.id}-", dir=self.settings.files_dir) as private:
             slice_file = Path(private) / "slice.json"
             fd = os.open(slice_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -191,10 +191,10 @@ class SliceRunner(threading.Thread):
                 "SHARDPREEMPT_OWNER": own.owner,
                 "SHARDPREEMPT_SLICE_FILE": str(slice_file),
             })
-            worker_pid = os.getpid()
             try:
-                proc = subprocess.Popen(list(command), env=env, start_new_session=True, pass_fds=self.inherit_fds,
-                                        preexec_fn=lambda: die_with_parent(worker_pid))
+                # No preexec_fn: running Python between fork and exec in a threaded worker can deadlock
+                # the child. The worker's guard process ends the command's group if the worker dies.
+                proc = subprocess.Popen(list(command), env=env, start_new_session=True, pass_fds=self.inherit_fds)
             except OSError as exc:
                 log.error("worker %d: cannot start %s: %s", index, command[0], exc.strerror)
                 return False

@@ -56,6 +56,7 @@ class Supervisor:
                  hang_timeout: float = 10.0, crash_limit: int = 5, stable_after: float = 2.0,
                  backoff: float = 0.1, backoff_max: float = 10.0, kill_after: float = 10.0,
                  events: EventLog | None = None, on_tick: Callable[[Supervisor], None] | None = None,
+                 on_worker_exit: Callable[[int], None] | None = None,
                  tick_every: float = 0.25) -> None:
         self.slots = [_Slot(i) for i in range(count)]
         self.worker_main = worker_main
@@ -68,8 +69,10 @@ class Supervisor:
         self.kill_after = kill_after
         self.events = events or EventLog(None)
         self.on_tick = on_tick
+        self.on_worker_exit = on_worker_exit  # e.g. remove the dead worker's slice files
         self.tick_every = tick_every
         self.stop_requests = 0
+        self.stop_signal: int | None = None  # the signal that asked for the (first) stop
         self.crash_message: str | None = None
         self.config_failed = False
         self._cold_deadline: float | None = None
@@ -155,6 +158,8 @@ class Supervisor:
         for pgid in slot.command_pgids:  # nothing works a shard unsupervised
             self._kill(pgid, signal.SIGKILL, group=True)
         slot.command_pgids.clear()
+        if self.on_worker_exit is not None:
+            self.on_worker_exit(slot.index)
         slot.pid = slot.pipe = None
         code = os.waitstatus_to_exitcode(status)
         self.events.emit("exited", worker=slot.index, code=code, worker_pid=pid, **{"pid": pid})
@@ -201,6 +206,8 @@ class Supervisor:
             if signum == signal.SIGCHLD:
                 continue
             self.stop_requests += 1
+            if self.stop_signal is None:
+                self.stop_signal = signum
             cold = self.stop_requests >= 2
             log.warning("%s stop requested", "cold" if cold else "warm")
             if cold and self._cold_deadline is None:

@@ -1,0 +1,117 @@
+"""Stops and exits a script can rely on, and no secret left on disk after any of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shardpreempt.process import runtime_base
+from shardpreempt.testing import wait_until
+
+from .conftest import cli, events, write_config
+
+
+def secret_files() -> list[Path]:
+    """Every file under the runtime directory that holds one of the test config's passwords."""
+    found = []
+    for root, _, files in os.walk(runtime_base()):
+        for name in files:
+            path = Path(root) / name
+            try:
+                if "hunter2" in path.read_text(errors="replace"):
+                    found.append(path)
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_once_run_exits_non_zero(tmp_path: Path, lockdir: str, sig: int, code: int) -> None:
+    """--once stopped by a signal before every slice is done exits 128 + the signal, so `&& next` stops."""
+    cfg = write_config(tmp_path / "c.toml", 4, lockdir)
+    ev = tmp_path / "ev.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(cfg), "-w", "2", "--once",
+                             "--events", str(ev), "--", "sleep", "1000"], stderr=subprocess.DEVNULL)
+    wait_until(lambda: sum(e["event"] == "acquired" for e in events(ev)) >= 4, 20, message="slices held")
+    proc.send_signal(sig)
+    assert proc.wait(30) == code
+
+
+def test_a_cold_stop_exits_non_zero(tmp_path: Path, lockdir: str) -> None:
+    """A second SIGTERM (cold stop) ends the run with 143, never with success."""
+    cfg = write_config(tmp_path / "c.toml", 2, lockdir)
+    ev = tmp_path / "ev.jsonl"
+    err = tmp_path / "err.log"
+    with err.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(cfg), "-w", "1", "--events",
+                                 str(ev), "--", "sh", "-c", "trap '' TERM; sleep 1000"], stderr=log)
+    wait_until(lambda: any(e["event"] == "acquired" for e in events(ev)), 20, message="slice held")
+    proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "warm stop requested" in err.read_text(), 20, message="warm stop under way")
+    proc.send_signal(signal.SIGTERM)  # two signals sent at once would arrive as one
+    assert proc.wait(30) == 143
+
+
+def test_continuous_mode_waits_while_every_slice_cools_down(tmp_path: Path, lockdir: str, start_run: Any) -> None:
+    """A command that always fails makes workers give slices up for a while, never end the run as a crash loop."""
+    cfg = write_config(tmp_path / "c.toml", 3, lockdir)
+    ev = tmp_path / "ev.jsonl"
+    run = start_run(str(cfg), "-w", "4", "--slices", "3", "--max-failures", "2", "--backoff", "0.01",
+                    "--events", str(ev), "--", "sh", "-c", "exit 7")
+    wait_until(lambda: sum(e.get("reason") == "failed" for e in events(ev) if e["event"] == "released") >= 6, 30,
+               message="every slice given up after failures")
+    assert run.proc.poll() is None
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) == 0
+
+
+def test_a_command_that_does_not_exist_is_one_error(tmp_path: Path, lockdir: str) -> None:
+    """A command that cannot be run is refused at once with exit status 2, before any worker starts."""
+    cfg = write_config(tmp_path / "c.toml", 2, lockdir)
+    result = cli("run", str(cfg), "-w", "2", "--", "no-such-command-here", "x")
+    assert result.returncode == 2 and "no-such-command-here" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_hang_timeout_at_the_ttl_is_refused_on_servers(tmp_path: Path) -> None:
+    """--hang-timeout at or above the ttl is refused where leases expire on a server (here memory://)."""
+    cfg = write_config(tmp_path / "c.toml", 2, "memory://x", ttl=2.0)
+    result = cli("run", str(cfg), "--hang-timeout", "2", "--", "true")
+    assert result.returncode == 2 and "--hang-timeout" in result.stderr
+
+
+def test_no_slice_file_with_a_password_survives_kills_and_stops(tmp_path: Path, lockdir: str, start_run: Any) -> None:
+    """Slice files live in a private runtime directory; a killed worker's are removed, and none remain after
+    the run stops, nor after a killed supervisor once the next run starts."""
+    cfg = write_config(tmp_path / "c.toml", 4, lockdir)
+    ev = tmp_path / "ev.jsonl"
+    run = start_run(str(cfg), "-w", "2", "--events", str(ev), "--", "sleep", "1000")
+    wait_until(lambda: len(secret_files()) >= 2, 20, message="slice files written")
+    assert all(p.stat().st_mode & 0o077 == 0 for p in secret_files())
+    started = {e["worker"]: e["worker_pid"] for e in events(ev) if e["event"] == "started"}
+    os.kill(started[0], signal.SIGKILL)
+    wait_until(lambda: sum(e["event"] == "started" for e in events(ev)) == 3, 20, message="worker restarted")
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) == 0
+    assert secret_files() == []
+    killed = start_run(str(cfg), "-w", "1", "--", "sleep", "1000")
+    wait_until(lambda: secret_files(), 20, message="slice file written")
+    killed.signal(signal.SIGKILL)
+    killed.wait(10)
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in _sleepers()), 10, message="commands gone")
+    assert secret_files()  # left behind by the killed supervisor...
+    again = start_run(str(cfg), "-w", "1", "--", "true")
+    wait_until(lambda: not secret_files(), 20, message="stale files removed by the next run")
+    again.signal(signal.SIGTERM)
+    again.wait(30)
+
+
+def _sleepers() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "^sleep 1000$"], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
