@@ -384,6 +384,55 @@ def test_contention_in_a_middle_chunk_rolls_back_every_chunk_taken(
     assert lease.tokens[keys[500]] > middle.tokens[keys[500]]
 
 
+def test_a_lost_reply_in_a_middle_chunk_is_undone_by_the_next_acquire(
+    default_open: Callable[..., EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the third chunk's reply is lost, the owner's next acquire first deletes every chunk it may hold."""
+    backend = default_open(max_txn_ops=128)
+    keys = [f"shard-{i:04d}" for i in range(1000)]
+    real, calls = backend.txns.txn, [0]
+
+    def third_reply_lost(*args: Any) -> Any:
+        reply = real(*args)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise BackendUnavailable("reply lost")
+        return reply
+
+    assert backend.try_acquire(["warm"], "o", 30) is not None
+    monkeypatch.setattr(backend.txns, "txn", third_reply_lost)
+    with pytest.raises(BackendUnavailable):
+        backend.try_acquire(keys, "o", 30)
+    monkeypatch.setattr(backend.txns, "txn", real)
+    seen = default_open().inspect(keys)
+    assert {k for k, h in seen.items() if h is not None} == set(keys[:3 * 128])
+    assert backend.try_acquire(["other"], "o", 30) is not None
+    assert all(h is None for h in default_open().inspect(keys).values())
+
+
+def test_a_lease_that_vanishes_between_chunks_gives_a_whole_acquire_on_a_new_lease(
+    default_open: Callable[..., EtcdBackend], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the owner's lease is revoked after the first chunk, the acquire starts over on a new lease."""
+    backend = default_open(max_txn_ops=128)
+    keys = [f"shard-{i:04d}" for i in range(300)]
+    first = backend.try_acquire(["warm"], "o", 30)
+    assert first is not None
+    real, calls = backend.txns.txn, [0]
+
+    def revoke_after_the_first_chunk(*args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            backend._post("/kv/lease/revoke", {"ID": int(first.session)})
+        return real(*args)
+
+    monkeypatch.setattr(backend.txns, "txn", revoke_after_the_first_chunk)
+    lease = backend.try_acquire(keys, "o", 30)
+    assert lease is not None and lease.session != first.session
+    seen = default_open().inspect(keys)
+    assert all(h is not None and h.token == lease.tokens[k] for k, h in seen.items())
+
+
 def test_round_trips_on_a_default_server(default_open: Callable[..., EtcdBackend], round_trips: list[int]) -> None:
     """A slice that fits one txn costs one; a larger one one per chunk, after one refused txn per backend."""
     backend = default_open()
