@@ -10,6 +10,7 @@ from .claims import Ownership, claim
 from .config import Settings, load_settings, load_shards
 from .errors import (
     BackendUnavailable,
+    ClaimTimeout,
     ConfigError,
     CrashLoop,
     LeaseLost,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "ClaimTimeout",
     "ConfigError",
     "CrashLoop",
     "Holder",

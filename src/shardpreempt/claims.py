@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .backends import open_backend
-from .errors import BackendError, LeaseLost
+from .errors import BackendError, ClaimTimeout, LeaseLost
 from .model import Lease, Shard, Slice
 from .slicing import make_slices
 from .typing import SYSTEM_CLOCK, Backend, Clock
@@ -279,7 +279,14 @@ class Ownership:
 def claim(shards: Sequence[Shard], *, backend: str | Backend = "file://", slices: int = 1, index: int = 0,
           strategy: str = "round-robin", ttl: float = 10.0, timeout: float | None = None,
           **options: Any) -> Iterator[Ownership]:
-    """Hold one slice of ``shards`` in this process for the ``with`` block (preferring slice ``index``)."""
+    """Hold one slice of ``shards`` in this process for the ``with`` block.
+
+    The shards are cut into ``slices`` slices with ``strategy``; slice ``index`` is tried first, then
+    the others in order, so several processes with different ``index`` values usually get different
+    slices. This is a single holder outside any pool: nothing rebalances it. Without ``timeout`` it
+    waits until a slice is free; with one it raises :class:`~shardpreempt.errors.ClaimTimeout` (also a
+    ``TimeoutError``) when none could be acquired in time.
+    """
     opened = isinstance(backend, str)
     store: Backend = open_backend(backend, **options) if isinstance(backend, str) else backend
     try:
@@ -289,7 +296,7 @@ def claim(shards: Sequence[Shard], *, backend: str | Backend = "file://", slices
         while (held := claimer.try_slices(cut, index)) is None:
             left = 0.25 if end is None else end - claimer.clock.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no slice of {len(cut)} could be acquired within {timeout} s")
+                raise ClaimTimeout(f"no slice of {len(cut)} could be acquired within {timeout} s")
             claimer.wait(cut, min(left, 0.25))
         try:
             yield Ownership(held)

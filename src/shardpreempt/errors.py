@@ -9,6 +9,7 @@
     │   ├── BackendUnavailable (ConnectionError)  transient: unreachable, timed out, refused
     │   └── BackendProtocolError             stored state we cannot interpret, unknown script code
     ├── LeaseLost                            a lease is no longer ours (reason given)
+    ├── ClaimTimeout (TimeoutError)          ``claim(timeout=...)`` found no free slice in time
     └── SupervisorError
         └── CrashLoop                        a worker keeps dying; restarting stopped
 
@@ -56,6 +57,10 @@ class LeaseLost(ShardPreemptError):
         self.reason = reason
         self.keys = keys
         super().__init__(reason)
+
+
+class ClaimTimeout(ShardPreemptError, TimeoutError):
+    """``claim()`` could not acquire a slice within its timeout."""
 
 
 class SupervisorError(ShardPreemptError):

@@ -17,10 +17,10 @@ from shardpreempt.testing import wait_until
 from .conftest import cli, events, write_config
 
 
-def secret_files() -> list[Path]:
-    """Every file under the runtime directory that holds one of the test config's passwords."""
+def secret_files(supervisor_pid: int) -> list[Path]:
+    """Every file of one supervisor's runtime directory that holds one of the test config's passwords."""
     found = []
-    for root, _, files in os.walk(runtime_base()):
+    for root, _, files in os.walk(runtime_base() / str(supervisor_pid)):
         for name in files:
             path = Path(root) / name
             try:
@@ -92,26 +92,25 @@ def test_no_slice_file_with_a_password_survives_kills_and_stops(tmp_path: Path, 
     cfg = write_config(tmp_path / "c.toml", 4, lockdir)
     ev = tmp_path / "ev.jsonl"
     run = start_run(str(cfg), "-w", "2", "--events", str(ev), "--", "sleep", "1000")
-    wait_until(lambda: len(secret_files()) >= 2, 20, message="slice files written")
-    assert all(p.stat().st_mode & 0o077 == 0 for p in secret_files())
-    started = {e["worker"]: e["worker_pid"] for e in events(ev) if e["event"] == "started"}
+    sup = run.proc.pid
+    wait_until(lambda: len(secret_files(sup)) >= 2, 20, message="slice files written")
+    assert all(p.stat().st_mode & 0o077 == 0 for p in secret_files(sup))
+    assert (runtime_base() / str(sup)).stat().st_mode & 0o077 == 0
+    started = wait_until(lambda: {e["worker"]: e["worker_pid"] for e in events(ev) if e["event"] == "started"}, 20)
+    before = {p for p in secret_files(sup) if p.parts[-3] == "0"}
+    assert before
     os.kill(started[0], signal.SIGKILL)
-    wait_until(lambda: sum(e["event"] == "started" for e in events(ev)) == 3, 20, message="worker restarted")
+    wait_until(lambda: not any(p.exists() for p in before), 20, message="the killed worker's slice files removed")
     run.signal(signal.SIGTERM)
     assert run.wait(30) == 0
-    assert secret_files() == []
+    assert not (runtime_base() / str(sup)).exists()
     killed = start_run(str(cfg), "-w", "1", "--", "sleep", "1000")
-    wait_until(lambda: secret_files(), 20, message="slice file written")
+    wait_until(lambda: secret_files(killed.proc.pid), 20, message="slice file written")
     killed.signal(signal.SIGKILL)
     killed.wait(10)
-    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in _sleepers()), 10, message="commands gone")
-    assert secret_files()  # left behind by the killed supervisor...
-    again = start_run(str(cfg), "-w", "1", "--", "true")
-    wait_until(lambda: not secret_files(), 20, message="stale files removed by the next run")
+    assert secret_files(killed.proc.pid)  # left behind by the killed supervisor...
+    again = start_run(str(cfg), "-w", "1", "--", "sleep", "1000")
+    wait_until(lambda: not (runtime_base() / str(killed.proc.pid)).exists(), 20,
+               message="...and removed by the next run")
     again.signal(signal.SIGTERM)
     again.wait(30)
-
-
-def _sleepers() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "^sleep 1000$"], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]

@@ -133,3 +133,14 @@ def test_a_late_grant_is_renewed_before_its_fence_time() -> None:
     clock.advance(due)
     c.tick()
     assert not c.lost.is_set() and c.fence_at > clock.monotonic() + 5
+
+
+def test_claim_timeout_is_our_error_and_a_timeout_error() -> None:
+    """claim(timeout=...) with every slice held raises ClaimTimeout, which is also a TimeoutError."""
+    from shardpreempt import ClaimTimeout, ShardPreemptError
+
+    b = MemoryBackend(f"memory://{uuid.uuid4().hex}")  # the real clock, as claim() uses
+    with claim(SHARDS, backend=b, slices=1), pytest.raises(ClaimTimeout) as caught, \
+            claim(SHARDS, backend=b, slices=1, timeout=0.0):
+        pass
+    assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, ShardPreemptError)
