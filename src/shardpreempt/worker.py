@@ -107,6 +107,7 @@ class Worker:
         self.free_since: dict[str, float] = {}
         self.cooldown: dict[str, float] = {}
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
+        self.linger = 0.0  # back-off for looking again at slices held by non-members
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
         self.slots = 16
         self.started = time.monotonic()
@@ -285,6 +286,13 @@ class Worker:
                 retry = now + min(0.05, self.period)  # raced with another member or a probe: look again soon
         if starting:
             retry = min(x for x in (retry, self.started + window) if x is not None)
+        # Slices still held by someone who is no longer a member (on file://, a dead worker's command
+        # still exiting) will be free any moment, and nobody will ring: look again soon, backing off.
+        if any(h is not None and h not in present for h in holders.values()):
+            self.linger = min(self.period, max(0.01, self.linger * 2))
+            retry = min(x for x in (retry, now + self.linger) if x is not None)
+        else:
+            self.linger = 0.0
         times = [t for t in (decision.recheck, settles_at, retry) if t is not None]
         return min(times) if times else None
 
