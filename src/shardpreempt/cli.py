@@ -90,13 +90,15 @@ def main(verbose: int) -> None:
               help="Kill a worker silent this long (default: 0.35 x ttl on servers, 10 s on file).")
 @click.option("--stop-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds a command may take to exit after SIGTERM (handoff, warm stop) before it is killed.")
+@click.option("--start-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="How long to keep trying an unreachable backend at start before exit status 4.")
 @click.option("--name", default=None, metavar="NAME",
               help="This supervisor's name in member identities host/NAME.INDEX (default: its pid).")
 @click.argument("command", nargs=-1, required=True)
 def run(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
         ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
-        crash_limit: int, hang_timeout: float | None, stop_grace: float, name: str | None,
-        command: Sequence[str]) -> None:
+        crash_limit: int, hang_timeout: float | None, stop_grace: float, start_timeout: float,
+        name: str | None, command: Sequence[str]) -> None:
     """Supervise workers that join the pool and run COMMAND for each slice they hold (put it after --)."""
     from .poller import Poller
 
@@ -106,7 +108,7 @@ def run(config: str, workers: int | None, backend: str | None, strategy: str | N
             raise ConfigError("must be non-empty, without ':', '/' or spaces", source="command line", key="--name")
         poller = Poller(settings, command=list(command), once=once, events=events, max_failures=max_failures,
                         backoff=backoff, hang_timeout=hang_timeout, crash_limit=crash_limit,
-                        stop_grace=stop_grace, name=name)
+                        stop_grace=stop_grace, name=name, start_timeout=start_timeout)
         poller.set_worker_count(settings.workers or 1)
         return poller.poll()
 
@@ -161,6 +163,13 @@ def status(config: str, workers: int | None, backend: str | None, strategy: str 
 
     def go() -> int:
         settings = _settings(config, backend, None, strategy, slices, workers)
+        if settings.backend_url.lower().startswith("file:"):
+            from .backends.file import directory_of
+
+            where = directory_of(settings.backend_url)
+            if not where.is_dir():  # status only looks: it must not create a lock directory
+                raise ConfigError(f"no lock directory {str(where)!r}: nothing has run with this backend yet",
+                                  source=settings.redacted_url())
         store = open_backend(settings.backend_url)
         try:
             asked = Layout.of(settings.shards, settings.strategy, settings.slice_count(settings.workers or 1))

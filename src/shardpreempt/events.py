@@ -34,6 +34,18 @@ class EventLog:
             self._pid = os.getpid()
         return self._fd
 
+    def check(self) -> None:
+        """Open the file now, so a bad path is one clear error before anything starts."""
+        if self.path is None:
+            return
+        try:
+            self._open()
+        except OSError as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(f"cannot open {str(self.path)!r} for appending: {exc.strerror}",
+                              key="--events") from None
+
     def emit(self, event: str, **fields: Any) -> None:
         """Append one event."""
         self.emit_many(event, [fields])

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .backends import open_backend
 from .config import Settings
-from .errors import ConfigError
+from .errors import BackendUnavailable, ConfigError
 from .events import EventLog
 from .model import Shard, Slice
 from .pool import Layout, begin_pass, default_identity, end_pass, pass_results, resolve_layout
@@ -18,7 +20,10 @@ from .process import EXIT_INTERRUPTED, EXIT_JOB_FAILED, make_run_dir
 from .runner import Job, RunSettings
 from .slicing import make_slices
 from .supervisor import Supervisor
+from .typing import Backend
 from .worker import WorkerOptions, run_worker
+
+log = logging.getLogger("shardpreempt.poller")
 
 
 def check_command(command: Sequence[str]) -> None:
@@ -48,6 +53,7 @@ class Poller:
                  slices: int | None = None, once: bool = False, events: str | os.PathLike[str] | None = None,
                  hang_timeout: float | None = None, max_failures: int = 5, backoff: float = 0.5,
                  crash_limit: int = 5, stop_grace: float = 30.0, name: str | None = None,
+                 start_timeout: float = 30.0,
                  on_tick: Callable[[Supervisor], None] | None = None) -> None:
         if (job is None) == (command is None):
             raise TypeError("give exactly one of job or command")
@@ -67,6 +73,7 @@ class Poller:
         self.crash_limit = crash_limit
         self.stop_grace = stop_grace
         self.name = name
+        self.start_timeout = start_timeout
         self.on_tick = on_tick
         self.worker_count = base.workers or 1
         self.supervisor: Supervisor | None = None
@@ -82,13 +89,13 @@ class Poller:
         """Run the workers until stopped (or, with ``once``, until the pool has done every slice)."""
         if self.command is not None:
             check_command(self.command)
+        self.events.check()
         if self.hang_timeout is not None and self.hang_timeout <= 0:
             raise ConfigError(f"must be positive, got {self.hang_timeout!r}", key="--hang-timeout")
         shards = self.settings.shards
         probe = open_backend(self.backend_url)  # config errors and layout conflicts surface here, before any fork
         try:
-            layout = resolve_layout(probe, shards, self.strategy, self.slice_count, self.worker_count)
-            once_pass = begin_pass(probe, layout) if self.once else None
+            layout, once_pass = self._start(probe)
             server_expiry = probe.capabilities.server_expiry
         finally:
             probe.close()
@@ -140,6 +147,24 @@ class Poller:
             self.events.close()
             if run_dir is not None:
                 shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _start(self, probe: Backend) -> tuple[Layout, str | None]:
+        """Adopt or record the layout (and open the once pass), retrying an unreachable backend with a
+        growing delay for ``start_timeout`` seconds; a wrong password or database fails at once."""
+        end = time.monotonic() + self.start_timeout
+        delay = 0.2
+        while True:
+            try:
+                layout = resolve_layout(probe, self.settings.shards, self.strategy, self.slice_count,
+                                        self.worker_count)
+                return layout, begin_pass(probe, layout) if self.once else None
+            except BackendUnavailable as exc:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise
+                log.info("backend unreachable (%s); trying again in %.1f s", exc, min(delay, left))
+                time.sleep(min(delay, left))
+                delay = min(5.0, delay * 2)
 
     def _finish_pass(self, once_pass: str, slices: Sequence[Slice]) -> int:
         backend = open_backend(self.backend_url)

@@ -107,6 +107,7 @@ class Worker:
         self.free_since: dict[str, float] = {}
         self.cooldown: dict[str, float] = {}
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
+        self.outages = 0  # failed tries in a row to reach the backend
         self.linger = 0.0  # back-off for looking again at slices held by non-members
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
         self.slots = 16
@@ -190,20 +191,29 @@ class Worker:
             if self.member is not None:
                 self._lose_all(self.member.reason or "session lost")
             if not self._join(backend):
-                return min(1.0, self.period * 2)
+                return self._outage("cannot join the pool")
         self._release_orphans(backend)
         try:
             obs = observe(backend, self.opts.slices, self.slots)
             if self.opts.once_pass is not None:
                 self._read_done(backend)
         except BackendError as exc:
-            log.warning("worker %d: cannot observe the pool: %s", self.opts.index, exc)
-            return min(1.0, self.period * 2)
+            return self._outage(f"cannot observe the pool: {exc}")
+        if self.outages:
+            log.warning("worker %d: the backend answers again (after %d failed tries)", self.opts.index, self.outages)
+            self.outages = 0
         self.slots = slots_to_watch(obs.top_slot)
         self._update_watch(obs)
         recheck = self._apply(backend, obs)
         now = time.monotonic()
         return max(0.0, min(self.period, recheck - now if recheck is not None else self.period))
+
+    def _outage(self, what: str) -> float:
+        """Log one line per try, with a growing delay (0.1 s doubling to 30 s); the run carries on."""
+        delay = min(30.0, 0.1 * 2.0 ** min(self.outages, 20))
+        self.outages += 1
+        log.warning("worker %d: %s; try %d, next in %.1f s", self.opts.index, what, self.outages, delay)
+        return delay
 
     def _update_watch(self, obs: Observation) -> None:
         slots = sorted(m.slot for m in obs.members.values())
@@ -325,7 +335,7 @@ class Worker:
                 log.info("worker %d joined the pool as %s (member slot %d)", opts.index, opts.identity, j)
                 return True
         except BackendError as exc:
-            log.warning("worker %d: cannot join the pool: %s", opts.index, exc)
+            log.debug("worker %d: cannot join the pool: %s", opts.index, exc)  # _outage() says it once
         return False
 
     def _session_lost(self, claim: Claim) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def test_command_gets_slice_in_environment_and_secrets_only_in_a_0600_file(tmp_p
 def test_status_json_reports_free_shards(tmp_path: Path, lockdir: str) -> None:
     """status --json lists every shard, free when nobody runs."""
     cfg = write_config(tmp_path / "c.toml", 3, lockdir)
+    missing = cli("status", str(cfg), "--json")
+    assert missing.returncode == 2 and "no lock directory" in missing.stderr
+    assert not Path(lockdir.removeprefix("file://")).exists()  # status never creates one
+    Path(lockdir.removeprefix("file://")).mkdir(mode=0o700)
     result = cli("status", str(cfg), "--json")
     assert result.returncode == 0, result.stderr
     snap = json.loads(result.stdout)
@@ -129,3 +134,33 @@ def test_demo_passes_its_exactly_once_check(tmp_path: Path) -> None:
     result = cli("demo", "--items", "40", "--dir", str(tmp_path / "demo"), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout and "killed worker" in result.stdout
+
+
+def test_events_in_a_missing_directory_is_one_clear_error(tmp_path: Path, lockdir: str) -> None:
+    """--events in a directory that does not exist is refused with exit 2 and one line naming the flag."""
+    cfg = write_config(tmp_path / "c.toml", 2, lockdir)
+    result = cli("run", str(cfg), "--events", str(tmp_path / "nope" / "ev.jsonl"), "--", "true")
+    assert result.returncode == 2 and "--events" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_status_watch_json_writes_json_lines(tmp_path: Path, lockdir: str) -> None:
+    """status --json --watch writes one JSON object per line."""
+    Path(lockdir.removeprefix("file://")).mkdir(mode=0o700)
+    cfg = write_config(tmp_path / "c.toml", 2, lockdir)
+    proc = subprocess.Popen([sys.executable, "-m", "shardpreempt", "status", str(cfg), "--json", "--watch",
+                             "--interval", "0.05"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(3)]
+    proc.terminate()
+    proc.communicate(timeout=10)
+    assert all(json.loads(line)["summary"]["shards"] == 2 for line in lines)
+
+
+def test_an_unreachable_backend_at_start_is_one_line_and_exit_4(tmp_path: Path) -> None:
+    """A backend nobody answers on is retried for --start-timeout, then one line and exit status 4."""
+    pytest.importorskip("redis")
+    cfg = write_config(tmp_path / "c.toml", 2, "redis://:hunter2@127.0.0.1:1/0")
+    result = cli("run", str(cfg), "--start-timeout", "1", "--", "true")
+    assert result.returncode == 4, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "hunter2" not in result.stderr

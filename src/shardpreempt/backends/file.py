@@ -59,6 +59,12 @@ def record_name(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".rec"
 
 
+def directory_of(url: str) -> Path:
+    """The lock directory a ``file://`` URL names (without creating or checking it)."""
+    raw = unquote(urlsplit(url).path)
+    return Path(raw) if raw else default_directory()
+
+
 def _secure_directory(path: Path, url: str) -> Path:
     if not path.is_absolute():
         raise ConfigError(f"lock directory must be an absolute path, got {str(path)!r}", source=url)
