@@ -42,6 +42,8 @@ from .typing import Backend
 
 log = logging.getLogger("shardpreempt.worker")
 
+STALL = 10.0  # seconds without a round of the main loop after which the heartbeat stops
+
 __all__ = ["Job", "Worker", "WorkerOptions", "run_worker"]
 
 
@@ -107,6 +109,7 @@ class Worker:
         self.free_since: dict[str, float] = {}
         self.cooldown: dict[str, float] = {}
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
+        self.ticked = time.monotonic()  # the main loop's last round, for the heartbeat
         self.outages = 0  # failed tries in a row to reach the backend
         self.linger = 0.0  # back-off for looking again at slices held by non-members
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
@@ -144,10 +147,17 @@ class Worker:
                 os._exit(EXIT_INTERNAL)
 
     def _heartbeat(self, parent: int) -> None:
+        """Beat for the supervisor's watchdog while the main loop makes progress.
+
+        A thread, so a process stopped whole (SIGSTOP, a long pause) goes silent at once; it beats only
+        while the loop has gone round within ``STALL`` seconds, so a loop stuck for good goes silent too
+        (a backend call blocked up to its own timeout is not a stall).
+        """
         while True:
             if os.getppid() != parent:
                 os._exit(EXIT_INTERNAL)  # orphaned: never work a shard unsupervised
-            self._report("h")
+            if time.monotonic() - self.ticked < STALL:
+                self._report("h")
             time.sleep(self.opts.heartbeat_every)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -177,6 +187,7 @@ class Worker:
             backend.close()
 
     def _sleep(self, timeout: float) -> None:
+        self.ticked = time.monotonic()
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         with contextlib.suppress(InterruptedError):
@@ -186,6 +197,7 @@ class Worker:
 
     def _step(self, backend: Backend) -> float:
         """One round: (re)join, reap finished runs, observe, decide, apply; the time until the next."""
+        self.ticked = time.monotonic()
         self._reap(backend)
         if self.member is None or self.member.lost.is_set():
             if self.member is not None:
