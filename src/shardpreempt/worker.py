@@ -87,6 +87,7 @@ class Hold:
         self.since = time.monotonic()
         self.runner: SliceRunner | None = None
         self.handing_over = False
+        self.superseded = False  # another owner holds it now
 
     def time_left(self) -> float:
         """Seconds before the session's fence time."""
@@ -265,8 +266,20 @@ class Worker:
     def _apply(self, backend: Backend, obs: Observation) -> float | None:
         opts, now = self.opts, time.monotonic()
         me = opts.identity
-        for s in opts.slices:  # held by this very session but not run here: give it back
+        for s in opts.slices:
             record = obs.owners.get(s.id)
+            hold = self.holds.get(s.id)
+            if hold is not None and record is not None and record.owner not in (self.owner, ""):
+                # Someone else was granted it (the backend lost our grant): ours is gone whatever our
+                # session says. Stop the run now; never release, the keys are not ours.
+                if not hold.lost.is_set():
+                    log.error("worker %d: slice %s is held by %s now; stopping its run", opts.index, s.id,
+                              record.owner)
+                    hold.reason, hold.superseded = f"superseded by {record.owner}", True
+                    hold.lost.set()
+                    if hold.runner is not None:
+                        hold.runner.wake()
+            # held by this very session but not run here: give it back
             if record is not None and record.owner == self.owner and s.id not in self.holds:
                 log.warning("worker %d: slice %s is held by our session without a run; releasing it", opts.index, s.id)
                 self.orphans.append(self._orphan(s.keys))
@@ -395,6 +408,10 @@ class Worker:
         """Release the slices whose runs have ended (recording once-mode results first)."""
         for sid, hold in list(self.holds.items()):
             runner = hold.runner
+            if hold.superseded and (runner is None or not runner.is_alive()):
+                self.holds.pop(sid, None)
+                self._events("lost", hold, reason=hold.reason or "superseded")
+                continue
             if runner is None or runner.is_alive() or hold.lost.is_set():
                 continue
             result = runner.result

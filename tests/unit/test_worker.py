@@ -112,3 +112,23 @@ def test_a_lost_session_loses_every_slice_and_the_worker_joins_again(setup: tupl
     worker._step(backend)
     assert worker.owner != first_owner and len(worker.holds) == 2
     assert all(h.runner is not None and not h.runner.is_alive() for h in holds)
+
+
+def test_a_slice_granted_to_someone_else_is_lost_at_once(setup: tuple[Worker, Faulty]) -> None:
+    """When the backend shows another owner on a held slice (it lost our grant), the run stops and the
+    slice is dropped as lost, never released."""
+    worker, backend = setup
+    worker._step(backend)
+    sid, hold = next(iter(worker.holds.items()))
+    other = backend.try_acquire(["unrelated"], "someone-else", 30)  # a live session of another owner
+    assert other is not None
+    with backend._store.lock:  # what a server that lost our grant would show
+        for key in hold.lease.keys:
+            backend._store.holds[key] = other.session
+    worker._step(backend)
+    assert hold.lost.is_set() and hold.reason is not None and "someone-else" in hold.reason
+    assert hold.runner is not None
+    hold.runner.join(5)
+    worker._step(backend)
+    assert sid not in worker.holds
+    assert all(h is not None and h.owner == "someone-else" for h in backend.inspect(list(hold.lease.keys)).values())
