@@ -24,6 +24,7 @@ import pytest
 
 from ..backends import open_backend
 from ..errors import LeaseLost
+from ..model import Lease
 from ..typing import Backend
 from .history import check
 from .wait import wait_until
@@ -128,6 +129,17 @@ class BackendContract:
         a.release(lease)
         holder = b.inspect(["x"])["x"]
         assert holder is not None and holder.owner == other.owner
+
+    def test_release_by_keys_and_session_alone(self, open_: Callable[[], Backend]) -> None:
+        """A lease rebuilt from its keys, owner and session (no tokens) releases what that session holds:
+        how a holder frees keys granted by an acquire whose reply it never got."""
+        a = open_()
+        owner = new_owner()
+        lease = a.try_acquire(["o1", "o2"], owner, 30)
+        assert lease is not None
+        a.release(Lease(lease.keys, owner, {}, lease.ttl, session=lease.session))
+        assert open_().inspect(["o1", "o2"]) == {"o1": None, "o2": None}
+        assert open_().try_acquire(["o1", "o2"], new_owner("b"), 30) is not None
 
     def test_records_compare_and_set(self, open_: Callable[[], Backend]) -> None:
         """A record is set only from the expected value, read back by another client, and deleted."""
