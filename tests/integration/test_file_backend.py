@@ -76,3 +76,22 @@ def test_tokens_survive_a_new_backend_and_release(tmp_path: Path) -> None:
     first.close()
     again = open_backend(url).try_acquire(["t"], "b", 10)
     assert again is not None and again.tokens["t"] == lease.tokens["t"] + 1
+
+
+def test_a_swapped_parent_cannot_redirect_lock_files(tmp_path: Path) -> None:
+    """Lock files are opened relative to the directory opened at start, so renaming a parent and putting
+    a symlink to another directory in its place does not move where locks are taken."""
+    parent = tmp_path / "state"
+    (parent / "locks").mkdir(parents=True, mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "locks").mkdir(parents=True, mode=0o700)
+    backend = open_backend(f"file://{parent}/locks")
+    try:
+        parent.rename(tmp_path / "moved")
+        parent.symlink_to(elsewhere)
+        lease = backend.try_acquire(["k"], "owner", 10)
+        assert lease is not None
+        assert (tmp_path / "moved" / "locks" / lock_name("k")).exists()
+        assert not (elsewhere / "locks" / lock_name("k")).exists()
+    finally:
+        backend.close()

@@ -65,25 +65,32 @@ def directory_of(url: str) -> Path:
     return Path(raw) if raw else default_directory()
 
 
-def _secure_directory(path: Path, url: str) -> Path:
+def _secure_directory(path: Path, url: str) -> tuple[Path, int]:
+    """Create (0700) and open the lock directory; refuse a symlink, another user's, or a shared one.
+
+    Returns the path and a descriptor of the directory: every lock file is opened relative to that
+    descriptor, so swapping a parent directory later cannot redirect lock files elsewhere.
+    """
     if not path.is_absolute():
         raise ConfigError(f"lock directory must be an absolute path, got {str(path)!r}", source=url)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(f"cannot create lock directory {str(path)!r}: {exc.strerror}", source=url) from exc
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"lock directory {str(path)!r} is a symlink or not a directory", source=url)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ConfigError(f"lock directory {str(path)!r} is a symlink or not a directory", source=url) from exc
+        raise ConfigError(f"cannot open lock directory {str(path)!r}: {exc.strerror}", source=url) from exc
+    st = os.fstat(fd)
+    problem = None
     if st.st_uid != os.geteuid():
-        raise ConfigError(f"lock directory {str(path)!r} is owned by uid {st.st_uid}, not by us", source=url)
-    if st.st_mode & 0o022:
-        raise ConfigError(
-            f"lock directory {str(path)!r} is writable by group or others (mode {st.st_mode & 0o777:o}); "
-            "use a private one (chmod 700)",
-            source=url,
-        )
-    return path
+        problem = f"lock directory {str(path)!r} is owned by uid {st.st_uid}, not by us"
+    elif st.st_mode & 0o022:
+        problem = (f"lock directory {str(path)!r} is writable by group or others (mode {st.st_mode & 0o777:o}); "
+                   "use a private one (chmod 700)")
+    if problem:
+        os.close(fd)
+        raise ConfigError(problem, source=url)
+    return path, fd
 
 
 def _read_record(fd: int) -> tuple[int, dict[str, Any]]:
@@ -146,7 +153,7 @@ class FileBackend:
         if parts.netloc not in ("", "localhost"):
             raise ConfigError("file:// URLs name a local directory: file:///abs/path", source=url)
         raw = unquote(parts.path)
-        self.directory = _secure_directory(Path(raw) if raw else default_directory(), url)
+        self.directory, self._dir_fd = _secure_directory(Path(raw) if raw else default_directory(), url)
         self.url = f"file://{self.directory}"
         self._held: dict[str, list[int]] = {}  # session -> fds holding the locks
         self._peek_fds: dict[str, int] = {}  # key -> read-only descriptor kept for peek()
@@ -156,7 +163,8 @@ class FileBackend:
     def _open(self, key: str) -> int:
         path = self.directory / lock_name(key)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(lock_name(key), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise BackendError(f"refusing lock file {str(path)!r}: it is a symlink") from exc
@@ -243,7 +251,7 @@ class FileBackend:
             fd = self._peek_fds.get(key)
             if fd is None:
                 try:
-                    fd = os.open(self.directory / lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    fd = os.open(lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
                 except FileNotFoundError:
                     out[key] = None
                     continue
@@ -268,7 +276,8 @@ class FileBackend:
 
     def _bell(self) -> int:
         if self._bell_fd is None:
-            fd = os.open(self.directory / "pool.bell", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open("pool.bell", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._dir_fd)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise BackendError("refusing pool.bell: not a regular file")
@@ -290,7 +299,7 @@ class FileBackend:
 
     def _inspect_one(self, key: str, held: set[tuple[int, int, int]] | None) -> Holder | None:
         try:
-            fd = os.open(self.directory / lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
         except FileNotFoundError:
             return None
         try:
@@ -314,7 +323,7 @@ class FileBackend:
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         path = self.directory / record_name(name)
         try:
-            fd = os.open(path, flags, 0o600)
+            fd = os.open(record_name(name), flags, 0o600, dir_fd=self._dir_fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -380,3 +389,6 @@ class FileBackend:
         if self._bell_fd is not None:
             os.close(self._bell_fd)
             self._bell_fd = None
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
