@@ -269,16 +269,15 @@ class Worker:
         for s in opts.slices:
             record = obs.owners.get(s.id)
             hold = self.holds.get(s.id)
-            if hold is not None and record is not None and record.owner not in (self.owner, ""):
-                # Someone else was granted it (the backend lost our grant): ours is gone whatever our
-                # session says. Stop the run now; never release, the keys are not ours.
-                if not hold.lost.is_set():
-                    log.error("worker %d: slice %s is held by %s now; stopping its run", opts.index, s.id,
-                              record.owner)
-                    hold.reason, hold.superseded = f"superseded by {record.owner}", True
-                    hold.lost.set()
-                    if hold.runner is not None:
-                        hold.runner.wake()
+            # Someone else was granted it (the backend lost our grant): ours is gone whatever our
+            # session says. Stop the run now; never release, the keys are not ours.
+            if (hold is not None and record is not None and record.owner not in (self.owner, "")
+                    and not hold.lost.is_set()):
+                log.error("worker %d: slice %s is held by %s now; stopping its run", opts.index, s.id, record.owner)
+                hold.reason, hold.superseded = f"superseded by {record.owner}", True
+                hold.lost.set()
+                if hold.runner is not None:
+                    hold.runner.wake()
             # held by this very session but not run here: give it back
             if record is not None and record.owner == self.owner and s.id not in self.holds:
                 log.warning("worker %d: slice %s is held by our session without a run; releasing it", opts.index, s.id)
