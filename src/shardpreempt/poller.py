@@ -132,7 +132,9 @@ class Poller:
 
         self.supervisor = Supervisor(self.worker_count, main, once=self.once, hang_timeout=hang,
                                      crash_limit=self.crash_limit, events=self.events, on_tick=self.on_tick,
-                                     on_worker_exit=cleanup)
+                                     on_worker_exit=cleanup,
+                                     hang_from_ttl=(lambda granted: default_hang_timeout(granted, True))
+                                     if server_expiry and self.hang_timeout is None else None)
         try:
             code = self.supervisor.run()
             sup = self.supervisor

@@ -47,6 +47,7 @@ class _Slot:
     quick_deaths: int = 0  # deaths in a row, each within stable_after of its start
     restart_at: float | None = None
     finished: bool = False  # once mode: exited 0, not to be restarted
+    hang_timeout: float | None = None  # from the ttl the backend granted this worker, when it differs
 
 
 class Supervisor:
@@ -57,6 +58,7 @@ class Supervisor:
                  backoff: float = 0.1, backoff_max: float = 10.0, kill_after: float = 10.0,
                  events: EventLog | None = None, on_tick: Callable[[Supervisor], None] | None = None,
                  on_worker_exit: Callable[[int], None] | None = None,
+                 hang_from_ttl: Callable[[float], float] | None = None,
                  tick_every: float = 0.25) -> None:
         self.slots = [_Slot(i) for i in range(count)]
         self.worker_main = worker_main
@@ -70,6 +72,7 @@ class Supervisor:
         self.events = events or EventLog(None)
         self.on_tick = on_tick
         self.on_worker_exit = on_worker_exit  # e.g. remove the dead worker's slice files
+        self.hang_from_ttl = hang_from_ttl  # granted ttl -> hang timeout (None: keep hang_timeout)
         self.tick_every = tick_every
         self.stop_requests = 0
         self.stop_signal: int | None = None  # the signal that asked for the (first) stop
@@ -137,6 +140,9 @@ class Supervisor:
                 slot.command_pgids.add(int(line[2:]))
             elif line.startswith(b"x "):
                 slot.command_pgids.discard(int(line[2:]))
+            elif line.startswith(b"t ") and self.hang_from_ttl is not None:
+                # the backend granted another ttl than asked (ZooKeeper negotiates): follow it
+                slot.hang_timeout = self.hang_from_ttl(float(line[2:]))
 
     def _reap(self) -> None:
         while True:
@@ -188,7 +194,7 @@ class Supervisor:
 
     def _check_hung(self, now: float) -> None:
         for slot in self.slots:
-            if slot.pid is not None and now - slot.last_beat > self.hang_timeout:
+            if slot.pid is not None and now - slot.last_beat > (slot.hang_timeout or self.hang_timeout):
                 log.error("worker %d (pid %d) sent no heartbeat for %.1f s: killing it", slot.index, slot.pid,
                           now - slot.last_beat)
                 self.events.emit("killed", worker=slot.index, reason="hung", **{"pid": slot.pid})

@@ -354,6 +354,8 @@ class Worker:
                 claim.on_lost(self._session_lost)
                 claim.start()
                 self.member, self.member_slot, self.owner = claim, j, owner
+                if backend.capabilities.server_expiry and lease.ttl != opts.ttl:
+                    self._report(f"t {lease.ttl}")  # the watchdog follows the ttl actually granted
                 self.started = time.monotonic()
                 self._ring(backend)
                 log.info("worker %d joined the pool as %s (member slot %d)", opts.index, opts.identity, j)

@@ -76,10 +76,10 @@ from .sqlcommon import HolderRow, SqlBackend, parse_db_url
 log = logging.getLogger("shardpreempt.backends.mysql")
 
 #: Bumped whenever the DDL changes, so existing installations get the new tables and procedures.
-SCHEMA_VERSION = "shardpreempt schema 2"  # 2: the records table
-#: Versions whose procedures have the current bodies: init relabels them in place (ALTER PROCEDURE)
-#: instead of dropping them, so workers of that version still running never find them missing.
-SAME_PROCEDURES = {"shardpreempt schema 1"}
+SCHEMA_VERSION = "shardpreempt schema 3"  # 2: the records table; 3: tokens from the server clock
+#: Per procedure, the versions whose body is the current one: init relabels such a procedure in place
+#: (ALTER PROCEDURE) instead of dropping it, so workers of that version still running never find it missing.
+SAME_PROCEDURES = {"acquire": frozenset(), "release": frozenset({"shardpreempt schema 1", "shardpreempt schema 2"})}
 
 #: The keys of a call as rows.
 KEY_ROWS = "JSON_TABLE(p_keys, '$[*]' COLUMNS (k VARCHAR(2048) CHARACTER SET utf8mb4 PATH '$')) AS j"
@@ -152,7 +152,9 @@ proc: BEGIN
         UPDATE `{p}sessions` SET expires_at = GREATEST(expires_at, v_now + INTERVAL p_ttl_us MICROSECOND)
             WHERE id = v_session;
     END IF;
-    UPDATE {keys} SET h.session = v_session, h.token = h.token + 1, h.since = v_now;
+    -- past the key's last token, and at least the server clock in µs: a token lost with the latest writes
+    -- (an older snapshot restored, a lagging replica promoted) is never granted again
+    UPDATE {keys} SET h.session = v_session, h.token = {next_token}, h.since = v_now;
     SELECT 'acquired', v_session;
     SELECT h.`key`, h.token FROM {keys};
     COMMIT;
@@ -169,6 +171,9 @@ BEGIN
 END"""
 
 PROCEDURES = {"acquire": ACQUIRE_PROC, "release": RELEASE_PROC}
+#: A key's next token in the acquire procedure: above its last one, and at least the server clock in µs
+#: since the epoch (``v_now`` is UTC: every connection of the backend sets ``time_zone = '+00:00'``).
+NEXT_TOKEN = "GREATEST(h.token + 1, TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', v_now))"
 
 INSTALLED = """SELECT ROUTINE_NAME, ROUTINE_COMMENT FROM information_schema.ROUTINES
 WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME IN %s AND ROUTINE_TYPE = 'PROCEDURE'"""
@@ -198,6 +203,12 @@ CONFIG_CODES = {1044, 1045, 1049, 1130, 1142, 1227, 1370, 1698}
 MISSING_CODES = {1146, 1305}  # table or procedure gone: recreate on the next call
 BUSY_CODES = {1205, 1213}
 PREFIX = re.compile(r"[A-Za-z0-9_]{0,40}")
+
+
+def procedure_ddl(proc: str, prefix: str, version: str = SCHEMA_VERSION, next_token: str = NEXT_TOKEN) -> str:
+    """The ``CREATE PROCEDURE`` statement of ``proc`` (a key of PROCEDURES) for tables named ``prefix``*."""
+    ddl = PROCEDURES[proc].replace("{keys}", KEYS).replace("{key_rows}", KEY_ROWS)
+    return ddl.replace("{next_token}", next_token).replace("{p}", prefix).replace("{version}", version)
 
 
 def _utf8_order(key: str) -> bytes:
@@ -261,7 +272,7 @@ class MySQLBackend(SqlBackend):
 
     def _init(self) -> None:
         conn = self._open()
-        names = {f"{self.prefix}{name}": text for name, text in PROCEDURES.items()}
+        names = {f"{self.prefix}{name}": name for name in PROCEDURES}
         for attempt in range(5):
             try:
                 with conn.cursor() as cur:
@@ -271,16 +282,15 @@ class MySQLBackend(SqlBackend):
                         break  # up to date: skip DDL, which needs more rights and takes locks
                     for ddl in TABLES:
                         cur.execute(ddl.replace("{p}", self.prefix))
-                    for name, text in names.items():
+                    for name, proc in names.items():
                         if installed.get(name) == SCHEMA_VERSION:
                             continue  # never drop a current procedure: a concurrent worker may be using it
-                        if installed.get(name) in SAME_PROCEDURES:
+                        if installed.get(name) in SAME_PROCEDURES[proc]:
                             cur.execute(f"ALTER PROCEDURE `{name}` COMMENT '{SCHEMA_VERSION}'")
                             continue
                         if name in installed:
                             cur.execute(f"DROP PROCEDURE IF EXISTS `{name}`")  # an older version
-                        ddl = text.replace("{keys}", KEYS).replace("{key_rows}", KEY_ROWS)
-                        cur.execute(ddl.replace("{p}", self.prefix).replace("{version}", SCHEMA_VERSION))
+                        cur.execute(procedure_ddl(proc, self.prefix))
                 break
             except pymysql.err.MySQLError as exc:
                 # 1304: another worker created the procedure since we looked; look again

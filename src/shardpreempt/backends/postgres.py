@@ -118,8 +118,10 @@ BEGIN
             SELECT y.id FROM {s}.sessions y WHERE y.expires_at < v_now - interval '1 minute'
             ORDER BY y.id LIMIT 100 FOR UPDATE SKIP LOCKED);
     END IF;
+    -- past the key's last token, and at least the server clock in µs: a token lost with the latest writes
+    -- (an older snapshot restored, a lagging replica promoted) is never granted again
     WITH u AS (
-        UPDATE {s}.shards h SET session = o_session, token = h.token + 1, since = v_now
+        UPDATE {s}.shards h SET session = o_session, token = {next_token}, since = v_now
         WHERE h.key = ANY(p_keys) RETURNING h.key, h.token)
     SELECT coalesce(array_agg(u.key), '{{}}'), coalesce(array_agg(u.token), '{{}}')
         INTO o_keys, o_tokens FROM u;
@@ -147,8 +149,11 @@ END $$;
 COMMENT ON FUNCTION {s}.release(text[], text, text) IS {version};
 """
 
+#: A key's next token in ``acquire()``: above its last one, and at least the server clock in µs.
+NEXT_TOKEN = "GREATEST(h.token + 1, (extract(epoch FROM v_now) * 1000000)::bigint)"
+
 #: Bumped whenever SCHEMA_DDL changes, so existing installations get the new functions.
-SCHEMA_VERSION = "shardpreempt schema 2"  # 2: the records table
+SCHEMA_VERSION = "shardpreempt schema 3"  # 2: the records table; 3: tokens from the server clock
 INSTALLED = "SELECT obj_description(to_regprocedure(%s), 'pg_proc')"
 
 ACQUIRE = "SELECT o_status, o_session, o_keys, o_tokens FROM {s}.acquire(%s, %s, %s, %s, %s, %s)"
@@ -219,7 +224,8 @@ class PostgresBackend(SqlBackend):
                    (("acquire", ACQUIRE), ("renew", RENEW), ("release", RELEASE), ("inspect", INSPECT),
                     ("read_records", READ_RECORDS))}
         self._swap_q = {shape: sql.SQL(text).format(s=s) for shape, text in SWAP_RECORD.items()}
-        self._ddl = sql.SQL(SCHEMA_DDL).format(s=s, version=sql.Literal(SCHEMA_VERSION))
+        self._ddl = sql.SQL(SCHEMA_DDL).format(s=s, version=sql.Literal(SCHEMA_VERSION),
+                                               next_token=sql.SQL(NEXT_TOKEN))
         self._marker = sql.SQL("{}.release(text[], text, text)").format(s).as_string()
         self._conn: _Connection | None = None
         self._listener: _Connection | None = None

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .base import EphemeralServer, ServerUnavailable, find_binary, wait_stopped
 
@@ -81,6 +83,32 @@ class PostgresServer(EphemeralServer):
     def url(self, namespace: str) -> str:
         """A backend URL whose lease tables live in schema ``namespace`` (created on first use)."""
         return f"{self.dsn()}?schema={namespace}"
+
+    def snapshot(self, name: str) -> Path:
+        """Copy the data directory of the stopped server (a snapshot, as a backup or a lagging replica has)."""
+        assert self.proc is None or self.proc.poll() is not None, "stop the server before taking a snapshot"
+        copy = self.tmp / "snapshots" / name
+        shutil.copytree(self.tmp / "data", copy, symlinks=True)
+        self._own(copy)
+        return copy
+
+    def restore(self, snapshot: Path) -> None:
+        """Replace the data directory of the stopped server by a copy of ``snapshot``: later writes are lost."""
+        assert self.proc is None or self.proc.poll() is not None, "stop the server before restoring"
+        shutil.rmtree(self.tmp / "data")
+        shutil.copytree(snapshot, self.tmp / "data", symlinks=True)
+        self._own(self.tmp / "data")
+
+    def _own(self, top: Path) -> None:
+        """Hand a copied tree to the ``postgres`` user (copies made as root belong to root)."""
+        if os.geteuid() != 0:
+            return
+        uid, gid = self.user.pw_uid, self.user.pw_gid
+        os.chown(top, uid, gid)
+        os.chown(top.parent, uid, gid)
+        for root, dirs, files in os.walk(top):
+            for entry in (*dirs, *files):
+                os.chown(os.path.join(root, entry), uid, gid, follow_symlinks=False)
 
     def _children(self) -> list[int]:
         """The postmaster's children (backends call setsid(), so a process-group signal misses them)."""
