@@ -88,6 +88,11 @@ class Hold:
         self.runner: SliceRunner | None = None
         self.handing_over = False
         self.superseded = False  # another owner holds it now
+        self._reported = threading.Lock()  # held once the loss has been written to the events
+
+    def report_loss(self) -> bool:
+        """True the first time only: whoever gets it writes the ``lost`` events."""
+        return self._reported.acquire(blocking=False)
 
     def time_left(self) -> float:
         """Seconds before the session's fence time."""
@@ -222,11 +227,13 @@ class Worker:
         return max(0.0, min(self.period, recheck - now if recheck is not None else self.period))
 
     def _outage(self, what: str) -> float:
-        """Log one line per try, with a growing delay (0.1 s doubling to 30 s); the run carries on."""
-        delay = min(30.0, 0.1 * 2.0 ** min(self.outages, 20))
+        """Try again soon (liveness after the backend comes back), but log with a growing back-off:
+        one line at tries 1, 2, 4, 8, ... so an outage of any length stays a handful of lines."""
         self.outages += 1
-        log.warning("worker %d: %s; try %d, next in %.1f s", self.opts.index, what, self.outages, delay)
-        return delay
+        if self.outages & (self.outages - 1) == 0:
+            log.warning("worker %d: %s (try %d; next lines at try %d)", self.opts.index, what, self.outages,
+                        self.outages * 2)
+        return min(1.0, self.period * 2)
 
     def _update_watch(self, obs: Observation) -> None:
         slots = sorted(m.slot for m in obs.members.values())
@@ -400,10 +407,17 @@ class Worker:
         # process it started has ended, even if this worker dies first.
         lease_fds = getattr(backend, "lease_fds", None)
         inherit = tuple(lease_fds(lease)) if lease_fds is not None and self.opts.run.command else ()
-        hold.runner = SliceRunner(ownership, self.opts.run, report=self._report, on_exit=lambda r: self.wake(),
-                                  inherit_fds=inherit)
+        hold.runner = SliceRunner(ownership, self.opts.run, report=self._report,
+                                  on_exit=lambda runner: self._run_ended(hold), inherit_fds=inherit)
         hold.runner.start()
         return True
+
+    def _run_ended(self, hold: Hold) -> None:
+        """In the runner's thread, the moment its run has ended: a lost slice's loss is written now —
+        the run is over — even while the main loop is stuck on an unreachable backend."""
+        if hold.lost.is_set() and hold.report_loss():
+            self._events("lost", hold, reason=hold.reason or "lost")
+        self.wake()
 
     def _reap(self, backend: Backend) -> None:
         """Release the slices whose runs have ended (recording once-mode results first)."""
@@ -411,7 +425,8 @@ class Worker:
             runner = hold.runner
             if hold.superseded and (runner is None or not runner.is_alive()):
                 self.holds.pop(sid, None)
-                self._events("lost", hold, reason=hold.reason or "superseded")
+                if hold.report_loss():
+                    self._events("lost", hold, reason=hold.reason or "superseded")
                 continue
             if runner is None or runner.is_alive() or hold.lost.is_set():
                 continue
@@ -453,9 +468,10 @@ class Worker:
                 if hold.runner.is_alive() and self.opts.run.job is not None:
                     log.error("worker %d: job did not stop after losing its lease; exiting", self.opts.index)
                     for h in holds:
-                        self._events("lost", h, reason=h.reason or reason)
+                        if h.report_loss():
+                            self._events("lost", h, reason=h.reason or reason)
                     os._exit(EXIT_FENCED)
-            if emit:
+            if emit and hold.report_loss():
                 self._events("lost", hold, reason=hold.reason or reason)
         self.holds.clear()
         if self.member is not None and (emit or self.member.lost.is_set()):
