@@ -21,7 +21,7 @@ from shardpreempt.testing.skips import missing
 
 pymysql = pytest.importorskip("pymysql")
 
-from shardpreempt.backends.mysql import MySQLBackend  # noqa: E402
+from shardpreempt.backends.mysql import SCHEMA_VERSION, MySQLBackend, procedure_ddl  # noqa: E402
 from shardpreempt.testing.servers.mariadb import MariaDBServer  # noqa: E402
 
 PASSWORD = "s3cret-Pa55word"
@@ -495,27 +495,83 @@ def test_bad_record_input_is_a_config_error_before_any_round_trip(
     assert round_trips[0] == 0
 
 
-def test_a_schema_1_installation_gets_the_records_table(server: MariaDBServer, url: str,
-                                                        open_: Callable[..., MySQLBackend]) -> None:
-    """Tables of the previous version gain the records table; their procedures are relabelled, never dropped."""
-    old = open_()
-    lease = old.try_acquire(["kept"], "owner-old", 60)
-    assert lease is not None
+@pytest.mark.parametrize("previous", ["shardpreempt schema 1", "shardpreempt schema 2"])
+def test_an_older_installation_gets_the_records_table_and_clock_tokens(
+    server: MariaDBServer, url: str, open_: Callable[..., MySQLBackend], previous: str
+) -> None:
+    """An older schema (token + 1, maybe no records table) gets clock tokens; release is relabelled, not dropped."""
     database = url.rsplit("/", 1)[1]
-    _admin(server, f"DROP TABLE `{database}`.shardpreempt_records",
-           *(f"ALTER PROCEDURE `{database}`.shardpreempt_{p} COMMENT 'shardpreempt schema 1'"
-             for p in ("acquire", "release")))
+    old = open_()
+    old.init()
+    _admin(server, f"USE `{database}`", "DROP PROCEDURE shardpreempt_acquire",
+           procedure_ddl("acquire", "shardpreempt_", version=previous, next_token="h.token + 1"),
+           f"ALTER PROCEDURE shardpreempt_release COMMENT '{previous}'",
+           *(["DROP TABLE shardpreempt_records"] if previous.endswith("1") else []))
+    lease = old.try_acquire(["kept"], "owner-old", 60)
+    assert lease is not None and lease.tokens["kept"] == 1  # granted by the old procedure
     before = _procedures(server, database)
     new = open_()
     assert new.swap_record("layout", None, "v1") is True
     assert new.read_records(["layout"]) == {"layout": "v1"}
     after = _procedures(server, database)
-    assert {name: created for name, (created, _) in after.items()} == \
-           {name: created for name, (created, _) in before.items()}  # the same procedures: not recreated
-    assert {comment for _, comment in after.values()} == {"shardpreempt schema 2"}
+    assert after["shardpreempt_release"][0] == before["shardpreempt_release"][0]  # relabelled, not recreated
+    assert {comment for _, comment in after.values()} == {SCHEMA_VERSION}
+    assert "TIMESTAMPDIFF(MICROSECOND" in _definition(server, database, "shardpreempt_acquire")
     holder = new.inspect(["kept"])["kept"]
-    assert holder is not None and holder.owner == "owner-old" and holder.token == lease.tokens["kept"]
+    assert holder is not None and holder.owner == "owner-old" and holder.token == 1
     assert old.renew(lease).session == lease.session  # a worker of the old version goes on working
+    old.release(lease)
+    now = _server_us(server)
+    again = new.try_acquire(["kept"], "owner-new", 60)
+    assert again is not None and again.tokens["kept"] >= now
+
+
+def test_tokens_are_the_server_clock_in_microseconds(server: MariaDBServer, open_: Callable[..., MySQLBackend]) -> None:
+    """A fresh grant's token is the server's clock in microseconds since the epoch, read during the acquire."""
+    b = open_()
+    b.init()
+    before = _server_us(server)
+    lease = b.try_acquire(["c1", "c2"], "owner-c", 30)
+    after = _server_us(server)
+    assert lease is not None and all(before <= t <= after for t in lease.tokens.values()), (before, lease, after)
+
+
+def test_a_token_stays_above_the_last_one_when_the_clock_is_behind_it(
+    server: MariaDBServer, url: str, open_: Callable[..., MySQLBackend]
+) -> None:
+    """When a key's last token is ahead of the server clock, the next grants are last + 1, last + 2."""
+    b = open_()
+    lease = b.try_acquire(["ahead"], "owner-a", 30)
+    assert lease is not None
+    b.release(lease)
+    _admin(server, f"UPDATE `{url.rsplit('/', 1)[1]}`.shardpreempt_shards SET token = {2**62} WHERE `key` = 'ahead'")
+    for expected in (2**62 + 1, 2**62 + 2):
+        lease = b.try_acquire(["ahead"], "owner-a", 30)
+        assert lease is not None and lease.tokens["ahead"] == expected
+        b.release(lease)
+
+
+def _server_us(server: MariaDBServer) -> int:
+    """The server's clock, in microseconds since the epoch."""
+    conn: Any = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT CAST(UNIX_TIMESTAMP(SYSDATE(6)) * 1000000 AS SIGNED)")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _definition(server: MariaDBServer, database: str, name: str) -> str:
+    """The body of procedure ``name`` in ``database``."""
+    conn: Any = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT ROUTINE_DEFINITION FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA = %s"
+                        " AND ROUTINE_NAME = %s", (database, name))
+            return str(cur.fetchone()[0])
+    finally:
+        conn.close()
 
 
 def _procedures(server: MariaDBServer, database: str) -> dict[str, tuple[Any, str]]:
@@ -558,3 +614,54 @@ def test_a_table_dropped_under_a_running_backend_is_recreated_by_the_next_call(
         b.read_records(["r"])
     assert b.read_records(["r"]) == {"r": None}
     assert b.swap_record("r", None, "again") is True
+
+
+@pytest.fixture
+def own_server() -> Iterator[MariaDBServer]:
+    """A MariaDB server of the test's own, which it may stop, snapshot and restore."""
+    try:
+        srv = server_for("mysql")
+    except ServerUnavailable as exc:
+        missing(f"mysql: {exc}")
+    assert isinstance(srv, MariaDBServer)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def _grant(url: str, key: str, owner: str) -> int:
+    """Acquire ``key`` for ``owner`` on a new backend, release it, and return its token."""
+    backend = open_backend(url)
+    try:
+        lease = backend.try_acquire([key], owner, 30)
+        assert lease is not None
+        backend.release(lease)
+        return lease.tokens[key]
+    finally:
+        backend.close()
+
+
+def test_tokens_never_repeat_after_a_restore_from_an_older_snapshot(own_server: MariaDBServer) -> None:
+    """A server restored from a snapshot taken after grant T1 (later grants up to T2 lost) grants above T2."""
+    url = own_server.url(unique())
+    t1 = _grant(url, "snap", "owner-1")
+    own_server.stop()
+    snapshot = own_server.snapshot("after-t1")
+    own_server.start()
+    later = [_grant(url, "snap", f"owner-{n}") for n in range(2, 5)]
+    backend = open_backend(url)
+    assert backend.swap_record("lost", None, "written after the snapshot") is True
+    backend.close()
+    assert t1 < later[0] < later[1] < later[2]
+    t2 = later[-1]
+    own_server.stop()
+    own_server.restore(snapshot)
+    own_server.start()
+    backend = open_backend(url)
+    try:
+        assert backend.read_records(["lost"]) == {"lost": None}  # the writes after the snapshot are gone
+        again = backend.try_acquire(["snap"], "owner-after-restore", 30)
+        assert again is not None
+        assert again.tokens["snap"] > t2, (t1, later, again.tokens["snap"])
+    finally:
+        backend.close()

@@ -24,7 +24,13 @@ from shardpreempt.testing.skips import missing
 psycopg = pytest.importorskip("psycopg")
 from psycopg import sql  # noqa: E402
 
-from shardpreempt.backends.postgres import PostgresBackend, _Connection  # noqa: E402
+from shardpreempt.backends.postgres import (  # noqa: E402
+    INSTALLED,
+    SCHEMA_DDL,
+    SCHEMA_VERSION,
+    PostgresBackend,
+    _Connection,
+)
 from shardpreempt.testing.servers.postgres import PostgresServer  # noqa: E402
 
 PASSWORD = "s3cret-Pa55word"
@@ -485,20 +491,68 @@ def test_bad_record_input_is_a_config_error_before_any_round_trip(
     assert round_trips[0] == 0
 
 
-def test_a_schema_1_installation_gets_the_records_table(url: str, open_: Callable[..., PostgresBackend]) -> None:
-    """A schema made by the previous version (no records table) is brought up to date by the next backend."""
+@pytest.mark.parametrize("previous", ["shardpreempt schema 1", "shardpreempt schema 2"])
+def test_an_older_installation_gets_the_records_table_and_clock_tokens(
+    server: PostgresServer, open_: Callable[..., PostgresBackend], previous: str
+) -> None:
+    """An older schema (acquire with token + 1, maybe no records table) is brought up to date by the next backend."""
     old = open_()
-    lease = old.try_acquire(["kept"], "owner-old", 60)
-    assert lease is not None
+    old.init()
+    schema = sql.Identifier(old.schema)
     conn = old._open()
-    conn.execute(sql.SQL("DROP TABLE {}.records").format(sql.Identifier(old.schema)))
-    conn.execute(sql.SQL("COMMENT ON FUNCTION {}.release(text[], text, text) IS 'shardpreempt schema 1'")
-                 .format(sql.Identifier(old.schema)))
+    conn.execute(sql.SQL(SCHEMA_DDL).format(s=schema, version=sql.Literal(previous), next_token=sql.SQL("h.token + 1")))
+    if previous.endswith("1"):
+        conn.execute(sql.SQL("DROP TABLE {}.records").format(schema))
+    lease = old.try_acquire(["kept"], "owner-old", 60)
+    assert lease is not None and lease.tokens["kept"] == 1  # granted by the old function
     new = open_()
     assert new.swap_record("layout", None, "v1") is True
     assert new.read_records(["layout"]) == {"layout": "v1"}
+    with psycopg.connect(server.dsn()) as admin:
+        marker = admin.execute(INSTALLED, (f"{old.schema}.release(text[], text, text)",)).fetchone()
+        body = admin.execute("SELECT pg_get_functiondef(to_regprocedure(%s))",
+                             (f"{old.schema}.acquire(text[], text, text, float8, integer, text)",)).fetchone()
+    assert marker == (SCHEMA_VERSION,) and body is not None and "extract(epoch FROM v_now)" in body[0]
     holder = new.inspect(["kept"])["kept"]
-    assert holder is not None and holder.owner == "owner-old" and holder.token == lease.tokens["kept"]
+    assert holder is not None and holder.owner == "owner-old" and holder.token == 1
+    assert old.renew(lease).session == lease.session  # a worker of the old version goes on working
+    old.release(lease)
+    now = _server_us(server)
+    again = new.try_acquire(["kept"], "owner-new", 60)
+    assert again is not None and again.tokens["kept"] >= now
+
+
+def test_tokens_are_the_server_clock_in_microseconds(server: PostgresServer,
+                                                     open_: Callable[..., PostgresBackend]) -> None:
+    """A fresh grant's token is the server's clock in microseconds since the epoch, read during the acquire."""
+    b = open_()
+    b.init()
+    before = _server_us(server)
+    lease = b.try_acquire(["c1", "c2"], "owner-c", 30)
+    after = _server_us(server)
+    assert lease is not None and all(before <= t <= after for t in lease.tokens.values()), (before, lease, after)
+
+
+def test_a_token_stays_above_the_last_one_when_the_clock_is_behind_it(open_: Callable[..., PostgresBackend]) -> None:
+    """When a key's last token is ahead of the server clock, the next grants are last + 1, last + 2."""
+    b = open_()
+    lease = b.try_acquire(["ahead"], "owner-a", 30)
+    assert lease is not None
+    b.release(lease)
+    b._open().execute(sql.SQL("UPDATE {}.shards SET token = %s WHERE key = 'ahead'").format(sql.Identifier(b.schema)),
+                      (2**62,))
+    for expected in (2**62 + 1, 2**62 + 2):
+        lease = b.try_acquire(["ahead"], "owner-a", 30)
+        assert lease is not None and lease.tokens["ahead"] == expected
+        b.release(lease)
+
+
+def _server_us(server: PostgresServer) -> int:
+    """The server's clock, in microseconds since the epoch."""
+    with psycopg.connect(server.dsn()) as conn:
+        row = conn.execute("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_records_inserts_and_deletes_racing_stay_consistent(open_: Callable[..., PostgresBackend]) -> None:
@@ -529,3 +583,54 @@ def test_a_table_dropped_under_a_running_backend_is_recreated_by_the_next_call(
         b.read_records(["r"])
     assert b.read_records(["r"]) == {"r": None}
     assert b.swap_record("r", None, "again") is True
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, which it may stop, snapshot and restore."""
+    try:
+        srv = server_for("postgresql")
+    except ServerUnavailable as exc:
+        missing(f"postgresql: {exc}")
+    assert isinstance(srv, PostgresServer)
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def _grant(url: str, key: str, owner: str) -> int:
+    """Acquire ``key`` for ``owner`` on a new backend, release it, and return its token."""
+    backend = open_backend(url)
+    try:
+        lease = backend.try_acquire([key], owner, 30)
+        assert lease is not None
+        backend.release(lease)
+        return lease.tokens[key]
+    finally:
+        backend.close()
+
+
+def test_tokens_never_repeat_after_a_restore_from_an_older_snapshot(own_server: PostgresServer) -> None:
+    """A server restored from a snapshot taken after grant T1 (later grants up to T2 lost) grants above T2."""
+    url = own_server.url(unique())
+    t1 = _grant(url, "snap", "owner-1")
+    own_server.stop()
+    snapshot = own_server.snapshot("after-t1")
+    own_server.start()
+    later = [_grant(url, "snap", f"owner-{n}") for n in range(2, 5)]
+    backend = open_backend(url)
+    assert backend.swap_record("lost", None, "written after the snapshot") is True
+    backend.close()
+    assert t1 < later[0] < later[1] < later[2]
+    t2 = later[-1]
+    own_server.stop()
+    own_server.restore(snapshot)
+    own_server.start()
+    backend = open_backend(url)
+    try:
+        assert backend.read_records(["lost"]) == {"lost": None}  # the writes after the snapshot are gone
+        again = backend.try_acquire(["snap"], "owner-after-restore", 30)
+        assert again is not None
+        assert again.tokens["snap"] > t2, (t1, later, again.tokens["snap"])
+    finally:
+        backend.close()

@@ -32,11 +32,11 @@ try_acquire is one ``CALL <prefix>acquire(keys as JSON, ...)``: refuse at once i
 holder; otherwise, in one READ COMMITTED transaction, create or lock the key rows in key order (the keys
 are sent sorted by their UTF-8 bytes, and rows are inserted ``ORDER BY key``, so overlapping slices
 never deadlock), lock their sessions in share mode and check again, extend or create the owner's session
-and point the keys at it with ``token = token + 1``. A key held by the caller's own live session counts
-as busy. A deadlock (1213) or lock wait timeout (1205) is reported as busy (``None``), not retried: the
-claimer tries again on its own schedule. renew is one ``UPDATE`` of the session row that matches only
-while it has not expired (O(1)); release is one ``CALL <prefix>release``, clearing the keys still
-pointing at the session (READ COMMITTED and key order too: no gap locks to deadlock with an acquire).
+and point the keys at it with ``token = GREATEST(token + 1, clock in µs)``. A key held by the caller's own
+live session counts as busy. A deadlock (1213) or lock wait timeout (1205) is reported as busy (``None``),
+not retried: the claimer tries again on its own schedule. renew is one ``UPDATE`` of the session row that
+matches only while it has not expired (O(1)); release is one ``CALL <prefix>release``, clearing the keys
+still pointing at the session (READ COMMITTED and key order too: no gap locks to deadlock with an acquire).
 inspect is one ``SELECT ... key IN (...)`` per 10,000 keys. read_records is one ``SELECT``; swap_record
 is one autocommitted ``INSERT`` (a duplicate key: not absent), ``UPDATE`` or ``DELETE ... WHERE value =
 expected`` — InnoDB evaluates the condition of a write on the newest committed row under its lock, never
@@ -45,7 +45,16 @@ inserts racing with a delete) is run again, up to 3 times; a lock wait timeout (
 ``BackendUnavailable``: nothing was changed. One connection per backend object, used
 by one thread at a time (a lock), so a worker may renew from one thread while it acquires from another.
 
-Token source: ``shards.token``, bumped in the acquiring transaction; durable across server restarts.
+Token source: ``GREATEST(last token + 1, SYSDATE(6) in µs since the epoch)`` (``NEXT_TOKEN``), computed in
+the acquiring transaction and kept in ``<prefix>shards.token`` (BIGINT), as ``redis://`` does. ``last + 1``
+makes tokens strictly increase per key across holders; the clock keeps them from repeating when the server
+loses its latest commits (restored from an older snapshot, failover to a lagging replica, a crash with
+``innodb_flush_log_at_trx_commit`` = 0 or 2): every lost grant's token was at most the clock of its grant, so
+the next grant, later by the clock, is above them all. This assumes the server's clock (the new primary's,
+after a failover) never steps back further than the time between two grants of a key, and a key is granted
+at most once per microsecond. Tokens are near 1.7e15 (below 2**53). Schema 3 brought this: the first backend
+of this version replaces ``<prefix>acquire`` of an older installation (drop and create: a call racing with it
+fails once with ``BackendUnavailable``) and relabels ``<prefix>release``, whose body is unchanged.
 Capabilities: server expiry, cross-host, not session-bound, no blocking wait (polling).
 Caveats: keys are at most 2,048 bytes of UTF-8 without NUL. Do not run the server with
 ``--sysdate-is-now``. With statement-based binary logging the procedure is unsafe (SYSDATE, UUID): use

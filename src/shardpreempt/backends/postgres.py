@@ -25,11 +25,12 @@ whose session is missing or expired is free. ``init()`` creates them with the pl
 try_acquire is one call of ``acquire()`` (one round trip, one transaction): create missing key rows,
 lock them ``FOR UPDATE`` in key order (no deadlocks between overlapping slices), lock the sessions they
 point at ``FOR SHARE`` (so a renewal racing with an expiry is seen), and only if every key is free
-extend or create the owner's session and point the keys at it, bumping each key's token. A key held by
-the caller's own live session counts as busy, as in ``memory://``. A deadlock or lock timeout reports
-busy (``None``), never a partial hold. renew is one ``UPDATE sessions ... RETURNING`` that succeeds only
-while the session has not expired (O(1) whatever the number of keys); release is one call of
-``release()``, which clears the keys still pointing at the session and sends
+extend or create the owner's session and point the keys at it, setting each key's token to
+``GREATEST(token + 1, clock in µs)``. A key held by the caller's own live session counts as busy, as in
+``memory://``. A deadlock or lock timeout reports busy (``None``), never a partial hold. renew is one
+``UPDATE sessions ... RETURNING`` that succeeds only while the session has not expired (O(1) whatever the
+number of keys); release is one call of ``release()``, which clears the keys still pointing at the session
+and sends
 ``pg_notify('<schema>_released', <keys as JSON, or '' when too long>)`` in the same transaction.
 ``wait`` listens on a dedicated connection kept open across calls, so releases between calls queue up;
 the first ``wait`` (and the first after a reconnect) returns at once, because it cannot know what it
@@ -37,8 +38,16 @@ missed before it listened. ``read_records`` is one ``SELECT ... name = ANY(...)`
 autocommitted statement: ``INSERT ... ON CONFLICT DO NOTHING``, ``UPDATE`` or ``DELETE ... WHERE value =
 expected`` (a row lock and a re-check of the newest version make it atomic), or a read when nothing changes.
 
-Token source: ``shards.token``, bumped in the acquiring transaction; it is durable and survives server
-restarts. Capabilities: server expiry, cross-host, not session-bound, blocking wait.
+Token source: ``GREATEST(last token + 1, clock_timestamp() in µs since the epoch)`` (``NEXT_TOKEN``),
+computed in the acquiring transaction and kept in ``shards.token`` (bigint), as ``redis://`` does. ``last + 1``
+makes tokens strictly increase per key across holders; the clock keeps them from repeating when the server
+loses its latest commits (restored from an older snapshot, a lagging standby promoted, ``fsync=off`` and a
+crash): the surviving row has an older token, but every lost grant's token was at most the clock of its
+grant, so the next grant, later by the clock, is above them all. This assumes the server's clock (the new
+primary's, after a failover) never steps back further than the time between two grants of a key, and a key
+is granted at most once per microsecond. Tokens are near 1.7e15 (below 2**53). Schema 3 brought this; the
+first backend of this version replaces ``acquire()`` of an older installation (``CREATE OR REPLACE``).
+Capabilities: server expiry, cross-host, not session-bound, blocking wait.
 Caveats: keys are at most 2,048 bytes of UTF-8 without NUL. A connection error is classified by libpq's
 message, which assumes English server messages: too many connections (53300) and "starting up",
 "shutting down", "in recovery" (57P03) -> ``BackendUnavailable``; authentication, a missing role or

@@ -1,10 +1,14 @@
 """What the SQL backends (``postgresql://``, ``mysql://``) share: URL parsing and the lease logic.
 
 Both keep the same three tables: ``sessions`` (one row per live worker session, with a server-side
-``expires_at``), ``shards`` (one row per key ever used: the session it points at and its token, a
-per-key generation that is never reset) and ``records`` (name, value: the backend's records, apart
-from the keys). :class:`SqlBackend` turns the one-round-trip server calls each dialect provides
-(acquire, renew, release, inspect, read and swap records) into the Backend contract.
+``expires_at``), ``shards`` (one row per key ever used: the session it points at and its last token)
+and ``records`` (name, value: the backend's records, apart from the keys). Each grant's token is
+``GREATEST(last token + 1, server clock in µs since the epoch)``, as in ``redis://``: strictly
+increasing per key across holders, and never a repeat of a token lost with the server's latest
+writes (an older snapshot restored, a lagging replica promoted), as long as the server's clock does
+not step back further than the time between two grants of a key. :class:`SqlBackend` turns the
+one-round-trip server calls each dialect provides (acquire, renew, release, inspect, read and swap
+records) into the Backend contract.
 """
 
 from __future__ import annotations
