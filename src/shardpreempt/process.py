@@ -35,21 +35,25 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
         os.kill(os.getpid(), sig)
 
 
-def start_guard() -> int:
-    """Fork a guard for this worker's commands; return the pipe to tell it about them.
+GUARD_VARIABLE = "SHARDPREEMPT_GUARD"  # in every command's environment: the guard's pid
+
+
+def start_guard() -> tuple[int, int]:
+    """Fork a guard for this worker's commands; return its pid and the pipe to tell it about them.
 
     Write ``+PGID`` when a command's process group starts and ``-PGID`` when it is gone. When this
     process dies — however it dies — the kernel closes the pipe, and the guard kills every process
-    group it still knows with SIGKILL, then exits: nothing a command started outlives the worker
-    that held its lease (except a process that left its group, e.g. with ``setsid``; on ``file://``
-    such a process still holds the slice's locks through the descriptors it inherited, so the
-    slice stays unavailable to others until it ends). Call it before starting any thread.
+    group it still knows with SIGKILL, and every process whose environment carries
+    ``SHARDPREEMPT_GUARD=<its pid>`` (so a command started just before the worker died, before it
+    could be reported, and a process that left its group, are found too), then exits. Only a process
+    that both left its group and cleared that variable escapes; on ``file://`` it still holds the
+    slice's locks through the descriptors it inherited. Call it before starting any thread.
     """
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid != 0:
         os.close(read_fd)
-        return write_fd
+        return pid, write_fd
     code = 0
     try:
         os.close(write_fd)
@@ -68,10 +72,29 @@ def start_guard() -> int:
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
+        _kill_marked(f"{GUARD_VARIABLE}={os.getpid()}".encode())
     except BaseException:  # never let the guard run the worker's code
         code = 1
     finally:
         os._exit(code)
+
+
+def _kill_marked(marker: bytes) -> None:
+    """SIGKILL every process whose environment holds ``marker`` (and its process group)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            pid = int(entry)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def runtime_base() -> Path:

@@ -38,6 +38,7 @@ from pathlib import Path
 from .claims import Ownership
 from .config import shard_table
 from .errors import Shutdown
+from .process import GUARD_VARIABLE
 
 log = logging.getLogger("shardpreempt.runner")
 
@@ -58,6 +59,7 @@ class RunSettings:
     grace: float = 0.5  # lost lease: SIGTERM -> SIGKILL
     stop_grace: float = 30.0  # handoff / warm stop: SIGTERM -> SIGKILL
     files_dir: str | None = None  # private (0700) directory for slice files; None: a temporary one
+    guard: int | None = None  # pid of the worker's guard, marked in every command's environment
 
 
 class SliceRunner(threading.Thread):
@@ -191,6 +193,8 @@ class SliceRunner(threading.Thread):
                 "SHARDPREEMPT_OWNER": own.owner,
                 "SHARDPREEMPT_SLICE_FILE": str(slice_file),
             })
+            if self.settings.guard is not None:
+                env[GUARD_VARIABLE] = str(self.settings.guard)
             try:
                 # No preexec_fn: running Python between fork and exec in a threaded worker can deadlock
                 # the child. The worker's guard process ends the command's group if the worker dies.

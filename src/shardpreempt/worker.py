@@ -565,7 +565,8 @@ def run_worker(opts: WorkerOptions, parent: int) -> int:
     """Entry point in a freshly forked worker process."""
     die_with_parent(parent)
     if opts.run.command is not None and opts.guard_fd is None:
-        opts.guard_fd = start_guard()  # before any thread starts
+        guard_pid, opts.guard_fd = start_guard()  # before any thread starts
+        opts.run = replace(opts.run, guard=guard_pid)
     worker = Worker(opts)
     signal.signal(signal.SIGTERM, worker.on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

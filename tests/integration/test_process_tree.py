@@ -28,12 +28,12 @@ def test_a_killed_supervisor_takes_the_commands_children_with_it(tmp_path: Path,
 
 def test_on_file_a_process_that_left_the_group_keeps_the_slice_locked(tmp_path: Path, lockdir: str,
                                                                         start_run: Any) -> None:
-    """On file://, a process that escaped the command's group still holds the slice's locks, so no
-    other worker starts on the slice until it has ended."""
+    """On file://, a process that escaped the command's group and the guard's mark still holds the
+    slice's locks, so no other worker starts on the slice until it has ended."""
     cfg = write_config(tmp_path / "c.toml", 2, lockdir, extra="[slicing]\nslices = 1\n")
     ev = tmp_path / "ev.jsonl"
     started, ended = tmp_path / "started", tmp_path / "ended"
-    script = f"setsid sh -c 'echo $$ > {started}; sleep 1.5; date +%s.%N > {ended}' & wait"
+    script = f"env -u SHARDPREEMPT_GUARD setsid sh -c 'echo $$ > {started}; sleep 1.5; date +%s.%N > {ended}' & wait"
     first = start_run(str(cfg), "-w", "1", "--events", str(ev), "--", "bash", "-c", script)
     wait_until(lambda: started.exists() and started.read_text().strip(), 20, message="the escaped process started")
     first.signal(signal.SIGKILL)
@@ -44,3 +44,17 @@ def test_on_file_a_process_that_left_the_group_keeps_the_slice_locked(tmp_path: 
     second = max(e["t"] for e in events(ev) if e["event"] == "acquired")
     assert second >= float(ended.read_text()) - 0.05  # not before the escaped process let go
     assert os.path.exists(lockdir.removeprefix("file://"))
+
+
+def test_a_process_that_left_the_group_is_ended_with_its_worker(tmp_path: Path, lockdir: str,
+                                                                start_run: Any) -> None:
+    """A command's child that moved to its own session is still found (by the guard's mark in its
+    environment) and killed when the worker dies."""
+    cfg = write_config(tmp_path / "c.toml", 2, lockdir)
+    pidfile = tmp_path / "escaped.pid"
+    run = start_run(str(cfg), "-w", "1", "--", "bash", "-c", f"setsid sh -c 'echo $$ > {pidfile}; sleep 1000' & wait")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, message="the escaped process started")
+    escaped = int(pidfile.read_text())
+    run.signal(signal.SIGKILL)
+    run.wait(10)
+    wait_until(lambda: not alive(escaped), 10, message="the escaped process is gone")

@@ -152,3 +152,10 @@ def make_pool(pool_backend: str, tmp_path: Path, request: pytest.FixtureRequest)
         if rep is not None and rep.failed:
             print(pool.logs()[-20000:])
             print(json.dumps([e for e in read_events([pool.events])][-200:])[:20000])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow_on_servers are slow (ttl waits) on server backends: mark those variants slow."""
+    for item in items:
+        if item.get_closest_marker("slow_on_servers") is not None and "[file]" not in item.nodeid:
+            item.add_marker(pytest.mark.slow)
