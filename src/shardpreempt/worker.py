@@ -117,6 +117,7 @@ class Worker:
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
         self.ticked = time.monotonic()  # the main loop's last round, for the heartbeat
         self.outages = 0  # failed tries in a row to reach the backend
+        self.linger_since: float | None = None
         self.linger = 0.0  # back-off for looking again at slices held by non-members
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
         self.slots = 16
@@ -330,10 +331,14 @@ class Worker:
         # Slices still held by someone who is no longer a member (on file://, a dead worker's command
         # still exiting) will be free any moment, and nobody will ring: look again soon, backing off.
         if any(h is not None and h not in present for h in holders.values()):
-            self.linger = min(self.period, max(0.01, self.linger * 2))
-            retry = min(x for x in (retry, now + self.linger) if x is not None)
+            if self.linger_since is None:
+                self.linger_since = now
+            # 10 ms doubling to 80 ms for the first two seconds (a command exiting), then every period
+            step = min(0.08, max(0.01, self.linger * 2)) if now - self.linger_since < 2.0 else self.period
+            self.linger = step
+            retry = min(x for x in (retry, now + step) if x is not None)
         else:
-            self.linger = 0.0
+            self.linger, self.linger_since = 0.0, None
         times = [t for t in (decision.recheck, settles_at, retry) if t is not None]
         return min(times) if times else None
 
