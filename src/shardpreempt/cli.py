@@ -90,6 +90,10 @@ def main(verbose: int) -> None:
               help="Kill a worker silent this long (default: 0.35 x ttl on servers, 10 s on file).")
 @click.option("--stop-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds a command may take to exit after SIGTERM (handoff, warm stop) before it is killed.")
+@click.option("--interval", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Least seconds between the starts of two successful runs on a slice (the seed's cron cadence).")
+@click.option("--jitter", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Add a random delay up to this many seconds to each interval.")
 @click.option("--start-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="How long to keep trying an unreachable backend at start before exit status 4.")
 @click.option("--name", default=None, metavar="NAME",
@@ -97,8 +101,8 @@ def main(verbose: int) -> None:
 @click.argument("command", nargs=-1, required=True)
 def run(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
         ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
-        crash_limit: int, hang_timeout: float | None, stop_grace: float, start_timeout: float,
-        name: str | None, command: Sequence[str]) -> None:
+        crash_limit: int, hang_timeout: float | None, stop_grace: float, interval: float, jitter: float,
+        start_timeout: float, name: str | None, command: Sequence[str]) -> None:
     """Supervise workers that join the pool and run COMMAND for each slice they hold (put it after --)."""
     from .poller import Poller
 
@@ -108,7 +112,8 @@ def run(config: str, workers: int | None, backend: str | None, strategy: str | N
             raise ConfigError("must be non-empty, without ':', '/' or spaces", source="command line", key="--name")
         poller = Poller(settings, command=list(command), once=once, events=events, max_failures=max_failures,
                         backoff=backoff, hang_timeout=hang_timeout, crash_limit=crash_limit,
-                        stop_grace=stop_grace, name=name, start_timeout=start_timeout)
+                        stop_grace=stop_grace, name=name, start_timeout=start_timeout, interval=interval,
+                        jitter=jitter)
         poller.set_worker_count(settings.workers or 1)
         return poller.poll()
 

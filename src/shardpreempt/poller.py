@@ -53,7 +53,7 @@ class Poller:
                  slices: int | None = None, once: bool = False, events: str | os.PathLike[str] | None = None,
                  hang_timeout: float | None = None, max_failures: int = 5, backoff: float = 0.5,
                  crash_limit: int = 5, stop_grace: float = 30.0, name: str | None = None,
-                 start_timeout: float = 30.0,
+                 start_timeout: float = 30.0, interval: float = 0.0, jitter: float = 0.0,
                  on_tick: Callable[[Supervisor], None] | None = None) -> None:
         if (job is None) == (command is None):
             raise TypeError("give exactly one of job or command")
@@ -74,6 +74,7 @@ class Poller:
         self.stop_grace = stop_grace
         self.name = name
         self.start_timeout = start_timeout
+        self.interval, self.jitter = interval, jitter
         self.on_tick = on_tick
         self.worker_count = base.workers or 1
         self.supervisor: Supervisor | None = None
@@ -110,7 +111,7 @@ class Poller:
         run_dir = make_run_dir() if self.command is not None else None
         run = RunSettings(index=0, job=self.job, command=self.command, once=self.once,
                           max_failures=self.max_failures, backoff=self.backoff, grace=grace,
-                          stop_grace=self.stop_grace)
+                          stop_grace=self.stop_grace, interval=self.interval, jitter=self.jitter)
 
         def worker_dir(index: int) -> str | None:
             if run_dir is None:

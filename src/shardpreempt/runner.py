@@ -2,7 +2,8 @@
 
 A worker that holds three slices has three runners. Each runs the Python job, or starts the
 command (in its own process group, with the slice's environment and 0600 slice file), and runs it
-again when it ends: at once after success, with exponential backoff and jitter after a failure; after
+again when it ends: after success once ``interval`` (plus up to ``jitter``) has passed since the
+run started (at once by default), with exponential backoff and jitter after a failure; after
 ``max_failures`` failures in a row it gives up (the worker then hands the slice to someone else for a
 while). With ``once`` it ends after the first success.
 
@@ -58,6 +59,8 @@ class RunSettings:
     backoff_max: float = 30.0
     grace: float = 0.5  # lost lease: SIGTERM -> SIGKILL
     stop_grace: float = 30.0  # handoff / warm stop: SIGTERM -> SIGKILL
+    interval: float = 0.0  # least time between the starts of two successful runs (continuous mode)
+    jitter: float = 0.0  # a random extra delay up to this, so many slices do not start in step
     files_dir: str | None = None  # private (0700) directory for slice files; None: a temporary one
     guard: int | None = None  # pid of the worker's guard, marked in every command's environment
 
@@ -105,6 +108,7 @@ class SliceRunner(threading.Thread):
         failures = 0
         try:
             while not own.stopping.is_set() and not own.lost.is_set():
+                started = time.monotonic()
                 ok = self._run_once()
                 if own.lost.is_set():
                     break
@@ -112,6 +116,10 @@ class SliceRunner(threading.Thread):
                     failures = 0
                     if s.once:
                         self.result = "ok"
+                        break
+                    # the cadence: the next run starts at least `interval` (+ jitter) after this one did
+                    wait = started + s.interval + random.uniform(0, s.jitter) - time.monotonic()
+                    if wait > 0 and self._pause(wait):
                         break
                     continue
                 if own.stopping.is_set():

@@ -114,3 +114,15 @@ def test_no_slice_file_with_a_password_survives_kills_and_stops(tmp_path: Path, 
                message="...and removed by the next run")
     again.signal(signal.SIGTERM)
     again.wait(30)
+
+
+def test_interval_spaces_the_runs_of_a_job_that_exits_at_once(tmp_path: Path, lockdir: str, start_run: Any) -> None:
+    """With --interval, a command that succeeds at once starts again only after the interval, not in a tight loop."""
+    cfg = write_config(tmp_path / "c.toml", 1, lockdir)
+    out = tmp_path / "starts"
+    run = start_run(str(cfg), "-w", "1", "--interval", "0.3", "--", "sh", "-c", f"date +%s.%N >> {out}")
+    wait_until(lambda: out.exists() and len(out.read_text().split()) >= 4, 20, message="four runs")
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) == 0
+    starts = [float(x) for x in out.read_text().split()]
+    assert all(b - a >= 0.29 for a, b in zip(starts, starts[1:]))
