@@ -15,10 +15,10 @@ from . import __version__
 from .backends import open_backend
 from .config import Settings, apply_overrides, load_settings
 from .errors import BackendUnavailable, ConfigError, CrashLoop, ShardPreemptError
+from .process import EXIT_BACKEND, EXIT_CONFIG, EXIT_CRASH_LOOP
 from .slicing import make_slices
 
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_CONFIG, EXIT_BACKEND, EXIT_CRASH_LOOP = 2, 4, 3
 
 
 def _setup_logging(verbose: int) -> None:

@@ -10,11 +10,26 @@ import shutil
 import signal
 import stat
 import tempfile
+from enum import IntEnum
 from pathlib import Path
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_BACKEND = 0, 1, 2, 3, 4
-EXIT_INTERNAL, EXIT_FENCED = 70, 75
-EXIT_INTERRUPTED = 128 + signal.SIGTERM  # a --once pass left unfinished
+
+class ExitCode(IntEnum):
+    """Every exit status shardpreempt's processes use, in one place."""
+
+    OK = 0
+    JOB_FAILED = 1  # --once: a slice kept failing
+    CONFIG = 2  # bad input
+    CRASH_LOOP = 3
+    BACKEND = 4  # the backend unreachable at start
+    INTERNAL = 70  # a worker's unexpected error (EX_SOFTWARE)
+    FENCED = 75  # a worker ended because a job ignored its lost lease
+    INTERRUPTED = 128 + signal.SIGTERM  # a --once pass left unfinished
+
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_CONFIG, EXIT_CRASH_LOOP, EXIT_BACKEND = (
+    ExitCode.OK, ExitCode.JOB_FAILED, ExitCode.CONFIG, ExitCode.CRASH_LOOP, ExitCode.BACKEND)
+EXIT_INTERNAL, EXIT_FENCED, EXIT_INTERRUPTED = ExitCode.INTERNAL, ExitCode.FENCED, ExitCode.INTERRUPTED
 PR_SET_PDEATHSIG = 1
 
 

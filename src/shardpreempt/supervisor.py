@@ -95,7 +95,7 @@ class Supervisor:
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
-            code = EXIT_INTERNAL
+            code: int = EXIT_INTERNAL
             try:
                 os.close(read_fd)
                 os.setpgid(0, 0)  # its own group: a terminal's Ctrl-C reaches only the supervisor
