@@ -10,7 +10,11 @@ lost, duplicated, written without a lease, stale writes accepted).
 Fault kinds: ``kill-worker`` (SIGKILL a holder), ``stop-worker`` (SIGSTOP a holder past the ttl, then
 SIGCONT; the supervisor's watchdog kills it first), ``kill-supervisor`` (SIGKILL a whole supervisor,
 then start it again), ``restart-backend`` (SIGKILL the server and start it again; Redis loses its
-data), ``pause-backend`` (SIGSTOP the server past the ttl). With ``network`` (``--network``), every
+data), ``pause-backend`` (SIGSTOP the server past the ttl), ``restore-backend`` (stop the server, put
+back the data of a snapshot taken one restore earlier, start it: recent writes are lost). With
+``fork_children`` (or ``SHARDPREEMPT_STRESS_FORK``) each command forks the processes that do the work
+(:mod:`shardpreempt.workload`), and a watcher reports every process of the run found alive after its
+lease ended (``outlived``). With ``network`` (``--network``), every
 supervisor runs in its own network namespace and two more kinds apply: ``partition-worker`` (cut a
 holder's supervisor off the backend past the ttl) and ``slow-backend`` (add latency to every link for
 a few seconds); see :mod:`shardpreempt.netfaults`. More kinds can be added to :data:`FAULTS`.
@@ -19,30 +23,54 @@ a few seconds); see :mod:`shardpreempt.netfaults`. More kinds can be added to :d
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .config import Settings, to_toml
+from .errors import ConfigError
 from .events import HOST, EventLog
 from .netfaults import NETWORK_FAULTS, NetFaults
-from .testing.history import check, holds_of, read_events
+from .testing.history import check, read_events
 from .testing.servers import EphemeralServer, server_for, unique
-from .workload import SqliteWorkload, Workload
+from .testing.servers.redis import RedisServer
+from .workload import FORK_MODES, SqliteWorkload, Workload
 
 SERVER_BACKENDS = ("redis", "postgresql", "mysql", "etcd", "zookeeper")
 
 
-SERVER_FAULTS = {"restart-backend", "pause-backend"}
+SERVER_FAULTS = {"restart-backend", "pause-backend", "restore-backend"}
+
+#: Chooses the forking workload when ``StressOptions.fork_children`` is not given (the CLI has no flag).
+FORK_VARIABLE = "SHARDPREEMPT_STRESS_FORK"
+#: Marks every process of one run (supervisors, workers, commands, their children) for the watcher.
+RUN_MARK = "SPSTRESS_RUN"  # not SHARDPREEMPT_*: the runner passes no such variable on to commands
+
+
+@runtime_checkable
+class Snapshots(Protocol):
+    """A server whose stored data can be copied while it is stopped, and put back."""
+
+    def snapshot(self, name: str) -> Path:
+        """Copy the stopped server's data."""
+        ...
+
+    def restore(self, snapshot: Path) -> None:
+        """Put back a copy taken by :meth:`snapshot`."""
+        ...
 
 
 @dataclass
@@ -50,7 +78,8 @@ class StressOptions:
     """What to run and which faults to inject."""
 
     backend: str = "file"  # file, a server name (an ephemeral server is started), or a URL
-    kinds: Sequence[str] = ("kill-worker", "stop-worker", "kill-supervisor", "restart-backend", "pause-backend")
+    kinds: Sequence[str] = ("kill-worker", "stop-worker", "kill-supervisor", "restart-backend", "pause-backend",
+                            "restore-backend")
     count: int = 20
     duration: float | None = None
     shards: int = 6
@@ -62,7 +91,8 @@ class StressOptions:
     seed: int = 0
     unowned_bound: float | None = None  # default: 0.1 s on file, ttl + 1 s on servers
     network: bool = False  # each supervisor in a network namespace (root, Linux); adds the network faults
-    workload: Workload | None = None  # default: SqliteWorkload(item_seconds)
+    workload: Workload | None = None  # default: SqliteWorkload(shards, item_seconds, fork_children)
+    fork_children: str | None = None  # group | session | mixed (see shardpreempt.workload); default $FORK_VARIABLE
     directory: Path | None = None
     log: Callable[[str], None] = field(default=lambda line: None)
 
@@ -85,7 +115,18 @@ class Stress:
         self.coverage_timeouts = 0
         self.settings: Settings | None = None
         self.net: NetFaults | None = None
-        self.workload: Workload = opts.workload or SqliteWorkload(opts.shards, opts.item_seconds)
+        self.fork = opts.fork_children if opts.fork_children is not None else os.environ.get(FORK_VARIABLE) or None
+        if self.fork is not None and self.fork not in FORK_MODES:
+            raise ConfigError(f"unknown fork mode {self.fork!r} (known: {', '.join(FORK_MODES)})",
+                              source=FORK_VARIABLE)
+        if opts.workload is not None and opts.fork_children is not None:
+            raise ValueError("fork_children applies to the default workload only")
+        self.workload: Workload = opts.workload or SqliteWorkload(opts.shards, opts.item_seconds, self.fork)
+        self.tail = EventTail(self.events_path)
+        self.mark = uuid.uuid4().hex
+        self.watcher = Watcher(self.mark, self.tail)
+        self.snapshot: Path | None = None  # the data the next restore-backend puts back
+        self.restores = 0
 
     # -- set-up -----------------------------------------------------------------------------------
     def _backend_url(self) -> str:
@@ -94,6 +135,8 @@ class Stress:
             return f"file://{self.dir / 'locks'}"
         if b in SERVER_BACKENDS:
             self.server = server_for(b)
+            if isinstance(self.server, RedisServer) and "restore-backend" in self.opts.kinds:
+                self.server.persist = True  # an RDB file at every clean stop, for the snapshots
             self.server.start()
             # the production setting: restarts that lose data must not grant a lease still in use
             return self.server.url(unique("stress")).replace("restart_grace=0", f"restart_grace={self.opts.ttl}")
@@ -118,7 +161,7 @@ class Stress:
         log = open(self.dir / f"supervisor{index}.log", "ab")  # noqa: SIM115 - inherited by the child
         if self.net is not None:
             argv = self.net.command(index, argv)
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, RUN_MARK: self.mark})
         log.close()
         if index < len(self.supervisors):
             self.supervisors[index] = proc
@@ -128,13 +171,7 @@ class Stress:
     # -- observing --------------------------------------------------------------------------------
     def _open_holds(self) -> dict[str, dict[str, Any]]:
         """shard -> the acquired event of its current holder."""
-        evs = read_events([self.events_path])
-        open_ = {(h.shard, h.owner) for h in holds_of(evs) if h.end == float("inf")}
-        out: dict[str, dict[str, Any]] = {}
-        for e in evs:
-            if e["event"] == "acquired" and (e["shard"], e["owner"]) in open_:
-                out[e["shard"]] = e
-        return out
+        return self.tail.holders()
 
     def _wait_covered(self, timeout: float) -> bool:
         assert self.settings is not None
@@ -151,10 +188,7 @@ class Stress:
         want = self.opts.supervisors * self.opts.workers
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            evs = read_events([self.events_path])
-            started = {e["worker_pid"] for e in evs if e["event"] == "started"}
-            ended = {e["pid"] for e in evs if e["event"] in ("exited", "killed")}
-            if sum(1 for pid in started - ended if _alive(pid)) >= want:
+            if sum(1 for pid in self.tail.workers() if _alive(pid)) >= want:
                 return True
             time.sleep(0.02)
         return False
@@ -195,8 +229,7 @@ class Stress:
         """SIGKILL one supervisor (its workers die with it), then start it again."""
         index = self.rng.randrange(len(self.supervisors))
         proc = self.supervisors[index]
-        workers = {e["worker_pid"] for e in read_events([self.events_path])
-                   if e["event"] == "started" and e["pid"] == proc.pid}
+        workers = self.tail.workers(supervisor=proc.pid)
         t = time.time()
         for pid in workers:
             self.events.emit("killed", pid=pid, host=HOST, reason="stress: kill-supervisor", t_kill=t)
@@ -219,6 +252,26 @@ class Stress:
         time.sleep(self.opts.ttl * 1.5)
         self.server.resume()
         self.excused.append((t0, time.time()))
+
+    def fault_restore_backend(self) -> None:
+        """Stop the server, put back the data of the previous snapshot (recent writes lost), start it."""
+        assert isinstance(self.server, Snapshots) and self.snapshot is not None
+        t0 = time.time()
+        self.server.stop()
+        self.restores += 1
+        newer = self.server.snapshot(f"restore{self.restores}")
+        self.server.restore(self.snapshot)
+        _remove(self.snapshot)
+        self.snapshot = newer
+        self.server.start()
+        self.excused.append((t0, time.time()))
+
+    def _first_snapshot(self) -> None:
+        """The data the first restore-backend puts back: taken once the shards are owned, before any fault."""
+        assert isinstance(self.server, EphemeralServer) and isinstance(self.server, Snapshots)
+        self.server.stop()
+        self.snapshot = self.server.snapshot("restore0")
+        self.server.start()
 
     def fault_partition_worker(self) -> None:
         """Cut a holder's supervisor off the backend for 1.5 x ttl, then heal the link."""
@@ -261,6 +314,11 @@ class Stress:
                 self._start_supervisor(cfg, i)
             if not self._wait_covered(60):
                 raise RuntimeError(f"shards never all owned; see {self.dir}")
+            if "restore-backend" in kinds:
+                self._first_snapshot()
+                if not self._wait_covered(60):
+                    raise RuntimeError(f"shards not all owned again after the first snapshot; see {self.dir}")
+            self.watcher.start()
             start = time.time()
             end_by = None if self.opts.duration is None else time.monotonic() + self.opts.duration
             n = 0
@@ -280,6 +338,7 @@ class Stress:
             while self._pending() and time.monotonic() < drain_by:
                 time.sleep(0.1)
         finally:
+            self.watcher.stop()
             for proc in self.supervisors:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -289,6 +348,7 @@ class Stress:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+            self.watcher.leftovers()
             if self.net is not None:
                 self.net.close()
             if self.server is not None:
@@ -309,11 +369,174 @@ class Stress:
             "unowned_bound_s": bound,
             "unowned_violations": report.count("unowned"),
             "coverage_timeouts": self.coverage_timeouts,
+            "outlived": len(self.watcher.found),
+            "workload": f"sqlite, fork {self.fork}" if self.fork and self.opts.workload is None else
+                        "sqlite" if self.opts.workload is None else type(self.workload).__name__,
             "items": items,
             "directory": str(self.dir),
-            "violations": [f"{v.kind} {v.shard}: {v.detail}" for v in report.violations[:10]],
+            "violations": [f"{v.kind} {v.shard}: {v.detail}" for v in report.violations[:10]]
+                          + [f"outlived {line}" for line in list(self.watcher.found.values())[:10]],
             **({"network": self.net.figures(history)} if self.net is not None else {}),
         }
+
+
+class EventTail:
+    """The events file read incrementally (a whole re-read at every poll grows with the run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._rest = b""
+        self._lock = threading.Lock()
+        self._holds: dict[tuple[str, str], dict[str, Any]] = {}  # (shard, owner) -> its acquired event
+        self._ended: dict[tuple[Any, Any], float] = {}  # (host, pid) -> last exited/killed time
+        self._workers: dict[int, tuple[float, int]] = {}  # worker pid -> (started at, supervisor pid)
+
+    def update(self) -> None:
+        """Read the lines appended since the last call."""
+        with self._lock:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            self._offset += len(data)
+            *lines, self._rest = (self._rest + data).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    self._apply(json.loads(line))
+
+    def _apply(self, e: dict[str, Any]) -> None:
+        kind, t, proc = e["event"], float(e["t"]), (e.get("host"), e.get("pid"))
+        if kind == "acquired":
+            if self._ended.get(proc, -1.0) < t:  # lines of different processes may land out of time order
+                self._holds[(e["shard"], e["owner"])] = e
+        elif kind in ("released", "lost"):
+            self._holds.pop((e["shard"], e["owner"]), None)
+        elif kind in ("exited", "killed"):
+            self._ended[proc] = max(t, self._ended.get(proc, t))
+            for key in [k for k, v in self._holds.items() if (v.get("host"), v.get("pid")) == proc]:
+                del self._holds[key]
+            started = self._workers.get(int(e["pid"]))
+            if started is not None and started[0] <= t:
+                del self._workers[int(e["pid"])]
+        elif kind == "started":
+            self._workers[int(e["worker_pid"])] = (t, int(e["pid"]))
+
+    def holders(self) -> dict[str, dict[str, Any]]:
+        """shard -> the acquired event of its current holder (the latest, should there be several)."""
+        self.update()
+        with self._lock:
+            out: dict[str, dict[str, Any]] = {}
+            for (shard, _), e in self._holds.items():
+                if shard not in out or e["t"] > out[shard]["t"]:
+                    out[shard] = e
+            return out
+
+    def workers(self, supervisor: int | None = None) -> list[int]:
+        """Pids of the workers started and not yet reported gone (of one supervisor, if given)."""
+        self.update()
+        with self._lock:
+            return [pid for pid, (_, sup) in self._workers.items() if supervisor in (None, sup)]
+
+
+class Watcher:
+    """Finds the processes of a run that outlive their lease, in a thread, five times a second.
+
+    A process carrying the run's mark and a ``SHARDPREEMPT_OWNER`` (a command, or anything it forked)
+    is suspect while another owner holds one of its ``SHARDPREEMPT_SHARDS``, or while the guard named
+    by its ``SHARDPREEMPT_GUARD`` is gone (the guard kills everything marked with its pid before it
+    exits); still suspect and alive at the next look, it has outlived its lease.
+    """
+
+    def __init__(self, mark: str, tail: EventTail, interval: float = 0.2) -> None:
+        self.mark = f"{RUN_MARK}={mark}".encode()
+        self.tail = tail
+        self.interval = interval
+        self.found: dict[tuple[int, int], str] = {}  # (pid, start time) -> what was seen
+        self._suspects: dict[tuple[int, int], str] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start watching."""
+        self._thread = threading.Thread(target=self._loop, name="stress-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.scan()
+
+    def scan(self) -> None:
+        """One look at every marked process."""
+        holders = self.tail.holders()
+        suspects: dict[tuple[int, int], str] = {}
+        for key, env in _marked(self.mark):
+            owner = env.get("SHARDPREEMPT_OWNER")
+            if owner is None:
+                continue  # a supervisor, a worker or a guard
+            why = None
+            for shard in json.loads(env.get("SHARDPREEMPT_SHARDS", "[]")):
+                holder = holders.get(shard)
+                if holder is not None and holder["owner"] != owner:
+                    why = f"{shard} is held by {holder['owner']} (token {holder['token']})"
+                    break
+            guard = env.get("SHARDPREEMPT_GUARD", "")
+            if why is None and guard.isdigit() and not _alive(int(guard)):
+                why = f"its guard {guard} is gone"
+            if why is not None:
+                suspects[key] = f"pid {key[0]} of {owner} alive at {time.time():.3f}: {why}"
+        for key, why in suspects.items():
+            if key in self._suspects and key not in self.found:
+                self.found[key] = why
+        self._suspects = suspects
+
+    def leftovers(self, timeout: float = 10.0) -> None:
+        """After the run: every marked process still alive outlived it; each is recorded and killed."""
+        deadline = time.monotonic() + timeout
+        while (left := list(_marked(self.mark))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for (pid, started), env in left:
+            self.found.setdefault((pid, started), f"pid {pid} of {env.get('SHARDPREEMPT_OWNER', '(no owner)')} "
+                                                   "alive after the run ended")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _marked(mark: bytes) -> Iterator[tuple[tuple[int, int], dict[str, str]]]:
+    """((pid, start time), environment) of every live process whose environment holds ``mark``."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                raw = f.read().split(b"\0")
+            if mark not in raw:
+                continue
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] in ("Z", "X"):
+            continue
+        env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+        yield (int(entry), int(fields[19])), env
+
+
+def _remove(path: Path) -> None:
+    """Delete a snapshot (a directory, or one file)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -330,6 +553,7 @@ FAULTS: dict[str, Callable[[Stress], None]] = {
     "kill-supervisor": Stress.fault_kill_supervisor,
     "restart-backend": Stress.fault_restart_backend,
     "pause-backend": Stress.fault_pause_backend,
+    "restore-backend": Stress.fault_restore_backend,
     "partition-worker": Stress.fault_partition_worker,
     "slow-backend": Stress.fault_slow_backend,
 }
@@ -339,5 +563,6 @@ def passed(figures: dict[str, Any]) -> bool:
     """True when the run shows no violation of any kind."""
     items = figures["items"]
     return bool(figures["overlaps"] == figures["token_violations"] == figures["unowned_violations"] == 0
-            and figures["coverage_timeouts"] == 0 and items["lost"] == items["duplicated"] == 0
-            and items["unauthorised"] == items["stale_accepted"] == 0)
+            and figures["coverage_timeouts"] == figures.get("outlived", 0) == 0
+            and items["lost"] == items["duplicated"] == 0
+            and items["unauthorised"] == items["stale_accepted"] == items.get("late_writes", 0) == 0)

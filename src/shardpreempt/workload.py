@@ -2,19 +2,38 @@
 
 The default is the demo's job over SQLite shard databases (:mod:`shardpreempt.demo`); the fault tests
 also run the seed's MySQL scenario with ``examples/mysql_worker.py`` through the same protocol.
+
+With ``fork`` the command does no work itself: it forks one child per shard of its slice and only
+waits for them (``python -m shardpreempt.workload``); each child works its shard for a short while,
+exits, and is forked again. ``group`` children stay in the command's process group; ``session``
+children call ``setsid()`` and so leave it — only the guard's ``SHARDPREEMPT_GUARD`` mark (and on
+``file://`` the lock descriptors they inherit) stop them from outliving a worker that dies; ``mixed``
+alternates the two over the slice's shards. On SIGTERM the command kills its children and exits, as a
+well-behaved forking job does.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import json
+import os
+import random
+import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from .config import make_shard
-from .demo import audit_shards, create_shard
+from .demo import StaleToken, audit_shards, create_shard, fenced_process
 from .model import Shard
+
+#: How a forking job's children relate to its process group (see the module docstring).
+FORK_MODES = ("group", "session", "mixed")
+EXIT_FENCED = 3  # as the demo job: a higher token has written to the shard
 
 
 class Workload(Protocol):
@@ -37,16 +56,19 @@ class Workload(Protocol):
         ...
 
     def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, int]:
-        """Totals: items, processed, lost, duplicated, unauthorised, stale_accepted."""
+        """Totals: items, processed, lost, duplicated, unauthorised, stale_accepted (late_writes optional)."""
         ...
 
 
 class SqliteWorkload:
-    """The demo's fenced job over SQLite shard databases (:mod:`shardpreempt.demo`)."""
+    """The demo's fenced job over SQLite shard databases (:mod:`shardpreempt.demo`), optionally forking."""
 
-    def __init__(self, count: int = 6, item_seconds: float = 0.002) -> None:
+    def __init__(self, count: int = 6, item_seconds: float = 0.002, fork: str | None = None) -> None:
+        if fork is not None and fork not in FORK_MODES:
+            raise ValueError(f"unknown fork mode {fork!r} (known: {', '.join(FORK_MODES)})")
         self.count = count
         self.item_seconds = item_seconds
+        self.fork = fork
 
     def make_shards(self, directory: Path, items: int) -> list[Shard]:
         """One SQLite database per shard."""
@@ -59,8 +81,11 @@ class SqliteWorkload:
         return shards
 
     def command(self) -> list[str]:
-        """The demo job, polling."""
-        return [sys.executable, "-m", "shardpreempt.demo", "--poll", "0.05", "--item-seconds", str(self.item_seconds)]
+        """The demo job, polling; with ``fork``, the forking job around the same fenced writes."""
+        args = ["--poll", "0.05", "--item-seconds", str(self.item_seconds)]
+        if self.fork is not None:
+            return [sys.executable, "-m", "shardpreempt.workload", "--fork", self.fork, *args]
+        return [sys.executable, "-m", "shardpreempt.demo", *args]
 
     def add_work(self, shards: Sequence[Shard], items: int) -> None:
         """Insert new items."""
@@ -79,6 +104,102 @@ class SqliteWorkload:
         return total
 
     def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, int]:
-        """From the databases."""
+        """From the databases, plus ``late_writes`` (see :func:`late_writes`)."""
         totals: dict[str, int] = audit_shards(shards, history)["totals"]
+        totals["late_writes"] = 0
+        for shard in shards:
+            with sqlite3.connect(shard.settings["path"]) as db:
+                writes = db.execute("SELECT owner, token, t FROM writes ORDER BY rowid").fetchall()
+            db.close()
+            totals["late_writes"] += len(late_writes(shard.identity, writes, history))
         return totals
+
+
+def late_writes(identity: str, writes: Sequence[tuple[str, int, float]],
+                history: Sequence[dict[str, Any]]) -> list[tuple[str, int, float]]:
+    """The writes ``(owner, token, t)`` to one shard made after a higher token had been granted for it.
+
+    The ``acquired`` event is written after the grant, so such a write was accepted while another
+    lease was already in force: its writer outlived its lease (the fence refuses it only once the new
+    holder has written). Both times come from the clock of this machine.
+    """
+    grants = sorted((int(e["token"]), float(e["t"])) for e in history
+                    if e["event"] == "acquired" and e["shard"] == identity)
+    tokens = [token for token, _ in grants]
+    earliest_after = [float("inf")] * (len(grants) + 1)  # earliest grant of a token > tokens[i - 1]
+    for i in range(len(grants) - 1, -1, -1):
+        earliest_after[i] = min(earliest_after[i + 1], grants[i][1])
+    return [w for w in writes if float(w[2]) > earliest_after[bisect.bisect_right(tokens, int(w[1]))]]
+
+
+# -- the forking job (python -m shardpreempt.workload) ---------------------------------------------
+def _child(path: str, owner: str, token: int, poll: float, item_seconds: float, lifetime: float) -> int:
+    """Work one shard for about ``lifetime`` seconds (fenced writes); the exit status tells the parent."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=30)
+    end = time.monotonic() + lifetime
+    try:
+        while time.monotonic() < end:
+            pending = [r[0] for r in db.execute("SELECT id FROM items WHERE processed_by IS NULL ORDER BY id")]
+            for item in pending:
+                time.sleep(item_seconds)
+                fenced_process(db, item, owner, token)
+            if not pending:
+                time.sleep(poll)
+        return 0
+    except StaleToken as exc:
+        print(f"fenced off: {exc}", file=sys.stderr)
+        return EXIT_FENCED
+    finally:
+        db.close()
+
+
+def forking_job(argv: list[str] | None = None) -> int:
+    """The forking job for one slice: a child per shard does the work, forked again whenever it exits."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    mode = args[args.index("--fork") + 1] if "--fork" in args else "group"
+    poll = float(args[args.index("--poll") + 1]) if "--poll" in args else 0.05
+    item_seconds = float(args[args.index("--item-seconds") + 1]) if "--item-seconds" in args else 0.002
+    with open(os.environ["SHARDPREEMPT_SLICE_FILE"], encoding="utf-8") as f:
+        spec = json.load(f)
+    owner, tokens = spec["owner"], spec["tokens"]
+    shards = [(identity, shard["settings"]["path"]) for identity, shard in spec["shards"].items()]
+    children: dict[int, int] = {}  # pid -> index of its shard
+
+    def end(code: int) -> NoReturn:
+        for pid in children:  # a session child is beyond the signal the worker sends to our group
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        os._exit(code)
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: end(128 + signum))
+    rng = random.Random()
+    while True:
+        for i, (identity, path) in enumerate(shards):
+            if i in children.values():
+                continue
+            lifetime = rng.uniform(0.3, 1.5)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # no child unrecorded at a SIGTERM
+            pid = os.fork()
+            if pid == 0:
+                code = 70
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                    if mode == "session" or (mode == "mixed" and i % 2 == 1):
+                        os.setsid()
+                    code = _child(path, owner, int(tokens[identity]), poll, item_seconds, lifetime)
+                finally:
+                    os._exit(code)
+            children[pid] = i
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        pid, status = os.wait()
+        children.pop(pid, None)
+        if os.waitstatus_to_exitcode(status) == EXIT_FENCED:
+            end(EXIT_FENCED)  # as the demo job: fenced off, give the slice up
+
+
+if __name__ == "__main__":
+    sys.exit(forking_job())
