@@ -92,7 +92,7 @@ class StressOptions:
     unowned_bound: float | None = None  # default: 0.1 s on file, ttl + 1 s on servers
     network: bool = False  # each supervisor in a network namespace (root, Linux); adds the network faults
     workload: Workload | None = None  # default: SqliteWorkload(shards, item_seconds, fork_children)
-    fork_children: str | None = None  # group | session | mixed (see shardpreempt.workload); default $FORK_VARIABLE
+    fork_children: str | None = None  # group | session | mixed (shardpreempt.workload), "" none; None: $FORK_VARIABLE
     directory: Path | None = None
     log: Callable[[str], None] = field(default=lambda line: None)
 
@@ -115,11 +115,12 @@ class Stress:
         self.coverage_timeouts = 0
         self.settings: Settings | None = None
         self.net: NetFaults | None = None
-        self.fork = opts.fork_children if opts.fork_children is not None else os.environ.get(FORK_VARIABLE) or None
+        fork = opts.fork_children if opts.fork_children is not None else os.environ.get(FORK_VARIABLE, "")
+        self.fork = fork or None
         if self.fork is not None and self.fork not in FORK_MODES:
             raise ConfigError(f"unknown fork mode {self.fork!r} (known: {', '.join(FORK_MODES)})",
                               source=FORK_VARIABLE)
-        if opts.workload is not None and opts.fork_children is not None:
+        if opts.workload is not None and opts.fork_children:
             raise ValueError("fork_children applies to the default workload only")
         self.workload: Workload = opts.workload or SqliteWorkload(opts.shards, opts.item_seconds, self.fork)
         self.tail = EventTail(self.events_path)

@@ -117,19 +117,25 @@ class SqliteWorkload:
 
 def late_writes(identity: str, writes: Sequence[tuple[str, int, float]],
                 history: Sequence[dict[str, Any]]) -> list[tuple[str, int, float]]:
-    """The writes ``(owner, token, t)`` to one shard made after a higher token had been granted for it.
+    """The writes ``(owner, token, t)`` to one shard made after the shard was next granted to another lease.
 
-    The ``acquired`` event is written after the grant, so such a write was accepted while another
-    lease was already in force: its writer outlived its lease (the fence refuses it only once the new
-    holder has written). Both times come from the clock of this machine.
+    The ``acquired`` event is written after the grant, so such a write was accepted while a later lease
+    was already in force: its writer outlived its own lease (the fence refuses it only once the new
+    holder has written, and not at all if the new token is lower). Both times come from this machine's
+    clock. Writes of a lease never granted are left to the ``unauthorised`` count.
     """
-    grants = sorted((int(e["token"]), float(e["t"])) for e in history
-                    if e["event"] == "acquired" and e["shard"] == identity)
-    tokens = [token for token, _ in grants]
-    earliest_after = [float("inf")] * (len(grants) + 1)  # earliest grant of a token > tokens[i - 1]
-    for i in range(len(grants) - 1, -1, -1):
-        earliest_after[i] = min(earliest_after[i + 1], grants[i][1])
-    return [w for w in writes if float(w[2]) > earliest_after[bisect.bisect_right(tokens, int(w[1]))]]
+    grants = {(e["owner"], int(e["token"])): float(e["t"]) for e in history
+              if e["event"] == "acquired" and e["shard"] == identity}
+    times = sorted(grants.values())
+    late = []
+    for w in writes:
+        granted = grants.get((w[0], int(w[1])))
+        if granted is None:
+            continue
+        nxt = bisect.bisect_right(times, granted)
+        if nxt < len(times) and float(w[2]) > times[nxt]:
+            late.append(w)
+    return late
 
 
 # -- the forking job (python -m shardpreempt.workload) ---------------------------------------------
