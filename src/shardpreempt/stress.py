@@ -22,6 +22,7 @@ a few seconds); see :mod:`shardpreempt.netfaults`. More kinds can be added to :d
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -44,7 +45,7 @@ from .config import Settings, to_toml
 from .errors import ConfigError
 from .events import HOST, EventLog
 from .netfaults import NETWORK_FAULTS, NetFaults
-from .testing.history import check, read_events
+from .testing.history import Report, check, read_events
 from .testing.servers import EphemeralServer, server_for, unique
 from .testing.servers.redis import RedisServer
 from .workload import FORK_MODES, SqliteWorkload, Workload
@@ -127,6 +128,7 @@ class Stress:
         self.mark = uuid.uuid4().hex
         self.watcher = Watcher(self.mark, self.tail)
         self.snapshot: Path | None = None  # the data the next restore-backend puts back
+        self.fault_log: list[tuple[float, str]] = []  # (start, kind) of every fault injected
         self.restores = 0
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -285,6 +287,24 @@ class Stress:
         self.net.slow(self)
 
     # -- the run ----------------------------------------------------------------------------------
+    def _by_fault(self, report: Report) -> dict[str, dict[str, int]]:
+        """violation kind -> the fault injected last before each violation began -> count."""
+        starts = {(h.shard, h.owner, h.token): h.start for h in report.holds}
+        times = [t for t, _ in self.fault_log]
+        out: dict[str, Counter[str]] = {}
+        for v in report.violations:
+            when = None
+            if v.kind == "overlap":
+                when = float(v.detail.rsplit("[", 1)[1].split(",")[0])
+            elif v.kind == "token":
+                words = v.detail.split()
+                when = starts.get((v.shard, words[3], int(words[1])))
+            elif v.kind == "unowned":
+                when = float(v.detail.split(" from ")[1].split()[0])
+            i = bisect.bisect_right(times, when) - 1 if when is not None else -1
+            out.setdefault(v.kind, Counter())[self.fault_log[i][1] if i >= 0 else "(before any fault)"] += 1
+        return {kind: dict(counts) for kind, counts in out.items()}
+
     def kinds(self) -> list[str]:
         """The fault kinds that apply to this backend."""
         kinds = [k for k in self.opts.kinds if k in FAULTS]
@@ -326,8 +346,12 @@ class Stress:
             while n < self.opts.count and (end_by is None or time.monotonic() < end_by):
                 kind = kinds[n % len(kinds)] if kinds else None
                 if kind is not None:
+                    t0 = time.time()
                     FAULTS[kind](self)
                     self.injected[kind] += 1
+                    self.fault_log.append((t0, kind))
+                    with open(self.dir / "faults.jsonl", "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"t": t0, "healed": time.time(), "fault": kind}) + "\n")
                 self._add_work()
                 n += 1
                 if not (self._wait_covered(settle) and self._wait_workers_up(settle)):
@@ -375,6 +399,7 @@ class Stress:
                         "sqlite" if self.opts.workload is None else type(self.workload).__name__,
             "items": items,
             "directory": str(self.dir),
+            "violations_by_fault": self._by_fault(report),
             "violations": [f"{v.kind} {v.shard}: {v.detail}" for v in report.violations[:10]]
                           + [f"outlived {line}" for line in list(self.watcher.found.values())[:10]],
             **({"network": self.net.figures(history)} if self.net is not None else {}),
