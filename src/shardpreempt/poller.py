@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import signal
 import time
@@ -34,6 +35,21 @@ def check_command(command: Sequence[str]) -> None:
     found = program if os.sep in program else shutil.which(program)
     if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
         raise ConfigError(f"cannot run {program!r}: no such executable file", key="COMMAND")
+
+
+def check_fd_limit(largest_slice: int, all_shards: int) -> None:
+    """ConfigError when the hard limit on open files cannot fit one slice's locks (file://); a warning
+    when one worker holding every slice (coverage comes first) would not fit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return
+    if hard < largest_slice + 256:
+        raise ConfigError(f"the hard limit on open files ({hard}) is too low for a slice of {largest_slice} shards "
+                          f"on file:// (one descriptor per shard): raise it (ulimit -Hn, LimitNOFILE=) to at least "
+                          f"{largest_slice + 256}, or use more slices", key="slicing.slices")
+    if hard < all_shards + 256:
+        log.warning("the hard limit on open files (%d) is below the %d shards: a worker left alone in the pool "
+                    "could not hold every slice", hard, all_shards)
 
 
 def default_hang_timeout(ttl: float, server_expiry: bool) -> float:
@@ -98,10 +114,13 @@ class Poller:
         try:
             layout, once_pass = self._start(probe)
             server_expiry = probe.capabilities.server_expiry
+            fd_per_key = hasattr(probe, "lease_fds")  # file://: one open descriptor per held shard
         finally:
             probe.close()
         self.layout = layout
         slices = make_slices(shards, layout.slices, layout.strategy)
+        if fd_per_key:
+            check_fd_limit(max(len(s.shards) for s in slices), len(shards))
         if server_expiry and self.hang_timeout is not None and self.hang_timeout >= self.ttl:
             raise ConfigError(f"{self.hang_timeout:g} s is not below the ttl ({self.ttl:g} s): a hung worker would "
                               "be killed only after its lease could be granted to another", key="--hang-timeout")
