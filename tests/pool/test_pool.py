@@ -104,13 +104,18 @@ def test_once_is_once_per_slice_for_the_whole_pool(make_pool: Any, tmp_path: Pat
     """Two supervisors with --once process each slice exactly once between them, and both end with 0;
     a later --once run makes a new pass over every slice."""
     pool: Pool = make_pool(shards=12, slices=6)
-    out = tmp_path / "done.txt"
-    script = f'echo "$SHARDPREEMPT_SLICE_ID" >> {out}; sleep 0.2'
+    out, go = tmp_path / "done.txt", tmp_path / "go"
+    # every run waits for "go", so the pass cannot finish before both supervisors have joined it
+    script = f'while [ ! -e {go} ]; do sleep 0.02; done; echo "$SHARDPREEMPT_SLICE_ID" >> {out}'
     argv = [sys.executable, "-m", "shardpreempt", "run", str(pool.config), "--once", "--events", str(pool.events)]
-    procs = [subprocess.Popen([*argv, "-w", str(w), "--", "sh", "-c", script], stderr=subprocess.PIPE, text=True)
-             for w in (1, 2)]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    first = subprocess.Popen([*argv, "-w", "1", "--", "sh", "-c", script], stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: any(e["event"] == "acquired" for e in read_events([pool.events])), 60, message="pass begun")
+    second = subprocess.Popen([*argv, "-w", "2", "--", "sh", "-c", script], stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: any(e["event"] == "started" and e["pid"] == second.pid for e in read_events([pool.events])),
+               60, message="the second supervisor joined the pass")
+    go.touch()
+    errs = [p.communicate(timeout=120)[1] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], errs
     done = out.read_text().split()
     assert sorted(done) == sorted(s.id for s in pool.slices)
     again = subprocess.run([*argv, "-w", "1", "--", "sh", "-c", script], capture_output=True, text=True, timeout=120)
