@@ -93,18 +93,24 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         parent = os.getpid()
+        # Block the stop signals across fork: one sent to the new worker before it has reset the
+        # supervisor's handlers would otherwise be swallowed (the worker would miss a warm stop).
+        stops = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         pid = os.fork()
         if pid == 0:  # child
             code: int = EXIT_INTERNAL
             try:
                 os.close(read_fd)
                 os.setpgid(0, 0)  # its own group: a terminal's Ctrl-C reaches only the supervisor
-                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                for s in stops:
                     signal.signal(s, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a pending SIGTERM ends it here
                 code = self.worker_main(slot.index, write_fd, parent)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         slot.pid, slot.pipe, slot.buffer = pid, read_fd, b""
