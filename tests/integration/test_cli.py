@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from shardpreempt.testing import wait_until
 
 from .conftest import cli, events, write_config
 
@@ -164,3 +168,23 @@ def test_an_unreachable_backend_at_start_is_one_line_and_exit_4(tmp_path: Path) 
     result = cli("run", str(cfg), "--start-timeout", "1", "--", "true")
     assert result.returncode == 4, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "hunter2" not in result.stderr
+
+
+def test_layout_is_changed_only_on_an_empty_pool(tmp_path: Path, lockdir: str, start_run: Any) -> None:
+    """layout shows the pool's and the config's layouts; --apply is refused while members live and
+    records the new layout once they are gone, after which the new slice count is accepted."""
+    cfg = write_config(tmp_path / "c.toml", 6, lockdir)
+    first = json.loads(cli("layout", str(cfg), "--slices", "2", "--json").stdout)
+    assert first["pool"] is None and first["config"]["slices"] == 2
+    ev = tmp_path / "ev.jsonl"
+    run = start_run(str(cfg), "--slices", "2", "--events", str(ev), "--", "sleep", "1000")
+    wait_until(lambda: any(e["event"] == "acquired" for e in events(ev)), 20, message="the pool runs")
+    refused = cli("layout", str(cfg), "--slices", "3", "--apply")
+    assert refused.returncode == 2 and "live member" in refused.stderr
+    assert cli("run", str(cfg), "--slices", "3", "--", "true").returncode == 2
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) == 0
+    applied = cli("layout", str(cfg), "--slices", "3", "--apply", "--json")
+    assert applied.returncode == 0 and json.loads(applied.stdout)["pool"]["slices"] == 3
+    status = json.loads(cli("status", str(cfg), "--json").stdout)
+    assert status["layout"]["slices"] == 3 and status["summary"]["slices"] == 3
