@@ -231,7 +231,10 @@ class SliceRunner(threading.Thread):
         try:
             while True:
                 fds = [self._wake_r] if pidfd is None else [self._wake_r, pidfd]
-                self._poll(fds, 0.05 if pidfd is None else 1.0)
+                timeout = 0.05 if pidfd is None else 1.0
+                if termed_at is not None:  # wake in time to escalate after the stop grace
+                    timeout = min(timeout, max(0.0, termed_at + self.settings.stop_grace - time.monotonic()))
+                self._poll(fds, timeout)
                 self._drain()
                 code = proc.poll()
                 if code is not None:

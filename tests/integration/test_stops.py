@@ -126,3 +126,17 @@ def test_interval_spaces_the_runs_of_a_job_that_exits_at_once(tmp_path: Path, lo
     assert run.wait(30) == 0
     starts = [float(x) for x in out.read_text().split()]
     assert all(b - a >= 0.29 for a, b in zip(starts, starts[1:]))
+
+
+def test_a_warm_stop_kills_a_command_that_ignores_sigterm_after_the_stop_grace(tmp_path: Path, lockdir: str,
+                                                                                  start_run: Any) -> None:
+    """One SIGTERM: a command that ignores it is killed after --stop-grace, and the run ends with 0."""
+    cfg = write_config(tmp_path / "c.toml", 1, lockdir)
+    pidfile = tmp_path / "cmd.pid"
+    run = start_run(str(cfg), "-w", "1", "--stop-grace", "0.5", "--", "sh", "-c",
+                    f"trap '' TERM; echo $$ > {pidfile}; while :; do sleep 0.05; done")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, message="command running")
+    pid = int(pidfile.read_text())
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) == 0
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
