@@ -41,13 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .backends import open_backend
 from .config import Settings, to_toml
-from .errors import ConfigError
+from .errors import BackendError, ConfigError
 from .events import HOST, EventLog
 from .netfaults import NETWORK_FAULTS, NetFaults
+from .status import members
 from .testing.history import Report, check, read_events
 from .testing.servers import EphemeralServer, server_for, unique
 from .testing.servers.redis import RedisServer
+from .typing import Backend
 from .workload import FORK_MODES, SqliteWorkload, Workload
 
 SERVER_BACKENDS = ("redis", "postgresql", "mysql", "etcd", "zookeeper")
@@ -129,6 +132,7 @@ class Stress:
         self.watcher = Watcher(self.mark, self.tail)
         self.snapshot: Path | None = None  # the data the next restore-backend puts back
         self.fault_log: list[tuple[float, str]] = []  # (start, kind) of every fault injected
+        self.observer: Backend | None = None  # the harness's own connection, to see who has joined the pool
         self.restores = 0
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -195,6 +199,35 @@ class Stress:
                 return True
             time.sleep(0.02)
         return False
+
+    def _wait_joined(self, timeout: float) -> bool:
+        """Wait until every live worker is a member of the pool in the backend (a standby that has joined,
+        not one still starting up, is what takes a slice over within the bound)."""
+        want = self.opts.supervisors * self.opts.workers
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = {pid for pid in self.tail.workers() if _alive(pid)}
+            try:
+                joined = {m.pid for m in members(self._observer())}
+            except (BackendError, OSError):
+                self._close_observer()  # reconnect after a restart
+                joined = set()
+            if len(live) >= want and live <= joined:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _observer(self) -> Backend:
+        if self.observer is None:
+            assert self.settings is not None
+            self.observer = open_backend(self.settings.backend_url)
+        return self.observer
+
+    def _close_observer(self) -> None:
+        if self.observer is not None:
+            with contextlib.suppress(Exception):
+                self.observer.close()
+            self.observer = None
 
     def _add_work(self) -> None:
         assert self.settings is not None
@@ -354,7 +387,7 @@ class Stress:
                         f.write(json.dumps({"t": t0, "healed": time.time(), "fault": kind}) + "\n")
                 self._add_work()
                 n += 1
-                if not (self._wait_covered(settle) and self._wait_workers_up(settle)):
+                if not (self._wait_covered(settle) and self._wait_workers_up(settle) and self._wait_joined(settle)):
                     self.coverage_timeouts += 1
                 if n % 25 == 0:
                     self.opts.log(f"{n} faults injected: {dict(self.injected)}")
@@ -364,6 +397,7 @@ class Stress:
                 time.sleep(0.1)
         finally:
             self.watcher.stop()
+            self._close_observer()
             for proc in self.supervisors:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
