@@ -260,6 +260,38 @@ def test_a_short_acquire_never_shortens_the_owners_session(open_: Callable[..., 
     assert left > 20_000
 
 
+def test_renew_checks_the_first_key_in_the_same_script(open_: Callable[..., RedisBackend],
+                                                      round_trips: list[int]) -> None:
+    """A live session whose lease's first key names another session (a server that lost our grant and granted
+    it again), or no session (released), is LeaseLost saying so, in one round trip, and is not extended."""
+    a, b = open_(), open_()
+    anchor = a.try_acquire(["anchor"], "owner", 30)
+    lease = a.try_acquire(["k1", "k2"], "owner", 30)
+    other = b.try_acquire(["elsewhere"], "other", 30)
+    assert anchor is not None and lease is not None and other is not None
+    a.renew(lease)  # the script is loaded
+    key, session = a._shard_key("k1"), a._session_key(lease.session)
+    a._client.pexpire(session, 10_000)
+    a._client.set(key, f"{lease.tokens['k1'] + 1} 0 {other.session}")  # granted again, to another live session
+    before = round_trips[0]
+    with pytest.raises(LeaseLost, match="superseded.*another session") as lost:
+        a.renew(lease)
+    assert round_trips[0] - before == 1 and lost.value.keys == ("k1", "k2")
+    assert a._client.pttl(session) <= 10_000  # not extended
+    a._client.set(key, str(lease.tokens["k1"]))  # released: the last token only
+    with pytest.raises(LeaseLost, match="superseded.*released"):
+        a.renew(lease)
+    a._client.set(key, f"{lease.tokens['k1']} 0 {lease.session}")  # ours again: renews
+    a.renew(lease)
+    assert a._client.pttl(session) > 20_000
+    before = round_trips[0]
+    a.renew(Lease((), "owner", {}, 30, session=lease.session))  # no keys: the session alone
+    assert round_trips[0] - before == 1
+    a._client.delete(session)
+    with pytest.raises(LeaseLost, match="session expired"):
+        a.renew(lease)
+
+
 def test_unknown_script_code_and_corrupt_record_are_protocol_errors(
     open_: Callable[..., RedisBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:

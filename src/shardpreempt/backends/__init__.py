@@ -12,7 +12,8 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
-from ..errors import ConfigError, MissingExtra
+from ..errors import ConfigError, LeaseLost, MissingExtra
+from ..model import Lease
 from ..typing import Backend
 
 #: scheme -> (module, class, extra that provides its client library or None)
@@ -134,6 +135,26 @@ def check_record(name: str, value: str | None = None) -> None:
     if value is not None and (not isinstance(value, str) or "\0" in value
                               or len(value.encode("utf-8", "surrogatepass")) > MAX_RECORD_VALUE):
         raise ConfigError(f"record {name!r}: value must be a string of at most {MAX_RECORD_VALUE} bytes without NUL")
+
+
+def renewal_check(lease: Lease) -> tuple[str, int | None] | None:
+    """What ``renew`` checks besides the session: the lease's first key and its token (``None`` when the
+    lease does not know it), or ``None`` for a lease without keys (a session anchor: the session alone).
+
+    Slices are acquired all or nothing and released all at once, so the first key tells whether the
+    grant still stands: one key read per renewal, whatever the number of keys. The token tells a stale
+    lease object from a newer grant of the same key to the same session."""
+    if not lease.keys:
+        return None
+    key = lease.keys[0]
+    token = lease.tokens.get(key)
+    return key, None if token is None else int(token)
+
+
+def superseded(lease: Lease, detail: str) -> LeaseLost:
+    """The ``LeaseLost`` a renewal raises when the lease's session lives but its first key is no longer
+    this grant's: ``detail`` says what the key shows now."""
+    return LeaseLost(f"superseded: key {lease.keys[0]!r:.80} {detail}", lease.keys)
 
 
 def open_backend(url: str, **options: Any) -> Backend:

@@ -18,7 +18,9 @@ grant more (its minimum is about 2 s) and the granted TTL is what ``Lease.ttl`` 
 with the lease and a JSON value (owner, pid, host, since, nonce). A slice above the server's txn limit
 is taken in chunks that fit, one txn each, in order; when a chunk finds a key held, the chunks already
 taken are deleted again (compared on their unique value) before ``None`` is returned, so an acquire
-still holds all or nothing. ``renew`` is one LeaseKeepAlive whatever the number of keys. ``release``
+still holds all or nothing. ``renew`` is one LeaseKeepAlive plus one txn comparing the lease's first key's
+lease and create revision with ours (a txn cannot refresh a lease): two round trips whatever the number of
+keys (slices are all or nothing, so the first key tells), one for a lease without keys. ``release``
 is one txn per chunk: compare every key's lease with ours and delete them all; if some key is no
 longer ours the failure branch reads the keys back and a second txn deletes the ones still ours.
 ``inspect`` reads the keys (one txn for up to 64 keys, else the prefix in pages) plus one
@@ -28,12 +30,13 @@ live under ``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so no lock key
 
 Token source: the key's ``create_revision`` (the revision of the txn that created it), strictly
 increasing cluster-wide and durable; keys taken in different chunks get different tokens. Round trips
-for a slice that fits one txn: acquire 1 (plus one LeaseGrant/KeepAlive when the owner's session is
-new or more than half used), renew 1, release 1; above the limit, one per chunk (and one refused txn
-per backend until the limit is learnt). Capabilities: server expiry, cross-host, not session-bound,
-blocking wait. Caveats: an acquire whose reply is lost may have taken effect: its keys are deleted
-before the owner's next acquire (they carry a unique nonce); while a chunked acquire is under way its
-first chunks are briefly held (and shown by ``inspect``) even if it then rolls them back.
+for a slice that fits one txn: acquire 1 (plus one LeaseGrant/KeepAlive when the owner's session is new
+or more than half used), renew 2 (the keepalive and the first key's txn), release 1; above the limit,
+one per chunk (and one refused txn per backend until the limit is learnt). Capabilities: server expiry,
+cross-host, not session-bound, blocking wait. Caveats: an acquire whose reply is lost may have taken
+effect: its keys are deleted before the owner's next acquire (they carry a unique nonce); while a
+chunked acquire is under way its first chunks are briefly held (and shown by ``inspect``) even if it
+then rolls them back.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from etcd3gw.client import Etcd3Client
 from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, redact_url, reject_unknown, url_options
+from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
 from .etcd_txn import Txns
 from .etcd_watch import WatchStream
 from .etcd_wire import Code, b64, code_of, message_of, translate, unb64
@@ -271,18 +274,44 @@ class EtcdBackend:
         self._failed.update((self._raw_key(k), revision) for k in taken)
 
     def renew(self, lease: Lease) -> Lease:
-        """One LeaseKeepAlive for the owner's lease, whatever the number of keys."""
+        """One LeaseKeepAlive for the owner's lease, then one txn checking that the lease's first key is
+        still attached to that etcd lease with the lease's token (its create revision): two round trips,
+        whatever the number of keys (a txn cannot refresh a lease, and a keepalive cannot compare a key).
+        A lease without keys costs the keepalive alone."""
         start = time.monotonic()
-        reply = self._post("/lease/keepalive", {"ID": int(lease.session)})
+        lease_id = int(lease.session)
+        reply = self._post("/lease/keepalive", {"ID": lease_id})
         granted = int(reply.get("result", {}).get("TTL", -1))
         session = self._sessions.get(lease.owner)
         if granted <= 0:
             if session is not None and str(session.lease_id) == lease.session:
                 del self._sessions[lease.owner]
-            raise LeaseLost(f"etcd lease {int(lease.session):x} expired", lease.keys)
+            raise LeaseLost(f"etcd lease {lease_id:x} expired", lease.keys)
         if session is not None and str(session.lease_id) == lease.session:
             session.deadline = start + granted
+        self._check_first_key(lease, lease_id)
         return lease.with_deadline(start + granted)
+
+    def _check_first_key(self, lease: Lease, lease_id: int) -> None:
+        """One txn: the lease's first key must carry ``lease_id`` (and the lease's token as its create
+        revision); its failure branch reads the key back, so LeaseLost can say what happened to it."""
+        check = renewal_check(lease)
+        if check is None:
+            return
+        key, token = check
+        target = self._key(key)
+        compare = [{"key": target, "result": "EQUAL", "target": "LEASE", "lease": lease_id}]
+        if token is not None:
+            compare.append({"key": target, "result": "EQUAL", "target": "CREATE", "create_revision": token})
+        reply = self.txns.txn(compare, [], [{"request_range": {"key": target}}])
+        if reply.get("succeeded"):
+            return
+        kvs = [kv for r in reply.get("responses", []) for kv in r.get("response_range", {}).get("kvs", [])]
+        if not kvs:
+            raise superseded(lease, "was deleted (released, or its lease expired)")
+        if int(kvs[0].get("lease", 0)) != lease_id:
+            raise superseded(lease, f"is held under etcd lease {int(kvs[0].get('lease', 0)):x}")
+        raise superseded(lease, f"was granted again (token {kvs[0].get('create_revision')}, ours {token})")
 
     def release(self, lease: Lease) -> None:
         """Delete the keys still attached to this lease's etcd lease (one txn per chunk; two if some were

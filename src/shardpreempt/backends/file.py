@@ -10,6 +10,8 @@ The directory is created 0700 and refused if it is a symlink, owned by another u
 group or others. Each shard key maps to ``sha256(key)[:40].lock``, opened with ``O_NOFOLLOW`` and
 never unlinked (unlinking a lock file lets two holders lock two different inodes). Acquisition takes
 the keys in sorted order with non-blocking ``flock`` and rolls back every lock taken if one is busy.
+``renew`` extends nothing (no ttl) but checks the lease: ``LeaseLost`` if this backend object released it,
+or if its first lock file is no longer the file it holds locked (removed or replaced behind its back).
 
 Token source: a counter in the first bytes of the lock file, read and bumped while the lock is held,
 so it increases across holders, process crashes and restarts. Caveats: ``flock`` is local to one
@@ -38,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, reject_unknown, url_options
+from . import check_record, option, reject_unknown, superseded, url_options
 
 RECORD_SIZE = 512  # token line + holder JSON, written with one pwrite
 
@@ -208,9 +210,22 @@ class FileBackend:
             os.close(fd)  # closing the only descriptor of the open file drops its flock
 
     def renew(self, lease: Lease) -> Lease:
-        """Nothing to renew: the kernel holds the locks while we live."""
-        if lease.session not in self._held:
+        """Nothing to extend: the kernel holds the locks while we live. LeaseLost if this object released
+        the lease (a stale lease object), or if the lock file of its first key in lock order (slices are
+        all or nothing: any key tells) is no longer the file we hold locked (removed or replaced, so
+        another process could lock the new one): one ``fstat`` and one ``stat``, whatever the key count."""
+        fds = self._held.get(lease.session)
+        if fds is None:
             raise LeaseLost("lease was released", lease.keys)
+        if fds and lease.keys:
+            key = min(lease.keys)  # the first lock taken: fds[0]
+            held = os.fstat(fds[0])
+            try:
+                now = os.stat(lock_name(key), dir_fd=self._dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise superseded(lease, "lost its lock file (removed from the lock directory)") from None
+            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise superseded(lease, "has a new lock file: another process may hold it")
         return lease
 
     def release(self, lease: Lease) -> None:

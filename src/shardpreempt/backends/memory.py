@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from ..errors import LeaseLost
 from ..model import Holder, Lease
 from ..typing import SYSTEM_CLOCK, Capabilities, Clock
-from . import check_record, reject_unknown
+from . import check_record, reject_unknown, renewal_check, superseded
 
 
 @dataclass
@@ -83,13 +83,24 @@ class MemoryBackend:
         return Lease(tuple(keys), owner, tokens, ttl, start + ttl, session)
 
     def renew(self, lease: Lease) -> Lease:
-        """Extend the owner's session: O(1), whatever the number of keys."""
+        """Extend the owner's session if the lease's first key still points at it with the lease's token:
+        O(1), whatever the number of keys. LeaseLost if the session expired or the key was released or
+        granted again (a stale lease object)."""
         start = self.clock.monotonic()
         store = self._store
+        check = renewal_check(lease)
         with store.lock:
             if not self._alive(lease.session, self.clock.monotonic()):
-                self._sessions.pop(lease.owner, None)
+                if self._sessions.get(lease.owner) == lease.session:
+                    del self._sessions[lease.owner]
                 raise LeaseLost("session expired", lease.keys)
+            if check is not None:
+                key, token = check
+                holder = store.holds.get(key)
+                if holder != lease.session:
+                    raise superseded(lease, "was released" if holder is None else "is held by another session")
+                if token is not None and store.tokens.get(key) != token:
+                    raise superseded(lease, f"was granted again (token {store.tokens.get(key)}, ours {token})")
             store.sessions[lease.session] = max(store.sessions[lease.session], self.clock.monotonic() + lease.ttl)
         return lease.with_deadline(start + lease.ttl)
 

@@ -80,7 +80,7 @@ from pymysql.constants import CLIENT
 from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError
 from ..typing import Capabilities
 from . import option, reject_unknown
-from .sqlcommon import HolderRow, SqlBackend, parse_db_url
+from .sqlcommon import EXPIRED, RENEWED, SUPERSEDED, HolderRow, SqlBackend, parse_db_url
 
 log = logging.getLogger("shardpreempt.backends.mysql")
 
@@ -186,8 +186,16 @@ NEXT_TOKEN = "GREATEST(h.token + 1, TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00
 
 INSTALLED = """SELECT ROUTINE_NAME, ROUTINE_COMMENT FROM information_schema.ROUTINES
 WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME IN %s AND ROUTINE_TYPE = 'PROCEDURE'"""
-RENEW = """UPDATE `{p}sessions` SET expires_at = GREATEST(expires_at, SYSDATE(6) + INTERVAL %s MICROSECOND)
-WHERE id = %s AND expires_at > SYSDATE(6)"""
+# One statement: matches the session row while it lives; LAST_INSERT_ID(expr) hands the client (in the OK
+# packet's insert id: ``cursor.lastrowid``) whether the lease's first key still points at the session with the
+# lease's token (2, and the session is extended) or not (1, and nothing changes); no row matched leaves it 0.
+RENEW = """UPDATE `{p}sessions` x SET x.expires_at = IF(LAST_INSERT_ID(IF(
+        %(key)s IS NULL OR EXISTS (SELECT 1 FROM `{p}shards` h WHERE h.`key` = %(key)s AND h.session = x.id
+                                   AND (%(token)s IS NULL OR h.token = %(token)s)), 2, 1)) = 2,
+    GREATEST(x.expires_at, SYSDATE(6) + INTERVAL %(ttl_us)s MICROSECOND), x.expires_at)
+WHERE x.id = %(session)s AND x.expires_at > SYSDATE(6)"""
+#: ``cursor.lastrowid`` after RENEW: the session was extended; it lives but the first key is not the lease's.
+RENEW_KEY_OK, RENEW_KEY_LOST = 2, 1
 INSPECT = """SELECT h.`key`, x.owner, h.token, TIMESTAMPDIFF(MICROSECOND, SYSDATE(6), x.expires_at) / 1e6,
     x.pid, x.host, UNIX_TIMESTAMP(h.since)
 FROM `{p}shards` h JOIN `{p}sessions` x ON x.id = h.session
@@ -346,17 +354,24 @@ class MySQLBackend(SqlBackend):
              accept: frozenset[int] = frozenset()) -> tuple[int, list[list[tuple[Any, ...]]]]:
         """One statement, one round trip: (affected rows, every result set), errors translated; a server
         error whose code is in ``accept`` answers ``(-1, [])`` instead."""
+        count, results, _ = self._run_with_id(op, query, args, accept)
+        return count, results
+
+    def _run_with_id(self, op: str, query: str, args: tuple[Any, ...] | dict[str, Any],
+                     accept: frozenset[int] = frozenset()) -> tuple[int, list[list[tuple[Any, ...]]], int]:
+        """:meth:`_run`, plus the insert id the server sent with the statement's answer (0 if none)."""
         with self._lock:
             try:
                 with self._cursor() as cur:
                     count = cur.execute(query, args)
+                    insert_id = int(cur.lastrowid or 0)
                     results = [list(cur.fetchall())]
                     while cur.nextset():  # a CALL answers with one set per SELECT, then its own status
                         results.append(list(cur.fetchall()))
-                    return count, results
+                    return count, results, insert_id
             except pymysql.err.MySQLError as exc:
                 if exc.args and exc.args[0] in accept:
-                    return -1, []
+                    return -1, [], 0
                 raise self._translate(op, exc) from exc
 
     def _call(self, proc: str, keys: list[str], *args: Any) -> list[list[tuple[Any, ...]]]:
@@ -384,8 +399,17 @@ class MySQLBackend(SqlBackend):
             raise BackendProtocolError(f"{self.url}: acquire returned {status!r} with {len(tokens)} tokens")
         return new_session, tokens
 
-    def _renew(self, session: str, ttl: float) -> bool:
-        return self._run("renew", self._sql["renew"], (max(1, round(ttl * 1e6)), session))[0] > 0
+    def _renew(self, session: str, ttl: float, key: str | None, token: int | None) -> str:
+        args = {"key": None if key is None else key.encode("utf-8"), "token": token,
+                "ttl_us": max(1, round(ttl * 1e6)), "session": session}
+        matched, _, verdict = self._run_with_id("renew", self._sql["renew"], args)
+        if matched <= 0:
+            return EXPIRED
+        if verdict == RENEW_KEY_OK:
+            return RENEWED
+        if verdict == RENEW_KEY_LOST:
+            return SUPERSEDED
+        raise BackendProtocolError(f"{self.url}: renew matched its session but reported {verdict!r}")
 
     def _release(self, keys: list[str], session: str) -> None:
         self._call("release", keys, session)

@@ -28,9 +28,11 @@ point at ``FOR SHARE`` (so a renewal racing with an expiry is seen), and only if
 extend or create the owner's session and point the keys at it, setting each key's token to
 ``GREATEST(token + 1, clock in µs)``. A key held by the caller's own live session counts as busy, as in
 ``memory://``. A deadlock or lock timeout reports busy (``None``), never a partial hold. renew is one
-``UPDATE sessions ... RETURNING`` that succeeds only while the session has not expired (O(1) whatever the
-number of keys); release is one call of ``release()``, which clears the keys still pointing at the session
-and sends
+``UPDATE sessions ... RETURNING`` that succeeds only while the session has not expired and the lease's first
+key still points at it with the lease's token (O(1) whatever the number of keys: slices are all or nothing,
+so the first key tells); the same statement reads whether the session lives, so ``LeaseLost`` says which
+failed: the session expired, or the key was released or granted to another (a stale lease object).
+release is one call of ``release()``, which clears the keys still pointing at the session and sends
 ``pg_notify('<schema>_released', <keys as JSON, or '' when too long>)`` in the same transaction.
 ``wait`` listens on a dedicated connection kept open across calls, so releases between calls queue up;
 the first ``wait`` (and the first after a reconnect) returns at once, because it cannot know what it
@@ -74,7 +76,7 @@ from psycopg.rows import TupleRow
 from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError
 from ..typing import Capabilities
 from . import option, reject_unknown
-from .sqlcommon import HolderRow, SqlBackend, parse_db_url
+from .sqlcommon import EXPIRED, RENEWED, SUPERSEDED, HolderRow, SqlBackend, parse_db_url
 
 log = logging.getLogger("shardpreempt.backends.postgres")
 
@@ -166,9 +168,19 @@ SCHEMA_VERSION = "shardpreempt schema 3"  # 2: the records table; 3: tokens from
 INSTALLED = "SELECT obj_description(to_regprocedure(%s), 'pg_proc')"
 
 ACQUIRE = "SELECT o_status, o_session, o_keys, o_tokens FROM {s}.acquire(%s, %s, %s, %s, %s, %s)"
-RENEW = """UPDATE {s}.sessions
-SET expires_at = GREATEST(expires_at, clock_timestamp() + make_interval(secs => %s))
-WHERE id = %s AND expires_at > clock_timestamp() RETURNING id"""
+# One statement: extend the session only while it lives and (for a lease with keys) its first key still points
+# at it with the lease's token; the second column tells an expired session from a superseded key. Every part
+# of the statement reads the same snapshot, so the second one sees the session as the update found it.
+RENEW = """WITH u AS (
+    UPDATE {s}.sessions
+    SET expires_at = GREATEST(expires_at, clock_timestamp() + make_interval(secs => %(ttl)s))
+    WHERE id = %(session)s AND expires_at > clock_timestamp()
+        AND (%(key)s::text IS NULL OR EXISTS (
+            SELECT 1 FROM {s}.shards h WHERE h.key = %(key)s::text AND h.session = %(session)s
+                AND (%(token)s::bigint IS NULL OR h.token = %(token)s::bigint)))
+    RETURNING id)
+SELECT EXISTS (SELECT 1 FROM u),
+    EXISTS (SELECT 1 FROM {s}.sessions WHERE id = %(session)s AND expires_at > clock_timestamp())"""
 RELEASE = "SELECT {s}.release(%s, %s, %s)"
 INSPECT = """SELECT h.key, x.owner, h.token, extract(epoch FROM x.expires_at - clock_timestamp())::float8,
     x.pid, x.host, extract(epoch FROM h.since)::float8
@@ -342,8 +354,10 @@ class PostgresBackend(SqlBackend):
             raise BackendProtocolError(f"{self.url}: acquire() returned unknown status {status!r}")
         return cast(str, new_session), dict(zip(got_keys, tokens, strict=True))
 
-    def _renew(self, session: str, ttl: float) -> bool:
-        return bool(self._run("renew", (ttl, session)))
+    def _renew(self, session: str, ttl: float, key: str | None, token: int | None) -> str:
+        rows = self._run("renew", {"ttl": ttl, "session": session, "key": key, "token": token})
+        renewed, alive = rows[0]
+        return RENEWED if renewed else SUPERSEDED if alive else EXPIRED
 
     def _release(self, keys: list[str], session: str) -> None:
         self._run("release", (keys, session, self.channel))

@@ -27,8 +27,11 @@ Layout: ``{prefix}session:{sid}`` is the owner's liveness session (value: JSON w
 with a ``PX`` expiry; ``sid`` is ``owner + "/" + random``. ``{prefix}shard:{key}`` holds
 ``"<token> <since µs> <sid>"`` while held and ``"<token>"`` once released (the last token is kept).
 A key is free when its value names no session or a session key that no longer exists, so renewing
-touches only the session (``PEXPIRE``, one round trip, never shortening it) and per-shard state is
-written only when ownership changes. ``try_acquire`` and ``release`` are one ``EVALSHA`` each,
+writes only the session (``PEXPIRE``, never shortening it) and per-shard state is written only when
+ownership changes. ``renew`` is one ``EVALSHA`` that also reads the lease's first shard key (passed in
+``KEYS``): the session is extended only if that key still names it with the lease's token, otherwise
+``LeaseLost`` says the key was released or superseded (slices are all or nothing, so the first key
+tells; O(1) whatever the number of keys). ``try_acquire`` and ``release`` are one ``EVALSHA`` each,
 whatever the number of keys; ``release`` publishes on ``{prefix}released`` and ``wait`` listens
 there on a subscription kept open across calls. Records live at ``{prefix}record:{name}`` (a plain
 string; absent key = no record), a namespace apart from the shard keys: ``read_records`` is one
@@ -80,8 +83,21 @@ from redis.retry import Retry
 from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, redact_url, reject_unknown, url_options
-from .redis_scripts import ACQUIRE, BUSY, CORRUPT, GRANTED, QUARANTINE, RELEASE, RENEW, SWAP_RECORD
+from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
+from .redis_scripts import (
+    ACQUIRE,
+    BUSY,
+    CORRUPT,
+    GRANTED,
+    KEY_RELEASED,
+    QUARANTINE,
+    RELEASE,
+    RENEW,
+    RENEWED,
+    SESSION_GONE,
+    SUPERSEDED,
+    SWAP_RECORD,
+)
 
 log = logging.getLogger("shardpreempt.backends.redis")
 
@@ -241,16 +257,27 @@ class RedisBackend:
         raise BackendProtocolError(f"{self.url}: unexpected reply from the acquire script: {reply!r:.200}")
 
     def renew(self, lease: Lease) -> Lease:
-        """Extend the owner's session (never shortening it): one round trip, whatever the key count."""
+        """Extend the owner's session (never shortening it) if the lease's first key still names it with
+        the lease's token: one script run (one round trip), whatever the key count."""
         start = time.monotonic()
+        check = renewal_check(lease)
+        keys = [self._session_key(lease.session)]
+        args: list[Any] = [self._ms(lease.ttl), lease.session, ""]
+        if check is not None:
+            keys.append(self._shard_key(check[0]))
+            args[2] = "" if check[1] is None else str(check[1])
         with self._edge("renew"):
-            reply = self._renew(keys=[self._session_key(lease.session)], args=[self._ms(lease.ttl)])
-        if reply == 1:
+            reply = self._renew(keys=keys, args=args)
+        if reply == RENEWED:
             return lease.with_deadline(start + lease.ttl)
-        if reply == 0:
+        if reply == SESSION_GONE:
             if self._sessions.get(lease.owner) == lease.session:
                 del self._sessions[lease.owner]  # the next acquire must start a new session
             raise LeaseLost("session expired", lease.keys)
+        if reply == SUPERSEDED:
+            raise superseded(lease, "names another session or a later grant")
+        if reply == KEY_RELEASED:
+            raise superseded(lease, "was released")
         raise BackendProtocolError(f"{self.url}: unexpected reply from the renew script: {reply!r:.200}")
 
     def release(self, lease: Lease) -> None:

@@ -48,10 +48,23 @@ end
 return out
 """
 
+# Codes the renew script returns; anything else is a BackendProtocolError.
+SESSION_GONE, RENEWED, SUPERSEDED, KEY_RELEASED = 0, 1, 2, 3
+
 RENEW = """
--- KEYS[1] session key, ARGV[1] ttl ms; 1 = extended (never shortened), 0 = session gone
+-- KEYS[1] session key, KEYS[2] (optional) the lease's first shard key; ARGV[1] ttl ms, ARGV[2] sid,
+-- ARGV[3] the lease's token of that key ('' when unknown).
+-- 1 = extended (never shortened); 0 = session gone; 2 = the key names another session or another grant
+-- (a different token); 3 = the key names no session (released). Only 1 extends the session.
 local left = redis.call('PTTL', KEYS[1])
 if left == -2 then return 0 end
+if KEYS[2] then
+  local v = redis.call('GET', KEYS[2])
+  if not v then return 3 end
+  local token, holder = string.match(v, '^(%d+) %d+ (.*)$')
+  if not holder then return 3 end
+  if holder ~= ARGV[2] or (ARGV[3] ~= '' and token ~= ARGV[3]) then return 2 end
+end
 if left < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return 1
 """

@@ -21,12 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigError, LeaseLost
+from ..errors import BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
-from . import check_record, option, redact_url, url_options
+from . import check_record, option, redact_url, renewal_check, superseded, url_options
 
 #: Longest key accepted, in UTF-8 bytes: it must fit in a primary-key index entry on both servers.
 MAX_KEY_BYTES = 2048
+
+#: What a dialect's ``_renew`` reports: the session was extended; it had expired; it lives but the lease's
+#: first key no longer points at it with the lease's token (nothing was extended).
+RENEWED, EXPIRED, SUPERSEDED = "renewed", "expired", "superseded"
 
 #: (key, owner, token, seconds left by the server clock, pid, host, since as unix time)
 HolderRow = tuple[str, str, int, float, "int | None", "str | None", "float | None"]
@@ -107,8 +111,9 @@ class SqlBackend:
         """One round trip: (session id, key -> token), or None when a key is held elsewhere."""
         raise NotImplementedError
 
-    def _renew(self, session: str, ttl: float) -> bool:
-        """One round trip: extend a live session; False if it had expired."""
+    def _renew(self, session: str, ttl: float, key: str | None, token: int | None) -> str:
+        """One statement: extend a live session if ``key`` (``None``: no check) still points at it with
+        ``token`` (``None``: any); ``RENEWED``, ``EXPIRED`` (the session) or ``SUPERSEDED`` (the key)."""
         raise NotImplementedError
 
     def _release(self, keys: list[str], session: str) -> None:
@@ -142,12 +147,21 @@ class SqlBackend:
         return Lease(tuple(keys), owner, tokens, ttl, start + ttl, session)
 
     def renew(self, lease: Lease) -> Lease:
-        """Extend the owner's session (one statement, O(1)); LeaseLost if it already expired."""
+        """Extend the owner's session if the lease's first key still points at it with the lease's token
+        (one statement, O(1) whatever the number of keys); LeaseLost if the session already expired or
+        the key was released or granted to another session (or again: a stale lease object)."""
         start = time.monotonic()
-        if not lease.session or not self._renew(lease.session, lease.ttl):
+        check = renewal_check(lease)
+        key, token = check if check is not None else (None, None)
+        outcome = self._renew(lease.session, lease.ttl, key, token) if lease.session else EXPIRED
+        if outcome == SUPERSEDED:
+            raise superseded(lease, "no longer points at this lease's session and grant (released or taken)")
+        if outcome == EXPIRED:
             if self._sessions.get(lease.owner) == lease.session:
                 del self._sessions[lease.owner]  # the next acquire gets a new session id
             raise LeaseLost("session expired on the server", lease.keys)
+        if outcome != RENEWED:
+            raise BackendProtocolError(f"{self.url}: unexpected renewal outcome {outcome!r:.80}")
         return lease.with_deadline(start + lease.ttl)
 
     def release(self, lease: Lease) -> None:

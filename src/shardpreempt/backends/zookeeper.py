@@ -18,9 +18,12 @@ bounds it to its min/max session timeout (2..20 x tickTime by default) and the N
 all die with the session. Records are persistent nodes ``/CHROOT/r/<sha256(name)>`` holding the value:
 ``read_records`` is a ``sync`` and one ``get`` per name, pipelined (one round trip's wait);
 ``swap_record`` creates (expected absent), or reads the version and sets or deletes at that version.
-Kazoo's heartbeat pings are switched off on owner sessions, so ``renew`` (one ``exists`` of the marker)
-is what keeps the session alive: a holder that stops renewing loses its keys after the session timeout,
-by the server's clock, like every other backend. While kazoo is reconnecting
+Kazoo's heartbeat pings are switched off on owner sessions, so ``renew`` (one ``exists`` of the lease's
+first key's node, checking that its ephemeral owner is the lease's session and its czxid the lease's token;
+of the session's marker for a lease without keys) is what keeps the session alive: a holder that stops
+renewing loses its keys after the session timeout, by the server's clock, like every other backend. A key
+node that is gone, another session's, or of another grant raises ``LeaseLost`` (superseded) and leaves
+the session, which the answer proved alive, to the owner's other leases. While kazoo is reconnecting
 (SUSPENDED) ``renew`` waits up to ``timeout`` for the verdict: same session (renewed), expired
 (``LeaseLost``) or still unknown (``BackendUnavailable``; the claimer's local deadline does the rest).
 ``try_acquire`` is one multi: create every key node, the claim record (plus the marker on a session's
@@ -66,7 +69,7 @@ from kazoo.security import make_digest_acl
 from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, redact_url, reject_unknown, url_options
+from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
 
 log = logging.getLogger("shardpreempt.backends.zookeeper")
 SMALL = 64  # inspect asks for up to this many nodes directly, lists the children first above it
@@ -323,9 +326,14 @@ class ZooKeeperBackend:
             self._delete(state, sid, [*paths, claim])
 
     def renew(self, lease: Lease) -> Lease:
-        """One ``exists`` of the session's marker: proves the session alive and resets its timeout."""
+        """One ``exists``, which proves the session alive and resets its timeout: of the lease's first key's
+        node, whose owner must be this session and whose czxid the lease's token (slices are all or nothing,
+        so the first key tells, whatever the number of keys); of the session's marker for a lease without
+        keys."""
         start = time.monotonic()
         sid = int(lease.session, 16)
+        check = renewal_check(lease)
+        path = self._marker(sid) if check is None else self._path(check[0])
         self._reap()
         with self._lock:
             state = self._owners.get(lease.owner)
@@ -340,7 +348,7 @@ class ZooKeeperBackend:
                 raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
             try:
                 with self._edge("renew"):
-                    stat = state.client.exists_async(self._marker(sid)).get(timeout=self.timeout)
+                    stat = state.client.exists_async(path).get(timeout=self.timeout)
                 break
             except BackendUnavailable as exc:
                 if isinstance(exc.__cause__, kz.SessionExpiredError) and not isinstance(
@@ -351,10 +359,21 @@ class ZooKeeperBackend:
                     raise
                 # the connection dropped under the request (as when the server ends an expired session):
                 # kazoo queues the retry until it has reconnected, so it gets the verdict, not a guess
-        if stat is None or stat.ephemeralOwner != sid:
+        if check is None and (stat is None or stat.ephemeralOwner != sid):
             with state.busy:  # no lease of a session without its marker can be proven or released: end it
                 self._drop(lease.owner, state)
             raise LeaseLost(f"ZooKeeper session {sid:x} is gone", lease.keys)
+        if check is not None:
+            if state.client._session_id != sid:  # replaced while the request was queued: the session died
+                self._reap()
+                raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
+            # the answer came on our session, so it lives: only the key can be lost (its other leases stand)
+            if stat is None:
+                raise superseded(lease, "was released (its node is gone)")
+            if stat.ephemeralOwner != sid:
+                raise superseded(lease, f"is held by ZooKeeper session {stat.ephemeralOwner:x}")
+            if check[1] is not None and stat.czxid != check[1]:
+                raise superseded(lease, f"was granted again (token {stat.czxid}, ours {check[1]})")
         return lease.with_deadline(start + state.negotiated[0])
 
     def release(self, lease: Lease) -> None:

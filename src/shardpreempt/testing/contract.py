@@ -266,6 +266,50 @@ class BackendContract:
         with pytest.raises(LeaseLost):
             a.renew(lease)
 
+    def test_renew_of_a_lease_whose_keys_another_owner_took_raises_lease_lost(
+        self, open_: Callable[[], Backend]
+    ) -> None:
+        """A stale lease object whose keys another owner holds now cannot be renewed, although its owner's
+        session is alive (it holds another key): renew checks the lease's keys, not only the session."""
+        a, b = open_(), open_()
+        owner = new_owner("a")
+        anchor = a.try_acquire(["anchor"], owner, 30)  # keeps the owner's session alive throughout
+        lease = a.try_acquire(["s1", "s2", "s3"], owner, 30)
+        assert anchor is not None and lease is not None
+        a.release(lease)
+        taken = b.try_acquire(["s1", "s2", "s3"], new_owner("b"), 30)
+        assert taken is not None
+        with pytest.raises(LeaseLost) as lost:
+            a.renew(lease)
+        assert lost.value.reason and "expired" not in lost.value.reason, lost.value.reason
+        assert lost.value.keys == lease.keys
+        with pytest.raises(LeaseLost):  # and again: the failed renewal changed nothing
+            a.renew(lease)
+        a.renew(anchor)  # the session itself lives on, for the owner's other leases
+        a.renew(Lease((), owner, {}, anchor.ttl, session=anchor.session))  # no keys: the session alone
+        b.renew(taken)
+        seen = open_().inspect(["s1", "s2", "s3", "anchor"])
+        assert [h.owner if h else None for h in seen.values()] == [taken.owner] * 3 + [owner], seen
+
+    def test_renew_of_a_stale_lease_raises_after_its_owner_took_the_keys_again(
+        self, open_: Callable[[], Backend]
+    ) -> None:
+        """A released lease object stays dead when the same owner (and session) is granted its keys again:
+        the new grant renews, the stale object raises LeaseLost."""
+        a = open_()
+        owner = new_owner("a")
+        anchor = a.try_acquire(["anchor2"], owner, 30)
+        old = a.try_acquire(["t1", "t2"], owner, 30)
+        assert anchor is not None and old is not None
+        a.release(old)
+        again = a.try_acquire(["t1", "t2"], owner, 30)
+        assert again is not None and again.tokens["t1"] > old.tokens["t1"]
+        with pytest.raises(LeaseLost) as lost:
+            a.renew(old)
+        assert "expired" not in lost.value.reason, lost.value.reason
+        a.renew(again)
+        a.renew(anchor)
+
     def test_killed_holder_frees_its_keys(self, backend_url: str, open_: Callable[[], Backend]) -> None:
         """SIGKILL of a holder process frees its keys (at once, or after the ttl) for a higher token."""
         if backend_url.startswith("memory:"):
