@@ -270,6 +270,47 @@ def test_short_acquire_does_not_shorten_the_owners_longer_lease(open_: Callable[
     assert b.renew(short).session == short.session  # an unchanged expiry still counts as renewed
 
 
+def test_renew_checks_the_first_key_in_the_same_statement(open_: Callable[..., MySQLBackend],
+                                                          round_trips: list[int]) -> None:
+    """A live session whose lease's first key points at another session (a server that lost our grant and
+    granted it again) or at none (released) is LeaseLost "superseded", in one command, and is not extended;
+    an expired session is LeaseLost "session expired"; a lease without keys renews on the session alone."""
+    a, b = open_(), open_()
+    anchor = a.try_acquire(["anchor"], "owner-a", 30)
+    lease = a.try_acquire(["k1", "k2"], "owner-a", 30)
+    other = b.try_acquire(["elsewhere"], "owner-b", 30)
+    assert anchor is not None and lease is not None and other is not None
+
+    def run(query: str, *args: Any) -> Any:
+        return a._run("test", query.replace("{p}", a.prefix), args)[1][0]
+
+    def expires() -> Any:
+        return run("SELECT expires_at FROM `{p}sessions` WHERE id = %s", lease.session)[0][0]
+
+    run("UPDATE `{p}sessions` SET expires_at = SYSDATE(6) + INTERVAL 10 SECOND WHERE id = %s", lease.session)
+    before = expires()
+    run("UPDATE `{p}shards` SET session = %s, token = token + 1 WHERE `key` = %s", other.session, b"k1")
+    round_trips[0] = 0
+    with pytest.raises(LeaseLost, match="superseded") as lost:
+        a.renew(lease)
+    assert round_trips[0] == 1 and lost.value.keys == ("k1", "k2")
+    assert expires() == before  # not extended
+    run("UPDATE `{p}shards` SET session = NULL WHERE `key` = %s", b"k1")  # released
+    with pytest.raises(LeaseLost, match="superseded"):
+        a.renew(lease)
+    run("UPDATE `{p}shards` SET session = %s, token = %s WHERE `key` = %s", lease.session, lease.tokens["k1"], b"k1")
+    a.renew(lease)
+    assert expires() > before
+    round_trips[0] = 0
+    a.renew(Lease((), "owner-a", {}, 30, session=lease.session))
+    assert round_trips[0] == 1
+    run("UPDATE `{p}sessions` SET expires_at = SYSDATE(6) - INTERVAL 1 SECOND WHERE id = %s", lease.session)
+    round_trips[0] = 0
+    with pytest.raises(LeaseLost, match="session expired"):
+        a.renew(lease)
+    assert round_trips[0] == 1
+
+
 def test_wait_polls_for_at_most_poll_seconds(open_: Callable[..., MySQLBackend]) -> None:
     """wait sleeps one poll interval (or less, when the timeout is shorter)."""
     b = open_(poll=0.2)

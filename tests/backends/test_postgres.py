@@ -242,6 +242,51 @@ def test_short_acquire_does_not_shorten_the_owners_longer_lease(
     assert holder is not None and holder.expires_in is not None and holder.expires_in > 50
 
 
+def test_renew_checks_the_first_key_in_the_same_statement(open_: Callable[..., PostgresBackend],
+                                                          round_trips: list[int]) -> None:
+    """A live session whose lease's first key points at another session (a server that lost our grant and
+    granted it again) or at none (released) is LeaseLost "superseded", in one round trip, and is not extended;
+    an expired session is LeaseLost "session expired"; a lease without keys renews on the session alone."""
+    a, b = open_(), open_()
+    anchor = a.try_acquire(["anchor"], "owner-a", 30)
+    lease = a.try_acquire(["k1", "k2"], "owner-a", 30)
+    other = b.try_acquire(["elsewhere"], "owner-b", 30)
+    assert anchor is not None and lease is not None and other is not None
+    conn, schema = a._open(), sql.Identifier(a.schema)
+
+    def run(query: str, *args: Any) -> Any:
+        return conn.execute(sql.SQL(query).format(s=schema), args).fetchall()
+
+    def expires() -> Any:
+        return run("SELECT expires_at FROM {s}.sessions WHERE id = %s", lease.session)[0][0]
+
+    run("UPDATE {s}.sessions SET expires_at = clock_timestamp() + interval '10 seconds' WHERE id = %s RETURNING 1",
+        lease.session)
+    before = expires()
+    run("UPDATE {s}.shards SET session = %s, token = token + 1 WHERE key = 'k1' RETURNING 1", other.session)
+    round_trips[0] = 0
+    with pytest.raises(LeaseLost, match="superseded") as lost:
+        a.renew(lease)
+    assert round_trips[0] == 1 and lost.value.keys == ("k1", "k2")
+    assert expires() == before  # not extended
+    run("UPDATE {s}.shards SET session = NULL WHERE key = 'k1' RETURNING 1")  # released
+    with pytest.raises(LeaseLost, match="superseded"):
+        a.renew(lease)
+    run("UPDATE {s}.shards SET session = %s, token = %s WHERE key = 'k1' RETURNING 1", lease.session,
+        lease.tokens["k1"])
+    a.renew(lease)
+    assert expires() > before
+    round_trips[0] = 0
+    a.renew(Lease((), "owner-a", {}, 30, session=lease.session))
+    assert round_trips[0] == 1
+    run("UPDATE {s}.sessions SET expires_at = clock_timestamp() - interval '1 second' WHERE id = %s RETURNING 1",
+        lease.session)
+    round_trips[0] = 0
+    with pytest.raises(LeaseLost, match="session expired"):
+        a.renew(lease)
+    assert round_trips[0] == 1
+
+
 def test_wait_sees_a_release_made_before_it_was_called(open_: Callable[..., PostgresBackend]) -> None:
     """Once listening, a release that happens between two waits wakes the next wait at once."""
     a, b = open_(), open_()

@@ -274,12 +274,12 @@ def test_renew_checks_the_first_key_in_the_same_script(open_: Callable[..., Redi
     a._client.pexpire(session, 10_000)
     a._client.set(key, f"{lease.tokens['k1'] + 1} 0 {other.session}")  # granted again, to another live session
     before = round_trips[0]
-    with pytest.raises(LeaseLost, match="superseded.*another session") as lost:
+    with pytest.raises(LeaseLost, match=r"superseded.*another session") as lost:
         a.renew(lease)
     assert round_trips[0] - before == 1 and lost.value.keys == ("k1", "k2")
     assert a._client.pttl(session) <= 10_000  # not extended
     a._client.set(key, str(lease.tokens["k1"]))  # released: the last token only
-    with pytest.raises(LeaseLost, match="superseded.*released"):
+    with pytest.raises(LeaseLost, match=r"superseded.*released"):
         a.renew(lease)
     a._client.set(key, f"{lease.tokens['k1']} 0 {lease.session}")  # ours again: renews
     a.renew(lease)

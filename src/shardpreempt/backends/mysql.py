@@ -28,22 +28,26 @@ the records, both binary (exact: no collation, no trailing-space padding). A key
 missing or expired is free. ``init()`` creates them and the procedures ``<prefix>acquire`` and
 ``<prefix>release``; it is idempotent, and reruns when ``SCHEMA_VERSION`` changed.
 
-try_acquire is one ``CALL <prefix>acquire(keys as JSON, ...)``: refuse at once if a key has a live
-holder; otherwise, in one READ COMMITTED transaction, create or lock the key rows in key order (the keys
-are sent sorted by their UTF-8 bytes, and rows are inserted ``ORDER BY key``, so overlapping slices
-never deadlock), lock their sessions in share mode and check again, extend or create the owner's session
-and point the keys at it with ``token = GREATEST(token + 1, clock in µs)``. A key held by the caller's own
+try_acquire is one ``CALL <prefix>acquire(keys as JSON, ...)``: refuse at once if a key has a live holder;
+otherwise, in one READ COMMITTED transaction, create or lock the key rows in key order (the keys are sent
+sorted by their UTF-8 bytes, and rows are inserted ``ORDER BY key``, so overlapping slices never
+deadlock), lock their sessions in share mode and check again, extend or create the owner's session and
+point the keys at it with ``token = GREATEST(token + 1, clock in µs)``. A key held by the caller's own
 live session counts as busy. A deadlock (1213) or lock wait timeout (1205) is reported as busy (``None``),
 not retried: the claimer tries again on its own schedule. renew is one ``UPDATE`` of the session row that
-matches only while it has not expired (O(1)); release is one ``CALL <prefix>release``, clearing the keys
-still pointing at the session (READ COMMITTED and key order too: no gap locks to deadlock with an acquire).
-inspect is one ``SELECT ... key IN (...)`` per 10,000 keys. read_records is one ``SELECT``; swap_record
-is one autocommitted ``INSERT`` (a duplicate key: not absent), ``UPDATE`` or ``DELETE ... WHERE value =
-expected`` — InnoDB evaluates the condition of a write on the newest committed row under its lock, never
-on a snapshot, at any isolation level — or a ``SELECT`` when nothing changes. A deadlock victim (1213:
-inserts racing with a delete) is run again, up to 3 times; a lock wait timeout (1205) raises
-``BackendUnavailable``: nothing was changed. One connection per backend object, used
-by one thread at a time (a lock), so a worker may renew from one thread while it acquires from another.
+matches only while it has not expired and extends it only if the lease's first key still points at it with
+the lease's token (O(1) whatever the number of keys: slices are all or nothing, so the first key tells);
+the same statement reports, through ``LAST_INSERT_ID(expr)`` (the insert id of its answer), whether the
+session was expired or the key superseded (released or granted to another: a stale lease object); release
+is one ``CALL <prefix>release``, clearing the keys still pointing at the session (READ COMMITTED and key
+order too: no gap locks to deadlock with an acquire). inspect is one ``SELECT ... key IN (...)`` per
+10,000 keys. read_records is one ``SELECT``; swap_record is one autocommitted ``INSERT`` (a duplicate key:
+not absent), ``UPDATE`` or ``DELETE ... WHERE value = expected`` — InnoDB evaluates the condition of a
+write on the newest committed row under its lock, never on a snapshot, at any isolation level — or a
+``SELECT`` when nothing changes. A deadlock victim (1213: inserts racing with a delete) is run again, up
+to 3 times; a lock wait timeout (1205) raises ``BackendUnavailable``: nothing was changed. One connection
+per backend object, used by one thread at a time (a lock), so a worker may renew from one thread while it
+acquires from another.
 
 Token source: ``GREATEST(last token + 1, SYSDATE(6) in µs since the epoch)`` (``NEXT_TOKEN``), computed in
 the acquiring transaction and kept in ``<prefix>shards.token`` (BIGINT), as ``redis://`` does. ``last + 1``
@@ -189,6 +193,10 @@ WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME IN %s AND ROUTINE_TYPE = 'PRO
 # One statement: matches the session row while it lives; LAST_INSERT_ID(expr) hands the client (in the OK
 # packet's insert id: ``cursor.lastrowid``) whether the lease's first key still points at the session with the
 # lease's token (2, and the session is extended) or not (1, and nothing changes); no row matched leaves it 0.
+# Under REPEATABLE READ InnoDB reads the key's row with a shared lock after locking the session row, the
+# reverse of acquire's order; the two can only meet on a session at its very expiry (acquire goes past its
+# lock-free check only for an expired holder), where a deadlock victim is a busy acquire or a failed renewal,
+# and a lease renewed that late is past its local deadline anyway.
 RENEW = """UPDATE `{p}sessions` x SET x.expires_at = IF(LAST_INSERT_ID(IF(
         %(key)s IS NULL OR EXISTS (SELECT 1 FROM `{p}shards` h WHERE h.`key` = %(key)s AND h.session = x.id
                                    AND (%(token)s IS NULL OR h.token = %(token)s)), 2, 1)) = 2,
