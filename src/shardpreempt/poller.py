@@ -126,7 +126,8 @@ class Poller:
                               "be killed only after its lease could be granted to another", key="--hang-timeout")
         hang = self.hang_timeout or default_hang_timeout(self.ttl, server_expiry)
         identities = tuple(default_identity(self.name, i) for i in range(self.worker_count))
-        grace = max(0.05, self.ttl * 0.1) if server_expiry else 0.5
+        # after a loss: SIGTERM, then SIGKILL this much later, well inside the 20 % safety margin
+        grace = max(0.05, self.ttl * 0.05) if server_expiry else 0.5
         run_dir = make_run_dir() if self.command is not None else None
         run = RunSettings(index=0, job=self.job, command=self.command, once=self.once,
                           max_failures=self.max_failures, backoff=self.backoff, grace=grace,

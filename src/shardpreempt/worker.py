@@ -384,6 +384,13 @@ class Worker:
             if hold.runner is not None:
                 hold.runner.wake()
 
+    def _give_back(self, backend: Backend, lease: Lease) -> None:
+        """Release a lease we will not use; if that fails, keep it to retry (it must not pin the slice)."""
+        try:
+            backend.release(lease)
+        except BackendError:
+            self.orphans.append(lease)
+
     def _acquire(self, backend: Backend, slice_: Slice) -> bool:
         assert self.member is not None
         try:
@@ -396,13 +403,27 @@ class Worker:
         if lease is None:
             return False
         if not self.member.covers(lease):  # our session expired and the backend started another
-            backend.release(lease)
+            self._give_back(backend, lease)
             self.member.lose("liveness session replaced (it had expired)")
             return False
         hold = Hold(slice_, lease, self.member)
         if hold.time_left() <= 0:
-            backend.release(lease)
+            self._give_back(backend, lease)
             return False
+        if self.opts.once_pass is not None:
+            # Check again now that we hold it: another member may have done it and released it
+            # between our look at the pool and this acquire.
+            try:
+                result = backend.read_records([once_record(self.opts.once_pass, slice_.id)])
+            except BackendError as exc:
+                log.warning("worker %d: cannot read slice %s's once result: %s", self.opts.index, slice_.id, exc)
+                self._give_back(backend, lease)
+                return False
+            done = next(iter(result.values()))
+            if done is not None:
+                self.done[slice_.id] = done
+                self._give_back(backend, lease)
+                return True
         self.holds[slice_.id] = hold
         self.free_since.pop(slice_.id, None)
         self._events("acquired", hold)
