@@ -16,6 +16,7 @@ import requests
 
 from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
 
@@ -201,7 +202,8 @@ def test_server_restart_then_reconnect(server: EtcdServer, open_: Callable[..., 
 @pytest.mark.parametrize("size", [1, 100, 1000])
 def test_round_trips_do_not_grow_with_the_slice(open_: Callable[..., EtcdBackend], round_trips: list[int],
                                                 size: int) -> None:
-    """try_acquire, renew and release are one HTTP request each, whatever the number of keys."""
+    """try_acquire and release are one HTTP request each, renew two (the keepalive, and a txn checking the
+    first key: a txn cannot refresh a lease), whatever the number of keys."""
     backend = open_()
     keys = [f"k{i}" for i in range(size)]
     round_trips[0] = 0
@@ -212,6 +214,9 @@ def test_round_trips_do_not_grow_with_the_slice(open_: Callable[..., EtcdBackend
     assert lease is not None and round_trips[0] == 1
     round_trips[0] = 0
     lease = backend.renew(lease)
+    assert round_trips[0] == 2
+    round_trips[0] = 0
+    backend.renew(Lease((), "o", {}, lease.ttl, session=lease.session))  # no keys: the keepalive alone
     assert round_trips[0] == 1
     round_trips[0] = 0
     assert backend.try_acquire(keys, "p", 30) is None
@@ -260,6 +265,32 @@ def test_release_after_a_partial_loss_frees_only_what_is_ours(open_: Callable[..
     a.release(lease)
     seen = b.inspect(["x", "y"])
     assert seen["y"] is None and seen["x"] is not None and seen["x"].owner == "b"
+
+
+def test_renew_checks_that_the_first_key_is_still_on_our_lease(open_: Callable[..., EtcdBackend],
+                                                               round_trips: list[int]) -> None:
+    """A live etcd lease whose lease's first key was deleted and put again under another lease (a server that
+    lost our grant and granted it again), or just deleted, is LeaseLost "superseded": two round trips."""
+    a, b = open_(), open_()
+    anchor = a.try_acquire(["anchor"], "a", 30)
+    lease = a.try_acquire(["x", "y"], "a", 30)
+    assert anchor is not None and lease is not None
+    a._post("/kv/deleterange", {"key": a._key("x")})  # simulate an operator deleting one key
+    round_trips[0] = 0
+    with pytest.raises(LeaseLost, match=r"superseded.*deleted") as lost:
+        a.renew(lease)
+    assert round_trips[0] == 2 and lost.value.keys == ("x", "y")
+    other = b.try_acquire(["x"], "b", 30)
+    assert other is not None
+    with pytest.raises(LeaseLost, match=f"superseded.*under etcd lease {int(other.session):x}"):
+        a.renew(lease)
+    a.renew(anchor)  # the owner's etcd lease itself is alive
+    b.release(other)
+    again = a.try_acquire(["x"], "a", 30)  # the same owner, the same etcd lease, a new grant
+    assert again is not None and again.session == lease.session
+    with pytest.raises(LeaseLost, match="granted again"):
+        a.renew(lease)
+    a.renew(again)
 
 
 def test_renew_of_a_revoked_lease_is_lease_lost_and_a_new_lease_follows(
