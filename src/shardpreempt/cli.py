@@ -16,7 +16,7 @@ from .backends import open_backend
 from .config import Settings, apply_overrides, load_settings
 from .errors import BackendUnavailable, ConfigError, CrashLoop, ShardPreemptError
 from .process import EXIT_BACKEND, EXIT_CONFIG, EXIT_CRASH_LOOP
-from .slicing import make_slices
+from .slicing import STRATEGIES, make_slices
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,18 +52,29 @@ def _settings(config: str, backend: str | None = None, ttl: float | None = None,
                            workers=workers)
 
 
-def common(fn: F) -> F:
-    """Options shared by the commands that read a config."""
-    for opt in reversed([
-        click.option("-w", "--workers", type=int, default=None,
+def config_options(*, backend: bool = True) -> Callable[[F], F]:
+    """Options shared by the commands that read a config (``--backend`` only where one is used)."""
+    options = [
+        click.option("-w", "--workers", type=click.IntRange(min=1), default=None,
                      help="Local worker processes (default: [run] workers or 1)."),
-        click.option("--backend", "backend", default=None, metavar="URL",
-                     help="Backend URL (overrides [backend] url)."),
-        click.option("--strategy", type=click.Choice(["round-robin", "contiguous", "rendezvous"]), default=None),
-        click.option("--slices", type=int, default=None, help="Number of slices (default: the worker count)."),
-    ]):
-        fn = opt(fn)
-    return fn
+        click.option("--strategy", type=click.Choice(list(STRATEGIES)), default=None,
+                     help="Slicing strategy (overrides [slicing] strategy)."),
+        click.option("--slices", type=click.IntRange(min=1), default=None,
+                     help="The pool's slice count (default: the pool's recorded one, else the worker count)."),
+    ]
+    if backend:
+        options.insert(1, click.option("--backend", "backend", default=None, metavar="URL",
+                                       help="Backend URL (overrides [backend] url)."))
+
+    def apply(fn: F) -> F:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+common = config_options()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,15 +133,14 @@ def run(config: str, workers: int | None, backend: str | None, strategy: str | N
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@common
+@config_options(backend=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
-         as_json: bool) -> None:
+def plan(config: str, workers: int | None, strategy: str | None, slices: int | None, as_json: bool) -> None:
     """Show the layout this config asks for and its slices, without touching a backend."""
     from .pool import Layout
 
     def go() -> int:
-        settings = _settings(config, backend, None, strategy, slices, workers)
+        settings = _settings(config, None, None, strategy, slices, workers)
         count = settings.slice_count(settings.workers or 1)
         layout = Layout.of(settings.shards, settings.strategy, count)
         cut = make_slices(settings.shards, count, settings.strategy)
