@@ -13,6 +13,7 @@ import pytest
 
 from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost
+from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
 
@@ -151,6 +152,35 @@ def test_round_trips_do_not_grow_with_the_slice(open_: Callable[..., ZooKeeperBa
     backend.release(lease)
     assert round_trips[0] == 0  # idempotent: nothing left to delete, nothing sent
     assert all(h is None for h in backend.inspect(keys).values())
+
+
+def test_renew_checks_the_first_keys_node(open_: Callable[..., ZooKeeperBackend], round_trips: list[int]) -> None:
+    """renew is one ``exists`` of the lease's first key's node: gone, another session's, or a newer grant's
+    node is LeaseLost "superseded", and the session (proven alive by the answer) stays with its other leases;
+    a lease without keys renews on the session's marker."""
+    a, b = open_(), open_()
+    anchor = a.try_acquire(["anchor"], "a", 30)
+    lease = a.try_acquire(["x", "y"], "a", 30)
+    assert anchor is not None and lease is not None
+    b._reader_client().delete(a._path("x"))  # simulate an operator deleting one key's node
+    round_trips[0] = 0
+    with pytest.raises(LeaseLost, match="superseded") as lost:
+        a.renew(lease)
+    assert round_trips[0] == 1 and lost.value.keys == ("x", "y") and "released" in lost.value.reason
+    other = b.try_acquire(["x"], "b", 30)
+    assert other is not None
+    with pytest.raises(LeaseLost, match=f"held by ZooKeeper session {other.session}"):
+        a.renew(lease)
+    round_trips[0] = 0
+    a.renew(anchor)  # the owner's session and client are untouched
+    a.renew(Lease((), "a", {}, anchor.ttl, session=anchor.session))  # no keys: the marker
+    assert round_trips[0] == 2 and "a" in a._owners
+    b.release(other)
+    again = a.try_acquire(["x"], "a", 30)  # the same owner and session, a new grant
+    assert again is not None and again.session == lease.session
+    with pytest.raises(LeaseLost, match="granted again"):
+        a.renew(lease)
+    a.renew(again)
 
 
 def test_session_timeout_is_the_negotiated_one(open_: Callable[..., ZooKeeperBackend]) -> None:
