@@ -243,9 +243,15 @@ def cmd_status(args: argparse.Namespace, tmp: Path) -> None:
         u = urls()
         cfg = write_config(tmp, args.shards, u, args.ttl)
         half = write_config(tmp, args.shards // 2, u, args.ttl)
-        holder = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(half), "--", *HOLD],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The first half of the shards held while status runs: 5 workers over 100 slices, so that no
+        # worker needs more descriptors than a default hard limit allows on file:// (one per shard).
+        events, log = tmp / f"status-holder-{unique()}.jsonl", tmp / f"status-holder-{unique()}.log"
+        with open(log, "wb") as err:
+            holder = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(half), "-w", "5", "--slices",
+                                       "100", "--events", str(events), "--", *HOLD],
+                                      stdout=subprocess.DEVNULL, stderr=err)
         try:
+            wait_half_owned(holder, events, log, args.shards // 2)
             times, plans = [], []
             for _ in range(args.runs):
                 t = time.monotonic()
@@ -263,6 +269,18 @@ def cmd_status(args: argparse.Namespace, tmp: Path) -> None:
     base = statistics.median(plans)
     print(summary(f"baseline `plan` S={args.shards}", plans))
     print(summary(f"status {args.backend} S={args.shards} (owned at the time: {owned})", times, baseline=base))
+
+
+def wait_half_owned(holder: subprocess.Popen[bytes], events: Path, log: Path, shards: int,
+                    timeout: float = 300) -> None:
+    """Wait until the status scenario's holder owns all its shards; its error if it exits first."""
+    deadline = time.monotonic() + timeout
+    while len({e["shard"] for e in read_events(events) if e["event"] == "acquired"}) < shards:
+        if holder.poll() is not None:
+            raise RuntimeError(f"the holder exited with {holder.returncode}: {log.read_text()[-500:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the holder did not own its {shards} shards within {timeout} s")
+        time.sleep(0.5)
 
 
 def cmd_renew(args: argparse.Namespace, tmp: Path) -> None:
