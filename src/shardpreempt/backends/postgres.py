@@ -169,8 +169,8 @@ INSTALLED = "SELECT obj_description(to_regprocedure(%s), 'pg_proc')"
 
 ACQUIRE = "SELECT o_status, o_session, o_keys, o_tokens FROM {s}.acquire(%s, %s, %s, %s, %s, %s)"
 # One statement: extend the session only while it lives and (for a lease with keys) its first key still points
-# at it with the lease's token; the second column tells an expired session from a superseded key. Every part
-# of the statement reads the same snapshot, so the second one sees the session as the update found it.
+# at it with the lease's token (one primary-key lookup, no row lock on the key); the second column, read after
+# the update, tells an expired session from a superseded key (only the reason depends on it: either is lost).
 RENEW = """WITH u AS (
     UPDATE {s}.sessions
     SET expires_at = GREATEST(expires_at, clock_timestamp() + make_interval(secs => %(ttl)s))
