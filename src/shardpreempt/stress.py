@@ -96,6 +96,7 @@ class StressOptions:
     unowned_bound: float | None = None  # default: 0.1 s on file, ttl + 1 s on servers
     network: bool = False  # each supervisor in a network namespace (root, Linux); adds the network faults
     workload: Workload | None = None  # default: SqliteWorkload(shards, item_seconds, fork_children)
+    restore_down: float = 0.0  # least time the server stays down in restore-backend (0: as fast as it goes)
     fork_children: str | None = None  # group | session | mixed (shardpreempt.workload), "" none; None: $FORK_VARIABLE
     directory: Path | None = None
     log: Callable[[str], None] = field(default=lambda line: None)
@@ -299,6 +300,7 @@ class Stress:
         self.server.restore(self.snapshot)
         _remove(self.snapshot)
         self.snapshot = newer
+        time.sleep(max(0.0, t0 + self.opts.restore_down - time.time()))
         self.server.start()
         self.excused.append((t0, time.time()))
 
