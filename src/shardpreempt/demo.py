@@ -30,6 +30,7 @@ from rich.table import Table
 
 from .backends import open_backend
 from .config import Settings, make_shard
+from .events import HOST, EventLog
 from .model import Shard
 from .poller import Poller
 from .slicing import make_slices
@@ -186,6 +187,9 @@ def run_demo(*, workers: int = 3, shards: int = 6, items: int = 60, backend: str
             if kill and not killed and snap["summary"]["owned"] == len(settings.shards) and \
                     time.monotonic() - start > 1.0 and pids:
                 index, pid = min(pids.items())
+                # Recorded first, as a machine's death would be: its holds end now in the history. On
+                # file:// its command keeps the locks until its guard has killed it a moment later.
+                EventLog(events).emit("killed", pid=pid, host=HOST, reason="demo: SIGKILL")
                 os.kill(pid, signal.SIGKILL)
                 killed.update(worker=index, pid=pid, t=time.time())
                 console.print(f"[yellow]killed worker {index} (pid {pid}) with SIGKILL[/yellow]")
