@@ -507,9 +507,10 @@ class Watcher:
     """Finds the processes of a run that outlive their lease, in a thread, five times a second.
 
     A process carrying the run's mark and a ``SHARDPREEMPT_OWNER`` (a command, or anything it forked)
-    is suspect while another owner holds one of its ``SHARDPREEMPT_SHARDS``, or while the guard named
-    by its ``SHARDPREEMPT_GUARD`` is gone (the guard kills everything marked with its pid before it
-    exits); still suspect and alive at the next look, it has outlived its lease.
+    is suspect while another owner holds one of its ``SHARDPREEMPT_SHARDS``, while the guard named by
+    its ``SHARDPREEMPT_GUARD`` is gone (the guard kills everything marked with its pid before it exits),
+    or while the worker whose pid its owner id carries is gone; still suspect and alive at the next
+    look, it has outlived its lease.
     """
 
     def __init__(self, mark: str, tail: EventTail, interval: float = 0.2) -> None:
@@ -551,8 +552,11 @@ class Watcher:
                     why = f"{shard} is held by {holder['owner']} (token {holder['token']})"
                     break
             guard = env.get("SHARDPREEMPT_GUARD", "")
+            worker = owner.rsplit(":", 2)[-2] if owner.count(":") >= 2 else ""  # IDENTITY:pid:random
             if why is None and guard.isdigit() and not _alive(int(guard)):
                 why = f"its guard {guard} is gone"
+            if why is None and worker.isdigit() and not _alive(int(worker)):
+                why = f"its worker {worker} is gone"
             if why is not None:
                 suspects[key] = f"pid {key[0]} of {owner} alive at {time.time():.3f}: {why}"
         for key, why in suspects.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -20,7 +21,7 @@ from shardpreempt.stress import FAULTS, FORK_VARIABLE, RUN_MARK, EventTail, Stre
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable
 from shardpreempt.testing.skips import missing
-from shardpreempt.workload import late_writes
+from shardpreempt.workload import SqliteWorkload, late_writes
 
 PROCESS_FAULTS = ("kill-worker", "stop-worker", "kill-supervisor")
 SERVER_FAULTS = ("pause-backend", "restart-backend")
@@ -56,7 +57,7 @@ def test_faults_leave_no_overlap_and_process_every_item_exactly_once(backend: st
     is), each command forking the processes that do the work:
     the history shows no overlap, tokens only rise, every shard is owned again within the bound, no
     process outlives its lease, and every item is processed exactly once with only fenced writes."""
-    kinds = PROCESS_FAULTS
+    kinds: tuple[str, ...] = PROCESS_FAULTS
     if backend != "file":
         kinds += SERVER_FAULTS + (("restore-backend",) if backend in RESTORE_SAFE else ())
     assert set(kinds) <= set(FAULTS)
@@ -128,13 +129,47 @@ def test_the_watcher_finds_a_process_alive_after_its_lease(
                "SHARDPREEMPT_GUARD": str(guard)}
         procs.append(subprocess.Popen(["sleep", "60"], env=env))
     watcher = Watcher(mark, EventTail(events))
-    wait_until(lambda: (watcher.scan(), len(watcher.found) >= 2)[1], 10, interval=0.05, message="both found")
+
+    def both_found() -> bool:
+        watcher.scan()
+        return len(watcher.found) >= 2
+
+    wait_until(both_found, 10, interval=0.05, message="both found")
     found = sorted(watcher.found.values())
     assert [line.split()[1] for line in found] == sorted(str(p.pid) for p in (procs[0], procs[2]))
     assert "s1 is held by b" in " ".join(found) and f"its guard {dead.pid} is gone" in " ".join(found)
     watcher.leftovers(timeout=0)
     assert all(proc.wait(10) == -signal.SIGKILL for proc in procs)
     assert len(watcher.found) == 3
+
+
+class EscapingWorkload(SqliteWorkload):
+    """The demo job, plus a child out of the guard's reach: its own session, its SHARDPREEMPT_GUARD mark removed."""
+
+    def command(self) -> list[str]:
+        """``sh`` starts the escaping child (it ends itself after 6 s, so the run goes on), then becomes the job."""
+        job = " ".join(shlex.quote(arg) for arg in super().command())
+        return ["sh", "-c", f"setsid env -u SHARDPREEMPT_GUARD sleep 6 & exec {job}"]
+
+
+def test_the_watcher_catches_a_job_that_escapes_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The negative control: a job the guard cannot find outlives its killed worker, and the run says so."""
+    opts = StressOptions(backend="file", kinds=("kill-worker",), count=1, ttl=1.0, shards=2, workers=1,
+                         directory=tmp_path / "stress", workload=EscapingWorkload(2), unowned_bound=0.5)
+    stress = Stress(opts)
+
+    def kill_once_escaped(st: Stress) -> None:
+        def escaped() -> bool:
+            return any(_comm(pid) == "sleep" for pid in _with_env(f"{RUN_MARK}={st.mark}"))
+
+        wait_until(escaped, 30, interval=0.02, message="the escaped child")
+        Stress.fault_kill_worker(st)
+
+    monkeypatch.setitem(FAULTS, "kill-worker", kill_once_escaped)
+    figures = stress.run()
+    assert figures["outlived"] >= 1, json.dumps(figures, indent=1)
+    assert any("its worker" in line for line in figures["violations"])
+    assert not passed(figures)
 
 
 def test_late_writes_are_those_after_the_next_grant() -> None:
@@ -199,3 +234,12 @@ def _with_env(item: str) -> list[int]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def _comm(pid: int) -> str:
+    """The command name of a process ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
