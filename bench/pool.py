@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -209,7 +209,7 @@ class Pool:
         return out
 
     @staticmethod
-    def covered(obs: Observation, gone: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+    def covered(obs: Observation, gone: Set[str] = frozenset()) -> bool:
         """Every slice held by a live member (and by none of ``gone``)."""
         return all(h is not None and h in obs.members and h not in gone for h in obs.holders.values())
 
@@ -217,7 +217,7 @@ class Pool:
         counts = list(self.counts(obs).values())
         return max(counts) - min(counts) if counts else self.k
 
-    def balanced(self, obs: Observation, members: int, gone: set[str] = frozenset()) -> bool:  # type: ignore[assignment]
+    def balanced(self, obs: Observation, members: int, gone: Set[str] = frozenset()) -> bool:
         return len(obs.members) == members and self.covered(obs, gone) and self.spread(obs) <= 1
 
     def wait(self, pred: Callable[[Observation], bool], timeout: float, what: str) -> tuple[float, Observation]:
@@ -234,14 +234,14 @@ class Pool:
     def steady(self, seconds: float, members: int) -> tuple[int, int, Observation]:
         """Observe for ``seconds``: the worst max-min and the observations showing a slice unowned."""
         end = time.monotonic() + seconds
-        worst, uncovered = 0, 0
+        worst, uncovered, last = 0, 0, self.last
         while True:
             t, obs = self.look()
             if obs is not None:
                 worst = max(worst, self.spread(obs) if len(obs.members) == members else self.k)
                 uncovered += not self.covered(obs)
                 last = obs
-            if t > end:
+            if t > end and last is not None:
                 return worst, uncovered, last
             time.sleep(self.poll)
 
