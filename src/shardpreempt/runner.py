@@ -77,6 +77,7 @@ class SliceRunner(threading.Thread):
         self.on_exit = on_exit
         self.cold = threading.Event()
         self.result = "stopped"  # ok | failed | lost | stopped
+        self.finished = threading.Event()  # set when the run is over and result is final
         self.in_job = False
         self.inherit_fds = tuple(inherit_fds)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -143,6 +144,7 @@ class SliceRunner(threading.Thread):
         finally:
             os.close(self._wake_r)
             os.close(self._wake_w)
+            self.finished.set()  # before on_exit: whoever it wakes must see the run as over
             self.on_exit(self)
 
     def _pause(self, seconds: float) -> bool:

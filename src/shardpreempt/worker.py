@@ -49,10 +49,13 @@ __all__ = ["Job", "Worker", "WorkerOptions", "run_worker"]
 
 def pool_params(server_expiry: bool, ttl: float) -> tuple[Params, float]:
     """The policy's timing and the observation period for a backend kind."""
+    # grace: how long a free slice meant for another member waits for it before anyone takes it. It
+    # must cover a newcomer taking its whole share one acquire at a time, or old members grab what
+    # was handed to it and the slices move twice.
     if not server_expiry:  # file://: news arrives within a poll; look anyway every second
-        return Params(grace=0.1, settle=0.2, min_hold=0.2), 1.0
+        return Params(grace=0.4, settle=0.2, min_hold=0.2), 1.0
     period = min(0.5, max(0.05, ttl / 8))
-    return Params(grace=2 * period, settle=max(0.5, 2 * period), min_hold=max(0.5, 2 * period)), period
+    return Params(grace=max(1.0, 4 * period), settle=max(0.5, 2 * period), min_hold=max(0.5, 2 * period)), period
 
 
 @dataclass
@@ -333,8 +336,10 @@ class Worker:
         if any(h is not None and h not in present for h in holders.values()):
             if self.linger_since is None:
                 self.linger_since = now
-            # 10 ms doubling to 80 ms for the first two seconds (a command exiting), then every period
-            step = min(0.08, max(0.01, self.linger * 2)) if now - self.linger_since < 2.0 else self.period
+            # every 10 ms for half a second (a dead worker's command being killed), then doubling to
+            # 80 ms until two seconds, then every period
+            age = now - self.linger_since
+            step = 0.01 if age < 0.5 else min(0.08, self.linger * 2) if age < 2.0 else self.period
             self.linger = step
             retry = min(x for x in (retry, now + step) if x is not None)
         else:
@@ -449,12 +454,12 @@ class Worker:
         """Release the slices whose runs have ended (recording once-mode results first)."""
         for sid, hold in list(self.holds.items()):
             runner = hold.runner
-            if hold.superseded and (runner is None or not runner.is_alive()):
+            if hold.superseded and (runner is None or runner.finished.is_set()):
                 self.holds.pop(sid, None)
                 if hold.report_loss():
                     self._events("lost", hold, reason=hold.reason or "superseded")
                 continue
-            if runner is None or runner.is_alive() or hold.lost.is_set():
+            if runner is None or not runner.finished.is_set() or hold.lost.is_set():
                 continue
             result = runner.result
             if self.opts.once_pass is not None and result in ("ok", "failed"):
@@ -491,7 +496,7 @@ class Worker:
         for hold in holds:
             if hold.runner is not None:
                 hold.runner.join(max(0.0, end - time.monotonic()))
-                if hold.runner.is_alive() and self.opts.run.job is not None:
+                if not hold.runner.finished.is_set() and self.opts.run.job is not None:
                     log.error("worker %d: job did not stop after losing its lease; exiting", self.opts.index)
                     for h in holds:
                         if h.report_loss():

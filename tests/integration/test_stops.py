@@ -126,7 +126,7 @@ def test_interval_spaces_the_runs_of_a_job_that_exits_at_once(tmp_path: Path, lo
     run.signal(signal.SIGTERM)
     assert run.wait(30) == 0
     starts = [float(x) for x in out.read_text().split()]
-    assert all(b - a >= 0.29 for a, b in itertools.pairwise(starts))
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(starts))  # not a tight loop (ms apart)
 
 
 def test_a_warm_stop_kills_a_command_that_ignores_sigterm_after_the_stop_grace(tmp_path: Path, lockdir: str,
