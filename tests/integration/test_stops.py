@@ -51,8 +51,10 @@ def test_a_cold_stop_exits_non_zero(tmp_path: Path, lockdir: str) -> None:
     err = tmp_path / "err.log"
     with err.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(cfg), "-w", "1", "--events",
-                                 str(ev), "--", "sh", "-c", "trap '' TERM; sleep 1000"], stderr=log)
-    wait_until(lambda: any(e["event"] == "acquired" for e in events(ev)), 20, message="slice held")
+                                 str(ev), "--", "sh", "-c", f"trap '' TERM; touch {tmp_path / 'up'}; sleep 1000"],
+                                stderr=log)
+    # the command must be running: a warm stop before it starts ends the run at once, before the second signal
+    wait_until((tmp_path / "up").exists, 20, message="command running")
     proc.send_signal(signal.SIGTERM)
     wait_until(lambda: "warm stop requested" in err.read_text(), 20, message="warm stop under way")
     proc.send_signal(signal.SIGTERM)  # two signals sent at once would arrive as one
