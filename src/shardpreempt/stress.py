@@ -49,6 +49,7 @@ from .netfaults import NETWORK_FAULTS, NetFaults
 from .status import members
 from .testing.history import Report, check, read_events
 from .testing.servers import EphemeralServer, server_for, unique
+from .testing.servers.base import wait_stopped
 from .testing.servers.redis import RedisServer
 from .typing import Backend
 from .workload import FORK_MODES, SqliteWorkload, Workload
@@ -247,10 +248,17 @@ class Stress:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
 
+    def _stop_all(self, pids: Sequence[int]) -> None:
+        """SIGSTOP processes and wait until they are stopped: a victim's events all come before its kill's."""
+        for pid in pids:
+            self._kill(pid, signal.SIGSTOP)
+        wait_stopped(list(pids))
+
     def fault_kill_worker(self) -> None:
-        """SIGKILL the worker holding a random shard."""
+        """SIGKILL the worker holding a random shard (stopped first, so it acquires nothing after the event)."""
         v = self._victim()
         if v:
+            self._stop_all([v["pid"]])
             self.events.emit("killed", pid=v["pid"], host=HOST, reason="stress: kill-worker")
             self._kill(v["pid"], signal.SIGKILL)
 
@@ -263,15 +271,23 @@ class Stress:
             self._kill(v["pid"], signal.SIGCONT)
 
     def fault_kill_supervisor(self) -> None:
-        """SIGKILL one supervisor (its workers die with it), then start it again."""
+        """SIGKILL one supervisor (its workers die with it), then start it again.
+
+        The supervisor and its workers are stopped first, so none of them acquires anything after the
+        ``killed`` events (a worker's events after them would leave its holds open in the history).
+        """
         index = self.rng.randrange(len(self.supervisors))
         proc = self.supervisors[index]
-        workers = self.tail.workers(supervisor=proc.pid)
+        self._stop_all([proc.pid])  # it forks no more workers
+        workers = sorted(set(self.tail.workers(supervisor=proc.pid)) | set(_children(proc.pid)))
+        self._stop_all(workers)
         t = time.time()
         for pid in workers:
             self.events.emit("killed", pid=pid, host=HOST, reason="stress: kill-supervisor", t_kill=t)
         proc.kill()
         proc.wait()
+        for pid in workers:  # the parent-death signal has killed them; one just forked may not have asked yet
+            self._kill(pid, signal.SIGKILL)
         self._start_supervisor(self.dir / "stress.toml", index)
 
     def fault_restart_backend(self) -> None:
@@ -595,6 +611,22 @@ def _marked(mark: bytes) -> Iterator[tuple[tuple[int, int], dict[str, str]]]:
             continue
         env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
         yield (int(entry), int(fields[19])), env
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the live children of ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            out.append(int(entry))
+    return out
 
 
 def _remove(path: Path) -> None:
