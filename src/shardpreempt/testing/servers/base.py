@@ -161,6 +161,24 @@ class EphemeralServer:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)
 
+    def snapshot(self, name: str) -> Path:
+        """Copy the data directory of the stopped server (a snapshot, as a backup or a lagging replica has)."""
+        assert self.proc is None or self.proc.poll() is not None, "stop the server before taking a snapshot"
+        copy = self.tmp / "snapshots" / name
+        shutil.copytree(self.tmp / "data", copy, symlinks=True)
+        self._copied(copy)
+        return copy
+
+    def restore(self, snapshot: Path) -> None:
+        """Replace the data directory of the stopped server by a copy of ``snapshot``: later writes are lost."""
+        assert self.proc is None or self.proc.poll() is not None, "stop the server before restoring"
+        shutil.rmtree(self.tmp / "data")
+        shutil.copytree(snapshot, self.tmp / "data", symlinks=True)
+        self._copied(self.tmp / "data")
+
+    def _copied(self, top: Path) -> None:
+        """Hook after a snapshot or restore copy (a server that runs as another user takes ownership)."""
+
     def log_tail(self, lines: int = 40) -> str:
         """The end of the server's log, for failure messages."""
         try:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 
 from .base import EphemeralServer, find_binary, free_port
 
@@ -43,19 +41,6 @@ class EtcdServer(EphemeralServer):
         """``GET /health`` says healthy."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as resp:
             return bool(json.loads(resp.read()).get("health") == "true")
-
-    def snapshot(self, name: str) -> Path:
-        """Copy the data directory of the stopped server (a snapshot, as a backup or a lagging replica has)."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before taking a snapshot"
-        copy = self.tmp / "snapshots" / name
-        shutil.copytree(self.tmp / "data", copy, symlinks=True)
-        return copy
-
-    def restore(self, snapshot: Path) -> None:
-        """Replace the data directory of the stopped server by a copy of ``snapshot``: later writes are lost."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before restoring"
-        shutil.rmtree(self.tmp / "data")
-        shutil.copytree(snapshot, self.tmp / "data", symlinks=True)
 
     def url(self, namespace: str) -> str:
         """A fresh key prefix (etcd needs nothing created)."""

@@ -6,10 +6,8 @@ and pause reach it directly. Root has no password; ``url(ns)`` creates database 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Sequence
-from pathlib import Path
 
 from .base import EphemeralServer, find_binary
 
@@ -43,19 +41,6 @@ class MariaDBServer(EphemeralServer):
                 "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=32M", "--skip-name-resolve",
                 "--max-connections=300", "--performance-schema=0",
                 f"--tmpdir={self.tmp}"]  # not /tmp: its temp files are the server's own business
-
-    def snapshot(self, name: str) -> Path:
-        """Copy the data directory of the stopped server (a snapshot, as a backup or a lagging replica has)."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before taking a snapshot"
-        copy = self.tmp / "snapshots" / name
-        shutil.copytree(self.tmp / "data", copy, symlinks=True)
-        return copy
-
-    def restore(self, snapshot: Path) -> None:
-        """Replace the data directory of the stopped server by a copy of ``snapshot``: later writes are lost."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before restoring"
-        shutil.rmtree(self.tmp / "data")
-        shutil.copytree(snapshot, self.tmp / "data", symlinks=True)
 
     def connect(self, database: str | None = None) -> object:
         """A PyMySQL connection as root (for test set-up)."""

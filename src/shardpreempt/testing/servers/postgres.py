@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import time
@@ -84,22 +83,7 @@ class PostgresServer(EphemeralServer):
         """A backend URL whose lease tables live in schema ``namespace`` (created on first use)."""
         return f"{self.dsn()}?schema={namespace}"
 
-    def snapshot(self, name: str) -> Path:
-        """Copy the data directory of the stopped server (a snapshot, as a backup or a lagging replica has)."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before taking a snapshot"
-        copy = self.tmp / "snapshots" / name
-        shutil.copytree(self.tmp / "data", copy, symlinks=True)
-        self._own(copy)
-        return copy
-
-    def restore(self, snapshot: Path) -> None:
-        """Replace the data directory of the stopped server by a copy of ``snapshot``: later writes are lost."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before restoring"
-        shutil.rmtree(self.tmp / "data")
-        shutil.copytree(snapshot, self.tmp / "data", symlinks=True)
-        self._own(self.tmp / "data")
-
-    def _own(self, top: Path) -> None:
+    def _copied(self, top: Path) -> None:
         """Hand a copied tree to the ``postgres`` user (copies made as root belong to root)."""
         if os.geteuid() != 0:
             return

@@ -59,19 +59,6 @@ class ZooKeeperServer(EphemeralServer):
                 reply += chunk
         return b"Mode:" in reply
 
-    def snapshot(self, name: str) -> Path:
-        """Copy the data directory of the stopped server (a snapshot, as a backup or a lagging replica has)."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before taking a snapshot"
-        copy = self.tmp / "snapshots" / name
-        shutil.copytree(self.tmp / "data", copy, symlinks=True)
-        return copy
-
-    def restore(self, snapshot: Path) -> None:
-        """Replace the data directory of the stopped server by a copy of ``snapshot``: later writes are lost."""
-        assert self.proc is None or self.proc.poll() is not None, "stop the server before restoring"
-        shutil.rmtree(self.tmp / "data")
-        shutil.copytree(snapshot, self.tmp / "data", symlinks=True)
-
     def url(self, namespace: str) -> str:
         """A fresh chroot (the backend creates it on first use)."""
         return f"zookeeper://127.0.0.1:{self.port}/{namespace}"
