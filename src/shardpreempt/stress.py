@@ -339,7 +339,7 @@ class Stress:
 
     # -- the run ----------------------------------------------------------------------------------
     def _by_fault(self, report: Report) -> dict[str, dict[str, int]]:
-        """violation kind -> the fault injected last before each violation began -> count."""
+        """violation kind (and ``outlived``) -> the fault injected last before each began -> count."""
         starts = {(h.shard, h.owner, h.token): h.start for h in report.holds}
         times = [t for t, _ in self.fault_log]
         out: dict[str, Counter[str]] = {}
@@ -354,6 +354,11 @@ class Stress:
                 when = float(v.detail.split(" from ")[1].split()[0])
             i = bisect.bisect_right(times, when) - 1 if when is not None else -1
             out.setdefault(v.kind, Counter())[self.fault_log[i][1] if i >= 0 else "(before any fault)"] += 1
+        for line in self.watcher.found.values():  # "pid P of OWNER alive at T: ..." (or "... after the run")
+            words = line.split()
+            when = float(words[6].rstrip(":")) if words[4:6] == ["alive", "at"] else None
+            i = bisect.bisect_right(times, when) - 1 if when is not None else -1
+            out.setdefault("outlived", Counter())[self.fault_log[i][1] if i >= 0 else "(after the run)"] += 1
         return {kind: dict(counts) for kind, counts in out.items()}
 
     def kinds(self) -> list[str]:
