@@ -37,8 +37,8 @@ RESTORE_FINDINGS = {
     "mysql": FAST_RESTORE,
     "etcd": "revisions (the tokens) go back to the snapshot's: token violations; restored leases keep shards "
             "unowned past the bound",
-    "zookeeper": "zxids (the tokens) go back to the snapshot's: token violations; restored sessions keep "
-                 "shards unowned for many seconds",
+    "zookeeper": "zxids (the tokens) go back to the snapshot's: token violations; the restored server refuses "
+                 "clients that have seen a later zxid, so shards stay unowned until the watchdog replaces workers",
 }
 
 
