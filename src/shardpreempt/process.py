@@ -10,6 +10,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import time
 from enum import IntEnum
 from pathlib import Path
 
@@ -87,15 +88,33 @@ def start_guard() -> tuple[int, int]:
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
-        _kill_marked(f"{GUARD_VARIABLE}={os.getpid()}".encode())
+        _sweep(f"{GUARD_VARIABLE}={os.getpid()}".encode())
     except BaseException:  # never let the guard run the worker's code
         code = 1
     finally:
         os._exit(code)
 
 
-def _kill_marked(marker: bytes) -> None:
-    """SIGKILL every process whose environment holds ``marker`` (and its process group)."""
+#: How long the guard keeps looking after its last find. A command the worker forked just before it
+#: died shows the mark only once it has called exec (until then /proc shows the worker's environment),
+#: so one look could miss it; it would then keep its slice's lock descriptors for ever.
+SWEEP_QUIET = 0.5
+SWEEP_EVERY = 0.01
+
+
+def _sweep(marker: bytes, quiet: float = SWEEP_QUIET, every: float = SWEEP_EVERY, most: float = 10.0) -> None:
+    """Kill marked processes until none has been seen for ``quiet`` seconds (``most`` seconds at most:
+    a process stuck in the kernel cannot keep the guard for ever)."""
+    start = last = time.monotonic()
+    while time.monotonic() - last < quiet and time.monotonic() - start < most:
+        if _kill_marked(marker):
+            last = time.monotonic()
+        time.sleep(every)
+
+
+def _kill_marked(marker: bytes) -> int:
+    """SIGKILL every process whose environment holds ``marker`` (and its process group); return how many."""
+    found = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -104,12 +123,14 @@ def _kill_marked(marker: bytes) -> None:
                 if marker not in f.read().split(b"\0"):
                     continue
             pid = int(entry)
+            found += 1
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
             continue
+    return found
 
 
 def runtime_base() -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,21 @@ def test_a_process_that_left_the_group_is_ended_with_its_worker(tmp_path: Path, 
     run.signal(signal.SIGKILL)
     run.wait(10)
     wait_until(lambda: not alive(escaped), 10, message="the escaped process is gone")
+
+
+def test_the_guard_finds_a_command_that_execs_after_its_worker_died(tmp_path: Path) -> None:
+    """A command forked just before its worker died carries the guard's mark only once it has exec'd;
+    the guard keeps looking, so it is killed too (it would otherwise hold its slice's locks for ever)."""
+    pidfile = tmp_path / "late.pid"
+    script = f"""
+import os, subprocess, sys
+from shardpreempt.process import GUARD_VARIABLE, start_guard
+guard, _pipe = start_guard()
+late = f"sleep 0.2; exec env {{GUARD_VARIABLE}}={{guard}} sleep 1000"
+proc = subprocess.Popen(["sh", "-c", late], start_new_session=True)
+open({str(pidfile)!r}, "w").write(str(proc.pid))
+os._exit(0)  # the worker dies; the command has not exec'd yet
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    late = int(pidfile.read_text())
+    wait_until(lambda: not alive(late), 10, message="the late command is gone")
