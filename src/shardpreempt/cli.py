@@ -1,4 +1,4 @@
-"""The ``shardpreempt`` console script: run, plan, status, init, demo."""
+"""The ``shardpreempt`` console script: run, plan, status, layout, init, timeline, demo, stress."""
 
 from __future__ import annotations
 
@@ -287,6 +287,30 @@ def init(config: str | None, backend: str | None) -> None:
             click.echo(f"initialised {store.url}")
         finally:
             store.close()
+        return 0
+
+    _guard(go)
+
+
+@main.command()
+@click.argument("events", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="timeline.html", show_default=True,
+              help="The HTML file to write.")
+@click.option("--by", type=click.Choice(["auto", "shard", "slice", "worker"]), default="auto", show_default=True,
+              help="One lane per shard, per slice or per worker (auto: per slice above 200 shards).")
+@click.option("--title", default="shardpreempt timeline", show_default=True, help="The page's title.")
+def timeline(events: Sequence[str], output: str, by: str, title: str) -> None:
+    """Draw who owned which shard when, from --events files, as one self-contained HTML page."""
+    from .timeline import write_timeline
+
+    def go() -> int:
+        try:
+            count = write_timeline(events, output, by=by, title=title)
+        except (ValueError, KeyError, TypeError) as exc:  # a line that is not one of our events
+            raise ConfigError(f"not an events file ({type(exc).__name__}: {exc})", source=", ".join(events)) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot write {output!r}: {exc.strerror}", key="--output") from None
+        click.echo(f"{output}: {count} events")
         return 0
 
     _guard(go)

@@ -5,7 +5,7 @@ slice or per worker, a bar per hold coloured by its worker (by slice in worker l
 acquisition and at how each hold ended (released, lost, killed, the process exited), hatched stretches
 where a shard or slice had no owner, red bands where two owners overlapped, and a dashed line at every
 ``killed`` event. Holds are reconstructed by the history checker's rules
-(:func:`shardpreempt.testing.history.holds_of`), so the picture and the checker never disagree.
+(:func:`shardpreempt.history.holds_of`), so the picture and the checker never disagree.
 With many shards the lanes are grouped by slice: a slice's shards are acquired and released together.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .testing.history import holds_of, read_events
+from .history import holds_of, read_events
 
 MODES = ("auto", "shard", "slice", "worker")
 AUTO_SHARD_LANES = 200  # above this many shards, ``auto`` draws one lane per slice
