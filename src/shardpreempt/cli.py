@@ -324,13 +324,15 @@ def timeline(events: Sequence[str], output: str, by: str, title: str) -> None:
               help="Backend URL (default: file locks in the demo dir).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=None, help="Keep the demo files here.")
 @click.option("--no-kill", is_flag=True, help="Do not kill a worker midway.")
+@click.option("--keep", is_flag=True,
+              help="Keep the temporary directory (databases, locks, events, timeline); removed by default.")
 def demo(workers: int, shard_count: int, items: int, backend: str | None, directory: str | None,
-         no_kill: bool) -> None:
-    """Local SQLite shards, several workers, a kill midway, and an exactly-once check."""
+         no_kill: bool, keep: bool) -> None:
+    """Local SQLite shards, several workers, a kill midway, an exactly-once check and a timeline."""
     from .demo import run_demo
 
     _guard(lambda: run_demo(workers=workers, shards=shard_count, items=items, backend=backend,
-                            directory=directory, kill=not no_kill))
+                            directory=directory, kill=not no_kill, keep=keep))
 
 
 @main.command()
@@ -358,7 +360,7 @@ def stress(backend: str, count: int, duration: float | None, kinds: str | None, 
 
     from rich.console import Console
 
-    from .stress import FAULTS, SERVER_BACKENDS, Stress, StressOptions, passed
+    from .testing.stress import FAULTS, SERVER_BACKENDS, Stress, StressOptions  # a proving tool: loaded here only
 
     def go() -> int:
         chosen = tuple(k.strip() for k in kinds.split(",")) if kinds else tuple(FAULTS)
@@ -374,25 +376,25 @@ def stress(backend: str, count: int, duration: float | None, kinds: str | None, 
                              shards=shard_count, workers=workers, supervisors=supervisors, seed=seed,
                              network=network, directory=Path(directory) if directory else None,
                              log=lambda line: click.echo(line, err=True))
-        figures = Stress(opts).run()
+        result = Stress(opts).run()
+        figures = result.as_dict()
         if as_json:
             click.echo(json.dumps(figures, indent=2))
         else:
-            items = figures["items"]
+            items = result.items
             console = Console()
-            console.print(f"[bold]stress[/bold] {figures['backend']}: {figures['faults_total']} faults "
-                          f"{figures['faults']}")
-            console.print(f"acquisitions {figures['acquisitions']}, overlaps {figures['overlaps']}, "
-                          f"token violations {figures['token_violations']}, max unowned after a fault "
-                          f"{figures['max_unowned_s']} s (bound {figures['unowned_bound_s']} s), "
-                          f"coverage timeouts {figures['coverage_timeouts']}")
-            console.print(f"items {items['items']}: processed {items['processed']}, lost {items['lost']}, "
-                          f"duplicated {items['duplicated']}, unauthorised writes {items['unauthorised']}, "
-                          f"stale writes accepted {items['stale_accepted']}")
+            console.print(f"[bold]stress[/bold] {result.backend}: {result.faults_total} faults {result.faults}")
+            console.print(f"acquisitions {result.acquisitions}, overlaps {result.overlaps}, "
+                          f"token violations {result.token_violations}, max unowned after a fault "
+                          f"{result.max_unowned_s} s (bound {result.unowned_bound_s} s), "
+                          f"coverage timeouts {result.coverage_timeouts}")
+            console.print(f"items {items.items}: processed {items.processed}, lost {items.lost}, "
+                          f"duplicated {items.duplicated}, unauthorised writes {items.unauthorised}, "
+                          f"stale writes accepted {items.stale_accepted}")
             if "network" in figures:
                 console.print(f"network: {figures['network']}", highlight=False)
-            for line in figures["violations"]:
+            for line in result.violations:
                 console.print(f"[red]{line}[/red]", highlight=False)
-        return 0 if passed(figures) else 1
+        return 0 if result.passed else 1
 
     _guard(go)

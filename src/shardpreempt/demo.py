@@ -3,7 +3,9 @@
 It creates SQLite shard databases filled with work items, runs workers over them through the file
 backend with ``--once`` semantics, shows ownership live, SIGKILLs one worker midway, and ends by
 checking from the databases themselves that every item was processed exactly once and that every
-write carries the fencing token of a lease its writer was granted for that shard.
+write carries the fencing token of a lease its writer was granted for that shard. It writes the
+run's timeline (:mod:`shardpreempt.timeline`) and removes its temporary directory unless asked to
+keep it (or the check failed: then the directory is the evidence).
 
 The job shows the fencing pattern: each write happens in a transaction that first reads the shard's
 ``fence`` (the highest token that has written to it), refuses to write with a lower token, and
@@ -15,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -27,16 +30,18 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from .backends import open_backend
 from .config import Settings, make_shard
 from .events import HOST, EventLog
+from .history import check, read_events
 from .model import Shard
 from .poller import Poller
 from .slicing import make_slices
 from .status import snapshot, table
 from .supervisor import Supervisor
-from .testing.history import check, read_events
+from .timeline import bars_of, worker_of, write_timeline
 
 ITEM_SECONDS = 0.02  # simulated work per item
 
@@ -153,11 +158,51 @@ def verify(settings: Settings, events_path: Path) -> tuple[bool, Table]:
     return ok, result
 
 
+def final_ownership(settings: Settings, history: Sequence[dict[str, Any]]) -> Table:
+    """Each shard's last holder as the events tell it: worker, token, holds, how the last hold ended."""
+    bars, _, _ = bars_of(history)
+    last = {b.shards[0]: b for b in sorted(bars, key=lambda b: b.start)}
+    holds = {identity: sum(1 for b in bars if b.shards[0] == identity) for identity in last}
+    result = Table(title=f"final ownership (from the events): {len(last)}/{len(settings.shards)} shards were held",
+                   title_justify="left")
+    for col in ("shard", "last owner", "token", "holds", "last hold ended"):
+        result.add_column(col)
+    for shard in settings.shards:
+        b = last.get(shard.identity)
+        if b is None:
+            result.add_row(shard.name, Text("never held", style="red"), "", "", "")
+        else:
+            result.add_row(shard.name, Text(worker_of(b.owner)), str(b.token), str(holds[shard.identity]),
+                           "still held" if b.ended == "open" else b.ended)
+    return result
+
+
 def run_demo(*, workers: int = 3, shards: int = 6, items: int = 60, backend: str | None = None,
-             directory: str | None = None, kill: bool = True) -> int:
-    """Run the demo; 0 when the exactly-once check passes."""
+             directory: str | None = None, kill: bool = True, keep: bool = False) -> int:
+    """Run the demo; 0 when the exactly-once check passes.
+
+    Without ``directory`` the files go to a temporary directory, removed at the end unless ``keep``
+    (or the check failed); the timeline is then written beside it, as a file of its own.
+    """
     console = Console()
+    temporary = not directory
     base = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="shardpreempt-demo-"))
+    try:
+        code = _demo(console, base, workers=workers, shards=shards, items=items, backend=backend, kill=kill,
+                     keep=keep or not temporary)
+    except BaseException:
+        if temporary and not keep:
+            console.print(f"files kept in {base}", soft_wrap=True, highlight=False)
+        raise
+    if temporary and not keep and code == 0:
+        shutil.rmtree(base, ignore_errors=True)
+    elif temporary:
+        console.print(f"files kept in {base}", soft_wrap=True, highlight=False)
+    return code
+
+
+def _demo(console: Console, base: Path, *, workers: int, shards: int, items: int, backend: str | None,
+          kill: bool, keep: bool) -> int:
     base.mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o700)
     (base / "locks").mkdir(mode=0o700, exist_ok=True)
@@ -174,7 +219,8 @@ def run_demo(*, workers: int = 3, shards: int = 6, items: int = 60, backend: str
     slices = make_slices(settings.shards, workers)
     store = open_backend(url)
     console.print(f"[bold]shardpreempt demo[/bold]: {shards} SQLite shards x {items} items, {workers} workers, "
-                  f"{len(slices)} slices, backend {store.url}\nfiles in {base}")
+                  f"{len(slices)} slices, backend {store.url}")
+    console.print(f"files in {base}", soft_wrap=True, highlight=False)
     start = time.monotonic()
     killed: dict[str, Any] = {}
 
@@ -198,21 +244,29 @@ def run_demo(*, workers: int = 3, shards: int = 6, items: int = 60, backend: str
                         on_tick=tick)
         poller.set_worker_count(workers)
         code = poller.poll()
-        live.update(table(snapshot(store, slices)), refresh=True)
+        history = read_events([events])
+        # The last frame: who held each shard in the end (the backend shows them all free by now).
+        live.update(final_ownership(settings, history), refresh=True)
+    if not console.is_terminal:
+        console.line()  # Live ends a terminal's last frame with a newline, a file's not
     store.close()
     ok, result = verify(settings, events)
     console.print(result)
+    console.line()
     if killed:
-        after = [e for e in read_events([events]) if e["event"] == "acquired" and e["t"] > killed["t"]]
+        after = [e for e in history if e["event"] == "acquired" and e["t"] > killed["t"]]
         if after:
             console.print(f"failover: the killed worker's shards were owned again "
                           f"{(after[0]['t'] - killed['t']) * 1000:.0f} ms after the SIGKILL")
     elapsed = time.monotonic() - start
+    page = base / "timeline.html" if keep else Path(tempfile.mkstemp(prefix="shardpreempt-demo-", suffix=".html")[1])
+    write_timeline([events], page, title="shardpreempt demo")
     if ok and code == 0:
         console.print(f"[green]PASS[/green]: every item processed exactly once, every write fenced ({elapsed:.1f} s)")
-        return 0
-    console.print(f"[red]FAIL[/red] (run exit status {code}); see {events}")
-    return 1
+    else:
+        console.print(f"[red]FAIL[/red] (run exit status {code}); see {events}", soft_wrap=True)
+    console.print(f"timeline: {page}", soft_wrap=True, highlight=False)
+    return 0 if ok and code == 0 else 1
 
 
 if __name__ == "__main__":
