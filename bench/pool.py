@@ -16,7 +16,7 @@ One run, in order:
    lost; no standbys with W=1); a ``killed`` event for each of its workers goes to the events file
    first, so the history checker ends their holds there. Time until every slice is held by a live
    member again, and until the pool is balanced again;
-5. **history** — ``shardpreempt.testing.history.check`` over the run's whole events file: overlaps
+5. **history** — ``shardpreempt.history.check`` over the run's whole events file: overlaps
    and token violations.
 
 Each run has its own namespace (file: a fresh lock dir; servers: a fresh prefix) and events file.
@@ -48,9 +48,9 @@ from shardpreempt import open_backend
 from shardpreempt.config import load_settings
 from shardpreempt.errors import BackendError
 from shardpreempt.events import HOST, EventLog
+from shardpreempt.history import check, read_events
 from shardpreempt.pool import Observation, observe
 from shardpreempt.slicing import make_slices
-from shardpreempt.testing.history import check, read_events
 from shardpreempt.testing.servers import unique
 
 COMMAND = ["sleep", "100000"]

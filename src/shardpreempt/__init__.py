@@ -14,6 +14,7 @@ from .errors import (
     ConfigError,
     CrashLoop,
     LeaseLost,
+    LossReason,
     ShardPreemptError,
     Shutdown,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "Holder",
     "Lease",
     "LeaseLost",
+    "LossReason",
     "Ownership",
     "Poller",
     "Settings",

@@ -6,7 +6,8 @@ once past it without a successful renewal the claim is lost — even if the serv
 might still think we hold it — so the holder stops before the server can give the shards away. A
 second thread does nothing but wait for the fence time, so a renewal stuck in a blocked network call
 (a paused or partitioned server) cannot delay the fence.
-Loss is reported as a value (``claim.lost``, ``claim.reason``) and through callbacks.
+Loss is reported as a value (``claim.lost``; ``claim.reason``, a :class:`~shardpreempt.errors.LossReason`,
+and ``claim.detail``, the words) and through callbacks.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from .backends import open_backend
-from .errors import BackendError, ClaimTimeout, LeaseLost
+from .errors import BackendError, ClaimTimeout, LeaseLost, LossReason
 from .model import Lease, Shard, Slice
 from .slicing import make_slices
 from .typing import SYSTEM_CLOCK, Backend, Clock
 
 log_renew = logging.getLogger("shardpreempt.claims.renew")
 log_acquire = logging.getLogger("shardpreempt.claims.acquire")
+
+#: The detail of a self-fenced loss, as the events show it.
+SELF_FENCED = "no renewal before the local deadline (self-fenced)"
 
 
 def new_owner_id() -> str:
@@ -52,7 +56,8 @@ class Claim:
         self.clock = clock
         self.margin = safety_margin(lease.ttl) if margin is None else margin
         self.lost = threading.Event()
-        self.reason: str | None = None
+        self.reason: LossReason | None = None
+        self.detail: str | None = None
         self._released = threading.Event()
         self._callbacks: list[Callable[[Claim], None]] = []
         self._threads: list[threading.Thread] = []
@@ -82,7 +87,7 @@ class Claim:
     def raise_if_lost(self) -> None:
         """Raise :class:`LeaseLost` if the claim is lost."""
         if self.lost.is_set():
-            raise LeaseLost(self.reason or "lease lost", self.lease.keys)
+            raise lease_lost(self)
 
     def covers(self, lease: Lease) -> bool:
         """Whether ``lease`` lives in this claim's liveness session, so renewing this claim keeps it.
@@ -100,18 +105,18 @@ class Claim:
                 self.lease = self.lease.with_deadline(lease.deadline)
         return True
 
-    def lose(self, reason: str) -> None:
+    def lose(self, reason: LossReason, detail: str) -> None:
         """Declare the claim lost now (its holder found out some other way)."""
-        self._lose(reason)
+        self._lose(reason, detail)
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: LossReason, detail: str) -> None:
         with self._lock:
             if self.lost.is_set() or self._released.is_set():
                 return
-            self.reason = reason
+            self.reason, self.detail = reason, detail
             self.lost.set()
             callbacks, self._callbacks = self._callbacks, []
-        log_renew.warning("lease on slice %s lost: %s", self.slice.id, reason)
+        log_renew.warning("lease on slice %s lost: %s", self.slice.id, detail)
         for callback in callbacks:
             try:
                 callback(self)
@@ -124,7 +129,7 @@ class Claim:
             return float("inf")
         now = self.clock.monotonic()
         if now >= self.fence_at:
-            self._lose("no renewal before the local deadline (self-fenced)")
+            self._lose(LossReason.SELF_FENCED, SELF_FENCED)
             return float("inf")
         if now >= self._next_renew:
             try:
@@ -134,7 +139,7 @@ class Claim:
                         self.lease = renewed
                 self._next_renew = self.clock.monotonic() + self.lease.ttl / 3
             except LeaseLost as exc:
-                self._lose(f"backend says lost: {exc.reason}")
+                self._lose(exc.reason, f"backend says lost: {exc.detail}")
                 return float("inf")
             except BackendError as exc:
                 retry = max(0.02, min(self.lease.ttl / 10, (self.fence_at - now) / 3))
@@ -159,7 +164,7 @@ class Claim:
         while not self._released.is_set() and not self.lost.is_set():
             left = self.time_left()  # re-read: a renewal moves the fence time on
             if left <= 0:
-                self._lose("no renewal before the local deadline (self-fenced)")
+                self._lose(LossReason.SELF_FENCED, SELF_FENCED)
                 return
             self._released.wait(left)
 
@@ -225,7 +230,8 @@ class Held(Protocol):
     slice: Slice
     lease: Lease
     lost: threading.Event
-    reason: str | None
+    reason: LossReason | None
+    detail: str | None
 
     def time_left(self) -> float:
         """Seconds before the holder must stop unless the lease is renewed."""
@@ -268,11 +274,16 @@ class Ownership:
     def raise_if_lost(self) -> None:
         """Raise :class:`LeaseLost` if the lease is lost."""
         if self._held.lost.is_set():
-            raise LeaseLost(self._held.reason or "lease lost", self._held.lease.keys)
+            raise lease_lost(self._held)
 
     def time_left(self) -> float:
         """Seconds before the holder must stop unless the lease is renewed."""
         return self._held.time_left()
+
+
+def lease_lost(held: Held) -> LeaseLost:
+    """The error that says why ``held`` was lost (an expiry when nobody said)."""
+    return LeaseLost(held.reason or LossReason.EXPIRED, held.lease.keys, held.detail or "lease lost")
 
 
 @contextmanager

@@ -42,6 +42,7 @@ class Violation:
     kind: str  # overlap | token | unowned
     shard: str
     detail: str
+    at: float | None = None  # when it began: the later hold's start, the gap's start
 
 
 @dataclass
@@ -130,11 +131,11 @@ def check(
                 if a.owner != b.owner:
                     report.violations.append(Violation(
                         "overlap", shard, f"{a.owner} [{a.start:.6f}, {a.end:.6f}] and "
-                        f"{b.owner} [{b.start:.6f}, {b.end:.6f}]"))
+                        f"{b.owner} [{b.start:.6f}, {b.end:.6f}]", b.start))
         for a, b in itertools.pairwise(holds):
             if b.token <= a.token:
                 report.violations.append(Violation(
-                    "token", shard, f"token {b.token} of {b.owner} after {a.token} of {a.owner}"))
+                    "token", shard, f"token {b.token} of {b.owner} after {a.token} of {a.owner}", b.start))
     if max_unowned is not None:
         _check_unowned(report, by_shard, max_unowned, shards, start, end, excused)
     return report
@@ -161,4 +162,4 @@ def _check_unowned(report: Report, by_shard: Mapping[str, list[Hold]], bound: fl
             report.max_unowned = max(report.max_unowned, g1 - g0)
             if g1 - g0 > bound:
                 report.violations.append(Violation(
-                    "unowned", shard, f"no owner for {g1 - g0:.3f} s from {g0:.6f} (bound {bound} s)"))
+                    "unowned", shard, f"no owner for {g1 - g0:.3f} s from {g0:.6f} (bound {bound} s)", g0))

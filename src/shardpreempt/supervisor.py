@@ -2,7 +2,8 @@
 
 * Restart: at once when the worker had been running for ``stable_after`` seconds (a kill, an OOM);
   a worker that dies sooner than that is crash-looping: it is restarted with exponential backoff and
-  jitter, and ``crash_limit`` such quick deaths in a row stop the pool (:class:`CrashLoop`).
+  jitter, and ``crash_limit`` such quick deaths in a row stop the pool (:class:`CrashLoop`). The rule
+  is :class:`RestartPolicy`, a pure part (times in, decisions out).
 * Hang detection: every worker writes a heartbeat line to its pipe; one silent for ``hang_timeout``
   (stopped, deadlocked) is SIGKILLed, and so is the process group of the command it was running, so
   its locks free and no command runs on unsupervised.
@@ -35,6 +36,25 @@ log = logging.getLogger("shardpreempt.supervisor")
 WorkerMain = Callable[[int, int, int], int]
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a dead worker is started again (docs/decisions.md, 3): pure, so it is tested without a clock."""
+
+    stable_after: float = 2.0  # a death later than this after the start is not a crash
+    crash_limit: int = 5  # quick deaths in a row that stop restarting
+    backoff: float = 0.1  # the delay before the third start in a row, doubled for each after it
+    backoff_max: float = 10.0
+    jitter: Callable[[], float] = field(default=lambda: random.uniform(0.8, 1.2), compare=False)
+
+    def after_death(self, quick_deaths: int, started_at: float, now: float) -> tuple[int, float | None]:
+        """A worker started at ``started_at`` died at ``now`` after ``quick_deaths`` quick deaths in a row:
+        the new count, and the delay before its restart (``None``: a crash loop, restart no more)."""
+        n = quick_deaths + 1 if now - started_at < self.stable_after else 0
+        if n >= self.crash_limit:
+            return n, None
+        return n, 0.0 if n <= 1 else min(self.backoff_max, self.backoff * 2 ** (n - 2)) * self.jitter()
+
+
 @dataclass
 class _Slot:
     index: int
@@ -64,10 +84,7 @@ class Supervisor:
         self.worker_main = worker_main
         self.once = once
         self.hang_timeout = hang_timeout
-        self.crash_limit = crash_limit
-        self.stable_after = stable_after
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        self.restarts = RestartPolicy(stable_after, crash_limit, backoff, backoff_max)
         self.kill_after = kill_after
         self.events = events or EventLog(None)
         self.on_tick = on_tick
@@ -76,7 +93,7 @@ class Supervisor:
         self.tick_every = tick_every
         self.stop_requests = 0
         self.stop_signal: int | None = None  # the signal that asked for the (first) stop
-        self.crash_message: str | None = None
+        self.crash: CrashLoop | None = None
         self.config_failed = False
         self._cold_deadline: float | None = None
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -187,15 +204,12 @@ class Supervisor:
         how = f"signal {-code}" if code < 0 else f"exit status {code}"
         log.warning("worker %d (pid %s) died with %s", slot.index, pid, how)
         now = time.monotonic()
-        slot.quick_deaths = slot.quick_deaths + 1 if now - slot.started_at < self.stable_after else 0
-        n = slot.quick_deaths
-        if n >= self.crash_limit:
-            self.crash_message = (f"worker {slot.index} died {n} times in a row within {self.stable_after:g} s "
-                                  f"of starting (last: {how}); stopped restarting (crash loop)")
-            log.error("%s", self.crash_message)
+        slot.quick_deaths, delay = self.restarts.after_death(slot.quick_deaths, slot.started_at, now)
+        if delay is None:
+            self.crash = CrashLoop(slot.index, slot.quick_deaths, self.restarts.stable_after, how)
+            log.error("%s", self.crash)
             self.request_stop()
             return
-        delay = 0.0 if n <= 1 else min(self.backoff_max, self.backoff * 2 ** (n - 2)) * random.uniform(0.8, 1.2)
         slot.restart_at = now + delay
 
     def _check_hung(self, now: float) -> None:
@@ -268,8 +282,8 @@ class Supervisor:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-        if self.crash_message:
-            raise CrashLoop(self.crash_message)
+        if self.crash is not None:
+            raise self.crash
         return EXIT_CONFIG if self.config_failed else 0
 
     def worker_pids(self) -> dict[int, int]:

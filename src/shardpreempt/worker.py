@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from .backends import open_backend
 from .balance import Members, Params, View, decide
 from .claims import Claim, Ownership
-from .errors import BackendError, ConfigError, Shutdown
+from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
 from .model import Lease, Shard, Slice
 from .pool import Layout, Observation, member_key, member_owner, observe, once_record, slots_to_watch
@@ -86,7 +86,8 @@ class Hold:
         self.lease = lease
         self.session = session
         self.lost = threading.Event()
-        self.reason: str | None = None
+        self.reason: LossReason | None = None
+        self.detail: str | None = None  # the reason in words, as the ``lost`` events show it
         self.since = time.monotonic()
         self.runner: SliceRunner | None = None
         self.handing_over = False
@@ -193,7 +194,7 @@ class Worker:
             return EXIT_OK
         finally:
             self.stopping.set()
-            self._lose_all("worker exiting", emit=False)
+            self._lose_all(LossReason.RELEASED, "worker exiting", emit=False)
             backend.close()
 
     def _sleep(self, timeout: float) -> None:
@@ -211,7 +212,7 @@ class Worker:
         self._reap(backend)
         if self.member is None or self.member.lost.is_set():
             if self.member is not None:
-                self._lose_all(self.member.reason or "session lost")
+                self._lose_all(self.member.reason or LossReason.EXPIRED, self.member.detail or "session lost")
             if not self._join(backend):
                 return self._outage("cannot join the pool")
         self._release_orphans(backend)
@@ -285,7 +286,8 @@ class Worker:
             if (hold is not None and record is not None and record.owner not in (self.owner, "")
                     and not hold.lost.is_set()):
                 log.error("worker %d: slice %s is held by %s now; stopping its run", opts.index, s.id, record.owner)
-                hold.reason, hold.superseded = f"superseded by {record.owner}", True
+                hold.reason, hold.detail = LossReason.SUPERSEDED, f"superseded by {record.owner}"
+                hold.superseded = True
                 hold.lost.set()
                 if hold.runner is not None:
                     hold.runner.wake()
@@ -384,7 +386,7 @@ class Worker:
     def _session_lost(self, claim: Claim) -> None:
         """Called from the fence or renewal thread: every slice under the session is lost now."""
         for hold in list(self.holds.values()):
-            hold.reason = claim.reason
+            hold.reason, hold.detail = claim.reason, claim.detail
             hold.lost.set()
             if hold.runner is not None:
                 hold.runner.wake()
@@ -409,7 +411,7 @@ class Worker:
             return False
         if not self.member.covers(lease):  # our session expired and the backend started another
             self._give_back(backend, lease)
-            self.member.lose("liveness session replaced (it had expired)")
+            self.member.lose(LossReason.EXPIRED, "liveness session replaced (it had expired)")
             return False
         hold = Hold(slice_, lease, self.member)
         if hold.time_left() <= 0:
@@ -447,7 +449,7 @@ class Worker:
         """In the runner's thread, the moment its run has ended: a lost slice's loss is written now —
         the run is over — even while the main loop is stuck on an unreachable backend."""
         if hold.lost.is_set() and hold.report_loss():
-            self._events("lost", hold, reason=hold.reason or "lost")
+            self._events("lost", hold, reason=hold.detail or "lost")
         self.wake()
 
     def _reap(self, backend: Backend) -> None:
@@ -457,7 +459,7 @@ class Worker:
             if hold.superseded and (runner is None or runner.finished.is_set()):
                 self.holds.pop(sid, None)
                 if hold.report_loss():
-                    self._events("lost", hold, reason=hold.reason or "superseded")
+                    self._events("lost", hold, reason=hold.detail or "superseded")
                 continue
             if runner is None or not runner.finished.is_set() or hold.lost.is_set():
                 continue
@@ -484,11 +486,12 @@ class Worker:
             self.orphans.append(hold.lease)
         self._ring(backend)
 
-    def _lose_all(self, reason: str, *, emit: bool = True) -> None:
+    def _lose_all(self, reason: LossReason, detail: str, *, emit: bool = True) -> None:
         """Every slice is lost (session gone, or exiting): stop each run within the grace, then forget them."""
         holds = list(self.holds.values())
         for hold in holds:
-            hold.reason = hold.reason or reason
+            if hold.reason is None:
+                hold.reason, hold.detail = reason, detail
             hold.lost.set()
             if hold.runner is not None:
                 hold.runner.wake()
@@ -500,10 +503,10 @@ class Worker:
                     log.error("worker %d: job did not stop after losing its lease; exiting", self.opts.index)
                     for h in holds:
                         if h.report_loss():
-                            self._events("lost", h, reason=h.reason or reason)
+                            self._events("lost", h, reason=h.detail or detail)
                     os._exit(EXIT_FENCED)
             if emit and hold.report_loss():
-                self._events("lost", hold, reason=hold.reason or reason)
+                self._events("lost", hold, reason=hold.detail or detail)
         self.holds.clear()
         if self.member is not None and (emit or self.member.lost.is_set()):
             self.member = None
@@ -515,7 +518,7 @@ class Worker:
                 hold.runner.stop(cold=self.cold.is_set())
         while self.holds:
             if self.member is not None and self.member.lost.is_set():
-                self._lose_all(self.member.reason or "session lost")
+                self._lose_all(self.member.reason or LossReason.EXPIRED, self.member.detail or "session lost")
                 break
             if self.cold.is_set():
                 for hold in self.holds.values():

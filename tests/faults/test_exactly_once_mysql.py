@@ -13,9 +13,10 @@ import pytest
 
 from shardpreempt import Shard
 from shardpreempt.config import make_shard
-from shardpreempt.stress import Stress, StressOptions, passed
 from shardpreempt.testing.servers import EphemeralServer, ServerUnavailable, server_for
 from shardpreempt.testing.skips import missing
+from shardpreempt.testing.stress import Stress, StressOptions
+from shardpreempt.testing.workload import ItemTotals
 
 pymysql = pytest.importorskip("pymysql")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mysql_worker.py"
@@ -68,10 +69,10 @@ class MySQLWorkload:
                 total += cur.fetchone()[0]
         return total
 
-    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, int]:
+    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> ItemTotals:
         """Exactly once, only fenced writes, read from the databases."""
         granted = {(e["shard"], e["owner"], e["token"]) for e in history if e["event"] == "acquired"}
-        totals = dict.fromkeys(("items", "processed", "lost", "duplicated", "unauthorised", "stale_accepted"), 0)
+        totals = ItemTotals()
         for shard in shards:
             with self._root(shard.settings["database"]) as db, db.cursor() as cur:
                 cur.execute("SELECT count(*), count(processed_by) FROM items")
@@ -80,12 +81,12 @@ class MySQLWorkload:
                 dup = cur.fetchone()[0]
                 cur.execute("SELECT owner, token FROM writes ORDER BY seq")
                 writes = cur.fetchall()
-            totals["items"] += total
-            totals["processed"] += done
-            totals["lost"] += total - done
-            totals["duplicated"] += dup
-            totals["unauthorised"] += sum(1 for o, t in writes if (shard.identity, o, t) not in granted)
-            totals["stale_accepted"] += sum(1 for (_, a), (_, b) in itertools.pairwise(writes) if b < a)
+            totals.items += total
+            totals.processed += done
+            totals.lost += total - done
+            totals.duplicated += dup
+            totals.unauthorised += sum(1 for o, t in writes if (shard.identity, o, t) not in granted)
+            totals.stale_accepted += sum(1 for (_, a), (_, b) in itertools.pairwise(writes) if b < a)
         return totals
 
 
@@ -110,6 +111,6 @@ def test_every_item_processed_exactly_once_under_faults(backend: str, mariadb: E
                          ttl=1.0, workers=3, items=40, directory=tmp_path / "run", workload=MySQLWorkload(mariadb),
                          unowned_bound=0.5 if backend == "file" else None)
     figures = Stress(opts).run()
-    assert passed(figures), json.dumps(figures, indent=1)
-    assert figures["items"]["processed"] == figures["items"]["items"] == 3 * 40 * 7
+    assert figures.passed, json.dumps(figures.as_dict(), indent=1)
+    assert figures.items.processed == figures.items.items == 3 * 40 * 7
     assert "world" not in (tmp_path / "run" / "events.jsonl").read_text()

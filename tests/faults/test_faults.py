@@ -17,11 +17,12 @@ import pytest
 from shardpreempt.demo import create_shard
 from shardpreempt.errors import ConfigError
 from shardpreempt.events import EventLog
-from shardpreempt.stress import FAULTS, FORK_VARIABLE, RUN_MARK, EventTail, Stress, StressOptions, Watcher, passed
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import ServerUnavailable
 from shardpreempt.testing.skips import missing
-from shardpreempt.workload import SqliteWorkload, late_writes
+from shardpreempt.testing.stress import FAULTS, FORK_VARIABLE, Stress, StressOptions, StressResult
+from shardpreempt.testing.watch import RUN_MARK, EventTail, Watcher
+from shardpreempt.testing.workload import SqliteWorkload, late_writes
 
 PROCESS_FAULTS = ("kill-worker", "stop-worker", "kill-supervisor")
 SERVER_FAULTS = ("pause-backend", "restart-backend")
@@ -42,7 +43,7 @@ RESTORE_FINDINGS = {
 }
 
 
-def run(opts: StressOptions, backend: str) -> dict[str, object]:
+def run(opts: StressOptions, backend: str) -> StressResult:
     """A stress run, skipped (failed under CI) when the server is not installed."""
     try:
         return Stress(opts).run()
@@ -68,9 +69,9 @@ def test_faults_leave_no_overlap_and_process_every_item_exactly_once(backend: st
                          # the stress command holds file:// to 100 ms; a loaded CI machine gets some slack
                          unowned_bound=0.5 if backend == "file" else None)
     figures = run(opts, backend)
-    assert figures["faults_total"] == opts.count
-    assert figures["workload"] == "sqlite, fork mixed"
-    assert passed(figures), json.dumps(figures, indent=1)
+    assert figures.faults_total == opts.count
+    assert figures.workload == "sqlite, fork mixed"
+    assert figures.passed, json.dumps(figures.as_dict(), indent=1)
 
 
 def test_the_demo_job_without_children_on_file(tmp_path: Path) -> None:
@@ -78,8 +79,8 @@ def test_the_demo_job_without_children_on_file(tmp_path: Path) -> None:
     opts = StressOptions(backend="file", kinds=PROCESS_FAULTS, count=3, ttl=1.0, shards=4, workers=2,
                          directory=tmp_path / "stress", fork_children="", unowned_bound=0.5)
     figures = Stress(opts).run()
-    assert figures["workload"] == "sqlite"
-    assert passed(figures), json.dumps(figures, indent=1)
+    assert figures.workload == "sqlite"
+    assert figures.passed, json.dumps(figures.as_dict(), indent=1)
 
 
 @pytest.mark.slow
@@ -92,7 +93,7 @@ def test_a_fast_restore_from_an_older_snapshot(backend: str, tmp_path: Path) -> 
                          ttl=2.0 if backend == "etcd" else 1.0, shards=4, workers=2, directory=tmp_path / "stress",
                          fork_children="mixed")
     figures = run(opts, backend)
-    assert passed(figures), json.dumps(figures, indent=1)
+    assert figures.passed, json.dumps(figures.as_dict(), indent=1)
 
 
 def test_a_bad_fork_mode_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -135,7 +136,7 @@ def test_the_watcher_finds_a_process_alive_after_its_lease(
         return len(watcher.found) >= 2
 
     wait_until(both_found, 10, interval=0.05, message="both found")
-    found = sorted(watcher.found.values())
+    found = sorted(str(o) for o in watcher.found.values())
     assert [line.split()[1] for line in found] == sorted(str(p.pid) for p in (procs[0], procs[2]))
     assert "s1 is held by b" in " ".join(found) and f"its guard {dead.pid} is gone" in " ".join(found)
     watcher.leftovers(timeout=0)
@@ -167,9 +168,9 @@ def test_the_watcher_catches_a_job_that_escapes_the_guard(tmp_path: Path, monkey
 
     monkeypatch.setitem(FAULTS, "kill-worker", kill_once_escaped)
     figures = stress.run()
-    assert figures["outlived"] >= 1, json.dumps(figures, indent=1)
-    assert any("its worker" in line for line in figures["violations"])
-    assert not passed(figures)
+    assert figures.outlived >= 1, json.dumps(figures.as_dict(), indent=1)
+    assert any("its worker" in line for line in figures.violations)
+    assert not figures.passed
 
 
 def test_late_writes_are_those_after_the_next_grant() -> None:
@@ -191,7 +192,7 @@ def test_the_forking_job_ends_its_children_on_sigterm(mode: str, tmp_path: Path)
     slice_file.write_text(json.dumps({"owner": "o", "tokens": {identity: 7},
                                       "shards": {identity: {"name": "s", "settings": {"path": str(shard)}}}}))
     env = {**os.environ, "SHARDPREEMPT_SLICE_FILE": str(slice_file)}
-    job = subprocess.Popen([sys.executable, "-m", "shardpreempt.workload", "--fork", mode, "--poll", "0.02"],
+    job = subprocess.Popen([sys.executable, "-m", "shardpreempt.testing.workload", "--fork", mode, "--poll", "0.02"],
                            env=env, start_new_session=True)
 
     def children() -> list[int]:

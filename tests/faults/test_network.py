@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from shardpreempt.backends import REGISTRY
-from shardpreempt.stress import Stress, StressOptions, passed
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.netns import NetHost, available
 from shardpreempt.testing.servers import ServerUnavailable, server_for
 from shardpreempt.testing.skips import missing
+from shardpreempt.testing.stress import Stress, StressOptions
 
 BACKENDS = ["redis", "postgresql", "mysql", "etcd", "zookeeper"]
 
@@ -185,14 +185,14 @@ def test_partitions_and_a_slow_backend_keep_every_guarantee(made: list[NetHost],
     finally:
         if stress.net is not None:
             made.extend(stress.net.hosts)
-    report = json.dumps(figures, indent=1)
+    report = json.dumps(figures.as_dict(), indent=1)
     print(report)
-    assert figures["faults"] == {"partition-worker": 2, "slow-backend": 2}
-    assert passed(figures), report
-    net = figures["network"]
-    assert net["holds_cut"] > 0, report  # the partitions did cut holders off
-    assert net["self_fenced"] == net["holds_cut"], report
-    assert net["min_fence_lead_s"] > 0, report
+    assert figures.faults == {"partition-worker": 2, "slow-backend": 2}
+    assert figures.passed, report
+    net = figures.network
+    assert net is not None and net.holds_cut > 0, report  # the partitions did cut holders off
+    assert net.self_fenced == net.holds_cut, report
+    assert net.min_fence_lead_s is not None and net.min_fence_lead_s > 0, report
 
 
 def test_nothing_of_ours_is_left_behind(made: list[NetHost]) -> None:

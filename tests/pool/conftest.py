@@ -18,9 +18,9 @@ import pytest
 from shardpreempt.backends import open_backend
 from shardpreempt.config import load_settings
 from shardpreempt.events import HOST, EventLog
+from shardpreempt.history import Report, check, read_events
 from shardpreempt.pool import Observation, observe
 from shardpreempt.slicing import make_slices
-from shardpreempt.testing.history import Report, check, read_events
 from shardpreempt.testing.servers import EphemeralServer, unique
 from shardpreempt.testing.wait import wait_until
 from shardpreempt.typing import Backend

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shardpreempt.events import HOST, EventLog
-from shardpreempt.testing.history import read_events
+from shardpreempt.history import read_events
 from shardpreempt.testing.wait import wait_until
 
 from .conftest import Pool

@@ -9,7 +9,8 @@ import pytest
 
 from shardpreempt import BackendUnavailable, LeaseLost, Shard, claim, make_slices
 from shardpreempt.backends.memory import MemoryBackend
-from shardpreempt.claims import Claim, Claimer
+from shardpreempt.claims import SELF_FENCED, Claim, Claimer
+from shardpreempt.errors import LossReason
 from shardpreempt.model import Lease
 from shardpreempt.testing import FakeClock
 
@@ -66,15 +67,15 @@ def test_unreachable_backend_self_fences_before_the_server_expiry() -> None:
     clock = FakeClock()
     b = backend(clock, Flaky)
     c = acquire(b, clock, make_slices(SHARDS, 1))
-    seen: list[str] = []
-    c.on_lost(lambda cl: seen.append(cl.reason or ""))
+    seen: list[tuple[LossReason | None, str | None]] = []
+    c.on_lost(lambda cl: seen.append((cl.reason, cl.detail)))
     b.down = True  # type: ignore[attr-defined]
     while not c.lost.is_set():
         step = c.tick()
         if step == float("inf"):
             break
         clock.advance(max(step, 0.001))
-    assert c.lost.is_set() and "self-fenced" in seen[0]
+    assert c.lost.is_set() and seen == [(LossReason.SELF_FENCED, SELF_FENCED)]
     assert clock.monotonic() <= c.lease.deadline - c.margin + 0.01
     other = MemoryBackend(b.url, clock=clock)
     assert other.try_acquire(["s0"], "other", 10) is None  # the server has not expired it yet

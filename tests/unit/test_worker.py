@@ -11,6 +11,7 @@ from shardpreempt import BackendUnavailable, Shard
 from shardpreempt.backends.memory import MemoryBackend
 from shardpreempt.balance import Members
 from shardpreempt.claims import Ownership
+from shardpreempt.errors import LossReason
 from shardpreempt.model import Lease
 from shardpreempt.pool import Layout
 from shardpreempt.runner import RunSettings
@@ -107,7 +108,7 @@ def test_a_lost_session_loses_every_slice_and_the_worker_joins_again(setup: tupl
     assert len(holds) == 2
     backend.expire(first_owner)
     assert worker.member is not None
-    worker.member.lose("session expired")  # as the renewal thread does when it finds the session gone
+    worker.member.lose(LossReason.EXPIRED, "session expired")  # as the renewal thread does when the session is gone
     assert all(h.lost.is_set() for h in holds)
     worker._step(backend)
     assert worker.owner != first_owner and len(worker.holds) == 2
@@ -126,7 +127,8 @@ def test_a_slice_granted_to_someone_else_is_lost_at_once(setup: tuple[Worker, Fa
         for key in hold.lease.keys:
             backend._store.holds[key] = other.session
     worker._step(backend)
-    assert hold.lost.is_set() and hold.reason is not None and "someone-else" in hold.reason
+    assert hold.lost.is_set() and hold.reason is LossReason.SUPERSEDED
+    assert hold.detail == "superseded by someone-else"
     assert hold.runner is not None
     hold.runner.join(5)
     worker._step(backend)

@@ -5,8 +5,8 @@ The contract suite (:mod:`shardpreempt.testing.contract`) needs pytest; import i
 
 from __future__ import annotations
 
+from ..history import Report, Violation, check, read_events
 from .clock import FakeClock
-from .history import Report, Violation, check, read_events
 from .wait import wait_until
 
 __all__ = ["FakeClock", "Report", "Violation", "check", "read_events", "wait_until"]

@@ -11,10 +11,12 @@ Two fault kinds:
 * ``slow-backend`` — add latency on every link (ttl x 100 ms, kept within 100..200 ms, in each
   direction) for max(3 s, 2 x ttl), then remove it; excused too.
 
-:meth:`NetFaults.figures` reports, for the partitions: shards held by the cut supervisor at the cut,
-how many of those holds ended by self-fencing, the smallest lead of a hold's end over the next
-holder's acquisition (positive: the fence came first), and the longest time from a cut until another
-worker owned the shard.
+:class:`NetFaults` knows nothing of the run: the stress harness chooses whom to cut and records each
+fault's window (which :meth:`NetFaults.partition` and :meth:`NetFaults.slow` return) itself.
+:meth:`NetFaults.figures` reports (:class:`NetworkFigures`), for the partitions: shards held by the cut
+supervisor at the cut, how many of those holds ended by self-fencing, the smallest lead of a hold's end
+over the next holder's acquisition (positive: the fence came first), and the longest time from a cut
+until another worker owned the shard.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass
+from typing import Any
 
-from .testing.history import holds_of, read_events
-from .testing.netns import NetHost
-
-if TYPE_CHECKING:
-    from .stress import Stress
+from ..claims import SELF_FENCED
+from ..history import holds_of
+from .netns import NetHost
 
 NETWORK_FAULTS = ("partition-worker", "slow-backend")
 
@@ -42,6 +42,24 @@ class Partition:
     workers: frozenset[int]
     start: float
     end: float
+
+
+@dataclass(frozen=True)
+class NetworkFigures:
+    """What the network faults did (the ``network`` of a stress run's figures)."""
+
+    namespaces: list[str]
+    delay_by: str | None
+    partitions: int
+    slowdowns: int
+    holds_cut: int  # holds of the cut supervisor's workers open at the cut
+    self_fenced: int  # of those, ended by the holder's own fence
+    min_fence_lead_s: float | None  # least time from a hold's end to the next holder's acquisition
+    max_takeover_s: float | None  # longest time from a cut until another worker owned the shard
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as ``stress --json`` prints them."""
+        return asdict(self)
 
 
 class NetFaults:
@@ -69,46 +87,39 @@ class NetFaults:
         end = argv.index("--") if "--" in argv else len(argv)
         return self.hosts[index].argv([*argv[:end], "--backend", self.urls[index], *argv[end:]])
 
-    def partition(self, stress: Stress) -> None:
-        """Cut the link of a holder's supervisor for 1.5 x ttl, then heal it."""
-        events = read_events([stress.events_path])
-        victim = stress._victim()
-        pids = [p.pid for p in stress.supervisors]
-        owner = next((e["pid"] for e in events if e["event"] == "started" and victim is not None
-                      and e.get("worker_pid") == victim["pid"]), None)
-        index = pids.index(owner) if owner in pids else stress.rng.randrange(len(self.hosts))
-        workers = frozenset(e["worker_pid"] for e in events
-                            if e["event"] == "started" and e["pid"] == pids[index])
+    def partition(self, index: int, workers: frozenset[int], seconds: float) -> tuple[float, float]:
+        """Cut the link of supervisor ``index`` (whose workers are ``workers``) for ``seconds``, then heal
+        it; the window cut..heal."""
         host = self.hosts[index]
         t0 = time.time()
         host.cut()
         try:
-            time.sleep(stress.opts.ttl * 1.5)
+            time.sleep(seconds)
         finally:
             host.heal()
         t1 = time.time()
-        stress.excused.append((t0, t1))
         self.partitions.append(Partition(index, workers, t0, t1))
+        return t0, t1
 
-    def slow(self, stress: Stress) -> None:
-        """Delay every link for a few seconds, then restore it."""
-        ms = min(200.0, max(100.0, stress.opts.ttl * 100))
+    def slow(self, ms: float, seconds: float) -> tuple[float, float]:
+        """Delay every link by ``ms`` each way for ``seconds``, then restore it; the window."""
         t0 = time.time()
         try:
             for host in self.hosts:
                 host.delay(ms)
-            time.sleep(max(3.0, stress.opts.ttl * 2))
+            time.sleep(seconds)
         finally:
             for host in self.hosts:
                 host.undelay()
-        stress.excused.append((t0, time.time()))
         self.slowdowns += 1
+        return t0, time.time()
 
-    def figures(self, history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def figures(self, history: Sequence[Mapping[str, Any]]) -> NetworkFigures:
         """What the partitions did to the holds (see the module docstring)."""
         holds = holds_of(history)
         pid_of = {e["owner"]: e["pid"] for e in history if e["event"] == "acquired"}
-        reason = {(e["shard"], e["owner"]): str(e.get("reason", "")) for e in history if e["event"] == "lost"}
+        fenced_holds = {(e["shard"], e["owner"]) for e in history  # the claimer's words for a self-fence
+                        if e["event"] == "lost" and e.get("reason") == SELF_FENCED}
         by_shard = defaultdict(list)
         for h in holds:
             by_shard[h.shard].append(h)
@@ -120,21 +131,21 @@ class NetFaults:
                 if pid_of.get(h.owner) not in p.workers or not h.start < p.start < h.end:
                     continue
                 held += 1
-                fenced += "self-fenced" in reason.get((h.shard, h.owner), "")
+                fenced += (h.shard, h.owner) in fenced_holds
                 after = [n for n in by_shard[h.shard] if n.owner != h.owner and n.start >= h.start]
                 if after:
                     leads.append(after[0].start - h.end)
                     takeovers.append(after[0].start - p.start)
-        return {
-            "namespaces": self.names,
-            "delay_by": next((h.delay_by for h in self.hosts if h.delay_by), None),
-            "partitions": len(self.partitions),
-            "slowdowns": self.slowdowns,
-            "holds_cut": held,
-            "self_fenced": fenced,
-            "min_fence_lead_s": round(min(leads), 3) if leads else None,
-            "max_takeover_s": round(max(takeovers), 3) if takeovers else None,
-        }
+        return NetworkFigures(
+            namespaces=list(self.names),
+            delay_by=next((h.delay_by for h in self.hosts if h.delay_by), None),
+            partitions=len(self.partitions),
+            slowdowns=self.slowdowns,
+            holds_cut=held,
+            self_fenced=fenced,
+            min_fence_lead_s=round(min(leads), 3) if leads else None,
+            max_takeover_s=round(max(takeovers), 3) if takeovers else None,
+        )
 
     def close(self) -> None:
         """Remove every namespace, link and relay (the supervisors inside must have stopped)."""

@@ -13,11 +13,13 @@ then start it again), ``restart-backend`` (SIGKILL the server and start it again
 data), ``pause-backend`` (SIGSTOP the server past the ttl), ``restore-backend`` (stop the server, put
 back the data of a snapshot taken one restore earlier, start it: recent writes are lost). With
 ``fork_children`` (or ``SHARDPREEMPT_STRESS_FORK``) each command forks the processes that do the work
-(:mod:`shardpreempt.workload`), and a watcher reports every process of the run found alive after its
-lease ended (``outlived``). With ``network`` (``--network``), every
-supervisor runs in its own network namespace and two more kinds apply: ``partition-worker`` (cut a
-holder's supervisor off the backend past the ttl) and ``slow-backend`` (add latency to every link for
-a few seconds); see :mod:`shardpreempt.netfaults`. More kinds can be added to :data:`FAULTS`.
+(:mod:`shardpreempt.testing.workload`), and a watcher (:mod:`shardpreempt.testing.watch`) reports every
+process of the run found alive after its lease ended (``outlived``). With ``network`` (``--network``),
+every supervisor runs in its own network namespace and two more kinds apply: ``partition-worker`` (cut
+a holder's supervisor off the backend past the ttl) and ``slow-backend`` (add latency to every link for
+a few seconds); see :mod:`shardpreempt.testing.netfaults`. More kinds can be added to :data:`FAULTS`.
+:meth:`Stress.run` returns a :class:`StressResult`; ``shardpreempt stress --json`` prints its
+:meth:`~StressResult.as_dict`.
 """
 
 from __future__ import annotations
@@ -32,27 +34,27 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .backends import open_backend
-from .config import Settings, to_toml
-from .errors import BackendError, ConfigError
-from .events import HOST, EventLog
-from .netfaults import NETWORK_FAULTS, NetFaults
-from .status import members
-from .testing.history import Report, check, read_events
-from .testing.servers import EphemeralServer, server_for, unique
-from .testing.servers.base import wait_stopped
-from .testing.servers.redis import RedisServer
-from .typing import Backend
-from .workload import FORK_MODES, SqliteWorkload, Workload
+from ..backends import open_backend
+from ..config import Settings, to_toml
+from ..errors import BackendError, ConfigError
+from ..events import HOST, EventLog
+from ..history import Report, check, read_events
+from ..status import members
+from ..typing import Backend
+from .netfaults import NETWORK_FAULTS, NetFaults, NetworkFigures
+from .servers import EphemeralServer, server_for, unique
+from .servers.base import wait_stopped
+from .servers.redis import RedisServer
+from .watch import RUN_MARK, EventTail, Watcher, alive, children
+from .workload import FORK_MODES, ItemTotals, SqliteWorkload, Workload
 
 SERVER_BACKENDS = ("redis", "postgresql", "mysql", "etcd", "zookeeper")
 
@@ -61,8 +63,6 @@ SERVER_FAULTS = {"restart-backend", "pause-backend", "restore-backend"}
 
 #: Chooses the forking workload when ``StressOptions.fork_children`` is not given (the CLI has no flag).
 FORK_VARIABLE = "SHARDPREEMPT_STRESS_FORK"
-#: Marks every process of one run (supervisors, workers, commands, their children) for the watcher.
-RUN_MARK = "SPSTRESS_RUN"  # not SHARDPREEMPT_*: the runner passes no such variable on to commands
 
 
 @runtime_checkable
@@ -98,9 +98,48 @@ class StressOptions:
     network: bool = False  # each supervisor in a network namespace (root, Linux); adds the network faults
     workload: Workload | None = None  # default: SqliteWorkload(shards, item_seconds, fork_children)
     restore_down: float = 0.0  # least time the server stays down in restore-backend (0: as fast as it goes)
-    fork_children: str | None = None  # group | session | mixed (shardpreempt.workload), "" none; None: $FORK_VARIABLE
+    fork_children: str | None = None  # group | session | mixed (testing.workload), "" none; None: $FORK_VARIABLE
     directory: Path | None = None
     log: Callable[[str], None] = field(default=lambda line: None)
+
+
+@dataclass
+class StressResult:
+    """The figures of one stress run (docs/faults.md says what each means)."""
+
+    backend: str
+    faults: dict[str, int]  # kind -> how many were injected
+    faults_total: int
+    acquisitions: int
+    overlaps: int
+    token_violations: int
+    max_unowned_s: float
+    unowned_bound_s: float
+    unowned_violations: int
+    coverage_timeouts: int  # faults after which the shards were not all owned again in time
+    outlived: int  # processes found alive after their lease ended
+    workload: str
+    items: ItemTotals
+    directory: str
+    violations_by_fault: dict[str, dict[str, int]]  # violation kind -> the fault before it -> count
+    violations: list[str]  # the first ten of each kind, in words
+    network: NetworkFigures | None = None  # with --network
+
+    @property
+    def passed(self) -> bool:
+        """True when the run shows no violation of any kind."""
+        return (self.overlaps == self.token_violations == self.unowned_violations == 0
+                and self.coverage_timeouts == self.outlived == 0 and self.items.clean)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as ``shardpreempt stress --json`` prints them (``network`` only with --network)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["items"] = self.items.as_dict()
+        if self.network is None:
+            del out["network"]
+        else:
+            out["network"] = self.network.as_dict()
+        return out
 
 
 class Stress:
@@ -197,7 +236,7 @@ class Stress:
         want = self.opts.supervisors * self.opts.workers
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if sum(1 for pid in self.tail.workers() if _alive(pid)) >= want:
+            if sum(1 for pid in self.tail.workers() if alive(pid)) >= want:
                 return True
             time.sleep(0.02)
         return False
@@ -208,7 +247,7 @@ class Stress:
         want = self.opts.supervisors * self.opts.workers
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            live = {pid for pid in self.tail.workers() if _alive(pid)}
+            live = {pid for pid in self.tail.workers() if alive(pid)}
             try:
                 joined = {m.pid for m in members(self._observer())}
             except (BackendError, OSError):
@@ -279,7 +318,7 @@ class Stress:
         index = self.rng.randrange(len(self.supervisors))
         proc = self.supervisors[index]
         self._stop_all([proc.pid])  # it forks no more workers
-        workers = sorted(set(self.tail.workers(supervisor=proc.pid)) | set(_children(proc.pid)))
+        workers = sorted(set(self.tail.workers(supervisor=proc.pid)) | set(children(proc.pid)))
         self._stop_all(workers)
         t = time.time()
         for pid in workers:
@@ -330,35 +369,31 @@ class Stress:
     def fault_partition_worker(self) -> None:
         """Cut a holder's supervisor off the backend for 1.5 x ttl, then heal the link."""
         assert self.net is not None
-        self.net.partition(self)
+        events = read_events([self.events_path])
+        victim = self._victim()
+        pids = [p.pid for p in self.supervisors]
+        owner = next((e["pid"] for e in events if e["event"] == "started" and victim is not None
+                      and e.get("worker_pid") == victim["pid"]), None)
+        index = pids.index(owner) if owner in pids else self.rng.randrange(len(pids))
+        workers = frozenset(e["worker_pid"] for e in events if e["event"] == "started" and e["pid"] == pids[index])
+        self.excused.append(self.net.partition(index, workers, self.opts.ttl * 1.5))
 
     def fault_slow_backend(self) -> None:
         """Add 100-200 ms of latency each way on every link for a few seconds."""
         assert self.net is not None
-        self.net.slow(self)
+        ms = min(200.0, max(100.0, self.opts.ttl * 100))
+        self.excused.append(self.net.slow(ms, max(3.0, self.opts.ttl * 2)))
 
     # -- the run ----------------------------------------------------------------------------------
     def _by_fault(self, report: Report) -> dict[str, dict[str, int]]:
         """violation kind (and ``outlived``) -> the fault injected last before each began -> count."""
-        starts = {(h.shard, h.owner, h.token): h.start for h in report.holds}
         times = [t for t, _ in self.fault_log]
         out: dict[str, Counter[str]] = {}
-        for v in report.violations:
-            when = None
-            if v.kind == "overlap":
-                when = float(v.detail.rsplit("[", 1)[1].split(",")[0])
-            elif v.kind == "token":
-                words = v.detail.split()
-                when = starts.get((v.shard, words[3], int(words[1])))
-            elif v.kind == "unowned":
-                when = float(v.detail.split(" from ")[1].split()[0])
+        began = [(v.kind, v.at, "(before any fault)") for v in report.violations]
+        began += [("outlived", o.at, "(after the run)") for o in self.watcher.found.values()]
+        for kind, when, otherwise in began:
             i = bisect.bisect_right(times, when) - 1 if when is not None else -1
-            out.setdefault(v.kind, Counter())[self.fault_log[i][1] if i >= 0 else "(before any fault)"] += 1
-        for line in self.watcher.found.values():  # "pid P of OWNER alive at T: ..." (or "... after the run")
-            words = line.split()
-            when = float(words[6].rstrip(":")) if words[4:6] == ["alive", "at"] else None
-            i = bisect.bisect_right(times, when) - 1 if when is not None else -1
-            out.setdefault("outlived", Counter())[self.fault_log[i][1] if i >= 0 else "(after the run)"] += 1
+            out.setdefault(kind, Counter())[self.fault_log[i][1] if i >= 0 else otherwise] += 1
         return {kind: dict(counts) for kind, counts in out.items()}
 
     def kinds(self) -> list[str]:
@@ -375,7 +410,7 @@ class Stress:
             kinds = [k for k in kinds if k not in NETWORK_FAULTS]
         return kinds
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> StressResult:
         """Inject the faults, drain the work, and return the figures."""
         kinds = self.kinds()
         cfg = self._setup()
@@ -439,199 +474,27 @@ class Stress:
         history = read_events([self.events_path])
         report = check(history, max_unowned=bound, shards=[s.identity for s in self.settings.shards],
                        start=start, end=stop, excused=self.excused)
-        items = self.workload.audit(self.settings.shards, history)
-        return {
-            "backend": self.opts.backend,
-            "faults": dict(self.injected),
-            "faults_total": sum(self.injected.values()),
-            "acquisitions": sum(1 for e in history if e["event"] == "acquired"),
-            "overlaps": report.count("overlap"),
-            "token_violations": report.count("token"),
-            "max_unowned_s": round(report.max_unowned, 3),
-            "unowned_bound_s": bound,
-            "unowned_violations": report.count("unowned"),
-            "coverage_timeouts": self.coverage_timeouts,
-            "outlived": len(self.watcher.found),
-            "workload": f"sqlite, fork {self.fork}" if self.fork and self.opts.workload is None else
-                        "sqlite" if self.opts.workload is None else type(self.workload).__name__,
-            "items": items,
-            "directory": str(self.dir),
-            "violations_by_fault": self._by_fault(report),
-            "violations": [f"{v.kind} {v.shard}: {v.detail}" for v in report.violations[:10]]
-                          + [f"outlived {line}" for line in list(self.watcher.found.values())[:10]],
-            **({"network": self.net.figures(history)} if self.net is not None else {}),
-        }
-
-
-class EventTail:
-    """The events file read incrementally (a whole re-read at every poll grows with the run)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._rest = b""
-        self._lock = threading.Lock()
-        self._holds: dict[tuple[str, str], dict[str, Any]] = {}  # (shard, owner) -> its acquired event
-        self._ended: dict[tuple[Any, Any], float] = {}  # (host, pid) -> last exited/killed time
-        self._workers: dict[int, tuple[float, int]] = {}  # worker pid -> (started at, supervisor pid)
-
-    def update(self) -> None:
-        """Read the lines appended since the last call."""
-        with self._lock:
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(self._offset)
-                    data = f.read()
-            except FileNotFoundError:
-                return
-            self._offset += len(data)
-            *lines, self._rest = (self._rest + data).split(b"\n")
-            for line in lines:
-                if line.strip():
-                    self._apply(json.loads(line))
-
-    def _apply(self, e: dict[str, Any]) -> None:
-        kind, t, proc = e["event"], float(e["t"]), (e.get("host"), e.get("pid"))
-        if kind == "acquired":
-            if self._ended.get(proc, -1.0) < t:  # lines of different processes may land out of time order
-                self._holds[(e["shard"], e["owner"])] = e
-        elif kind in ("released", "lost"):
-            self._holds.pop((e["shard"], e["owner"]), None)
-        elif kind in ("exited", "killed"):
-            self._ended[proc] = max(t, self._ended.get(proc, t))
-            for key in [k for k, v in self._holds.items() if (v.get("host"), v.get("pid")) == proc]:
-                del self._holds[key]
-            started = self._workers.get(int(e["pid"]))
-            if started is not None and started[0] <= t:
-                del self._workers[int(e["pid"])]
-        elif kind == "started":
-            self._workers[int(e["worker_pid"])] = (t, int(e["pid"]))
-
-    def holders(self) -> dict[str, dict[str, Any]]:
-        """shard -> the acquired event of its current holder (the latest, should there be several)."""
-        self.update()
-        with self._lock:
-            out: dict[str, dict[str, Any]] = {}
-            for (shard, _), e in self._holds.items():
-                if shard not in out or e["t"] > out[shard]["t"]:
-                    out[shard] = e
-            return out
-
-    def workers(self, supervisor: int | None = None) -> list[int]:
-        """Pids of the workers started and not yet reported gone (of one supervisor, if given)."""
-        self.update()
-        with self._lock:
-            return [pid for pid, (_, sup) in self._workers.items() if supervisor in (None, sup)]
-
-
-class Watcher:
-    """Finds the processes of a run that outlive their lease, in a thread, five times a second.
-
-    A process carrying the run's mark and a ``SHARDPREEMPT_OWNER`` (a command, or anything it forked)
-    is suspect while another owner holds one of its ``SHARDPREEMPT_SHARDS``, while the guard named by
-    its ``SHARDPREEMPT_GUARD`` is gone (the guard kills everything marked with its pid before it exits),
-    or while the worker whose pid its owner id carries is gone; still suspect and alive at the next
-    look, it has outlived its lease.
-    """
-
-    def __init__(self, mark: str, tail: EventTail, interval: float = 0.2) -> None:
-        self.mark = f"{RUN_MARK}={mark}".encode()
-        self.tail = tail
-        self.interval = interval
-        self.found: dict[tuple[int, int], str] = {}  # (pid, start time) -> what was seen
-        self._suspects: dict[tuple[int, int], str] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start watching."""
-        self._thread = threading.Thread(target=self._loop, name="stress-watcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop watching."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.scan()
-
-    def scan(self) -> None:
-        """One look at every marked process."""
-        holders = self.tail.holders()
-        suspects: dict[tuple[int, int], str] = {}
-        for key, env in _marked(self.mark):
-            owner = env.get("SHARDPREEMPT_OWNER")
-            if owner is None:
-                continue  # a supervisor, a worker or a guard
-            why = None
-            for shard in json.loads(env.get("SHARDPREEMPT_SHARDS", "[]")):
-                holder = holders.get(shard)
-                if holder is not None and holder["owner"] != owner:
-                    why = f"{shard} is held by {holder['owner']} (token {holder['token']})"
-                    break
-            guard = env.get("SHARDPREEMPT_GUARD", "")
-            worker = owner.rsplit(":", 2)[-2] if owner.count(":") >= 2 else ""  # IDENTITY:pid:random
-            if why is None and guard.isdigit() and not _alive(int(guard)):
-                why = f"its guard {guard} is gone"
-            if why is None and worker.isdigit() and not _alive(int(worker)):
-                why = f"its worker {worker} is gone"
-            if why is not None:
-                suspects[key] = f"pid {key[0]} of {owner} alive at {time.time():.3f}: {why}"
-        for key, why in suspects.items():
-            if key in self._suspects and key not in self.found:
-                self.found[key] = why
-        self._suspects = suspects
-
-    def leftovers(self, timeout: float = 10.0) -> None:
-        """After the run: every marked process still alive outlived it; each is recorded and killed."""
-        deadline = time.monotonic() + timeout
-        while (left := list(_marked(self.mark))) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for (pid, started), env in left:
-            self.found.setdefault((pid, started), f"pid {pid} of {env.get('SHARDPREEMPT_OWNER', '(no owner)')} "
-                                                   "alive after the run ended")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _marked(mark: bytes) -> Iterator[tuple[tuple[int, int], dict[str, str]]]:
-    """((pid, start time), environment) of every live process whose environment holds ``mark``."""
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                raw = f.read().split(b"\0")
-            if mark not in raw:
-                continue
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] in ("Z", "X"):
-            continue
-        env = dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
-        yield (int(entry), int(fields[19])), env
-
-
-def _children(pid: int) -> list[int]:
-    """Pids of the live children of ``pid``."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            out.append(int(entry))
-    return out
+        return StressResult(
+            backend=self.opts.backend,
+            faults=dict(self.injected),
+            faults_total=sum(self.injected.values()),
+            acquisitions=sum(1 for e in history if e["event"] == "acquired"),
+            overlaps=report.count("overlap"),
+            token_violations=report.count("token"),
+            max_unowned_s=round(report.max_unowned, 3),
+            unowned_bound_s=bound,
+            unowned_violations=report.count("unowned"),
+            coverage_timeouts=self.coverage_timeouts,
+            outlived=len(self.watcher.found),
+            workload=f"sqlite, fork {self.fork}" if self.fork and self.opts.workload is None else
+                     "sqlite" if self.opts.workload is None else type(self.workload).__name__,
+            items=self.workload.audit(self.settings.shards, history),
+            directory=str(self.dir),
+            violations_by_fault=self._by_fault(report),
+            violations=[f"{v.kind} {v.shard}: {v.detail}" for v in report.violations[:10]]
+                       + [f"outlived {o}" for o in list(self.watcher.found.values())[:10]],
+            network=self.net.figures(history) if self.net is not None else None,
+        )
 
 
 def _remove(path: Path) -> None:
@@ -640,14 +503,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 FAULTS: dict[str, Callable[[Stress], None]] = {
@@ -660,12 +515,3 @@ FAULTS: dict[str, Callable[[Stress], None]] = {
     "partition-worker": Stress.fault_partition_worker,
     "slow-backend": Stress.fault_slow_backend,
 }
-
-
-def passed(figures: dict[str, Any]) -> bool:
-    """True when the run shows no violation of any kind."""
-    items = figures["items"]
-    return bool(figures["overlaps"] == figures["token_violations"] == figures["unowned_violations"] == 0
-            and figures["coverage_timeouts"] == figures.get("outlived", 0) == 0
-            and items["lost"] == items["duplicated"] == 0
-            and items["unauthorised"] == items["stale_accepted"] == items.get("late_writes", 0) == 0)

@@ -1,10 +1,11 @@
 """What a stress run works on: the shards and the fenced job, plus how to add work and audit it.
 
 The default is the demo's job over SQLite shard databases (:mod:`shardpreempt.demo`); the fault tests
-also run the seed's MySQL scenario with ``examples/mysql_worker.py`` through the same protocol.
+also run the seed's MySQL scenario with ``examples/mysql_worker.py`` through the same protocol. An audit
+comes back as :class:`ItemTotals`.
 
 With ``fork`` the command does no work itself: it forks one child per shard of its slice and only
-waits for them (``python -m shardpreempt.workload``); each child works its shard for a short while,
+waits for them (``python -m shardpreempt.testing.workload``); each child works its shard for a short while,
 exits, and is forked again. ``group`` children stay in the command's process group; ``session``
 children call ``setsid()`` and so leave it — only the guard's ``SHARDPREEMPT_GUARD`` mark (and on
 ``file://`` the lock descriptors they inherit) stop them from outliving a worker that dies; ``mixed``
@@ -24,16 +25,40 @@ import sqlite3
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
-from .config import make_shard
-from .demo import StaleToken, audit_shards, create_shard, fenced_process
-from .model import Shard
+from ..config import make_shard
+from ..demo import StaleToken, audit_shards, create_shard, fenced_process
+from ..model import Shard
+from ..process import ExitCode
 
 #: How a forking job's children relate to its process group (see the module docstring).
 FORK_MODES = ("group", "session", "mixed")
 EXIT_FENCED = 3  # as the demo job: a higher token has written to the shard
+
+
+@dataclass
+class ItemTotals:
+    """A workload's audit of the shards, summed over them (the ``items`` of a stress run's figures)."""
+
+    items: int = 0
+    processed: int = 0
+    lost: int = 0  # never processed
+    duplicated: int = 0  # processed more than once
+    unauthorised: int = 0  # written with a token no lease of that shard was granted
+    stale_accepted: int = 0  # written with a lower token than the write before it
+    late_writes: int | None = None  # accepted after the shard's next grant (None: the workload cannot tell)
+
+    @property
+    def clean(self) -> bool:
+        """True when no item was lost or duplicated and every write was fenced and on time."""
+        return self.lost == self.duplicated == self.unauthorised == self.stale_accepted == (self.late_writes or 0) == 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The totals as ``stress --json`` prints them (``late_writes`` only when known)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class Workload(Protocol):
@@ -55,8 +80,8 @@ class Workload(Protocol):
         """Work items not yet processed."""
         ...
 
-    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, int]:
-        """Totals: items, processed, lost, duplicated, unauthorised, stale_accepted (late_writes optional)."""
+    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> ItemTotals:
+        """What the shards show: items lost, duplicated, written without a lease or out of order."""
         ...
 
 
@@ -84,7 +109,7 @@ class SqliteWorkload:
         """The demo job, polling; with ``fork``, the forking job around the same fenced writes."""
         args = ["--poll", "0.05", "--item-seconds", str(self.item_seconds)]
         if self.fork is not None:
-            return [sys.executable, "-m", "shardpreempt.workload", "--fork", self.fork, *args]
+            return [sys.executable, "-m", "shardpreempt.testing.workload", "--fork", self.fork, *args]
         return [sys.executable, "-m", "shardpreempt.demo", *args]
 
     def add_work(self, shards: Sequence[Shard], items: int) -> None:
@@ -103,15 +128,14 @@ class SqliteWorkload:
             db.close()
         return total
 
-    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> dict[str, int]:
+    def audit(self, shards: Sequence[Shard], history: Sequence[dict[str, Any]]) -> ItemTotals:
         """From the databases, plus ``late_writes`` (see :func:`late_writes`)."""
-        totals: dict[str, int] = audit_shards(shards, history)["totals"]
-        totals["late_writes"] = 0
+        totals = ItemTotals(**audit_shards(shards, history)["totals"], late_writes=0)
         for shard in shards:
             with sqlite3.connect(shard.settings["path"]) as db:
                 writes = db.execute("SELECT owner, token, t FROM writes ORDER BY rowid").fetchall()
             db.close()
-            totals["late_writes"] += len(late_writes(shard.identity, writes, history))
+            totals.late_writes = (totals.late_writes or 0) + len(late_writes(shard.identity, writes, history))
         return totals
 
 
@@ -138,7 +162,7 @@ def late_writes(identity: str, writes: Sequence[tuple[str, int, float]],
     return late
 
 
-# -- the forking job (python -m shardpreempt.workload) ---------------------------------------------
+# -- the forking job (python -m shardpreempt.testing.workload) -------------------------------------
 def _child(path: str, owner: str, token: int, poll: float, item_seconds: float, lifetime: float) -> int:
     """Work one shard for about ``lifetime`` seconds (fenced writes); the exit status tells the parent."""
     db = sqlite3.connect(path, isolation_level=None, timeout=30)
@@ -190,7 +214,7 @@ def forking_job(argv: list[str] | None = None) -> int:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # no child unrecorded at a SIGTERM
             pid = os.fork()
             if pid == 0:
-                code = 70
+                code = int(ExitCode.INTERNAL)
                 try:
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
