@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -25,6 +26,11 @@ from shardpreempt.backends.mysql import SCHEMA_VERSION, MySQLBackend, procedure_
 from shardpreempt.testing.servers.mariadb import MariaDBServer  # noqa: E402
 
 PASSWORD = "s3cret-Pa55word"
+
+
+def database_of(url: str) -> str:
+    """The database a test server's URL names (its path, without the query)."""
+    return urlsplit(url).path.lstrip("/")
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +114,10 @@ def test_unreachable_server_is_backend_unavailable_within_the_timeouts() -> None
 
 def test_bad_password_is_a_config_error_naming_the_redacted_url(server: MariaDBServer, url: str) -> None:
     """A wrong password is a ConfigError that shows the URL with the password replaced by ***."""
-    database = url.rsplit("/", 1)[1]
+    database = database_of(url)
     _admin(server, "DROP USER IF EXISTS 'pwuser'@'%'", f"CREATE USER 'pwuser'@'%' IDENTIFIED BY '{PASSWORD}'",
            f"GRANT ALL ON `{database}`.* TO 'pwuser'@'%'")
-    good = open_backend(f"mysql://pwuser:{PASSWORD}@127.0.0.1:{server.port}/{database}")
+    good = open_backend(f"mysql://pwuser:{PASSWORD}@127.0.0.1:{server.port}/{database}?restart_grace=0")
     assert good.try_acquire(["k"], "o", 5) is not None
     good.close()
     bad = open_backend(f"mysql://pwuser:wrong-{PASSWORD}@127.0.0.1:{server.port}/{database}")
@@ -182,7 +188,7 @@ def test_lock_conflict_reports_busy_not_an_error(server: MariaDBServer, url: str
     lease = b.try_acquire(["locked"], "owner-a", 30)
     assert lease is not None
     b.release(lease)
-    blocker: Any = server.connect(url.rsplit("/", 1)[1])
+    blocker: Any = server.connect(database_of(url))
     try:
         with blocker.cursor() as cur:
             cur.execute("BEGIN")
@@ -372,7 +378,7 @@ def test_wrong_password_and_missing_database_are_config_errors_on_every_call(
     server: MariaDBServer, url: str, call: str
 ) -> None:
     """Whichever call first opens the lazy connection, a wrong password or database is a ConfigError."""
-    database = url.rsplit("/", 1)[1]
+    database = database_of(url)
     _admin(server, "DROP USER IF EXISTS 'calluser'@'%'", f"CREATE USER 'calluser'@'%' IDENTIFIED BY '{PASSWORD}'",
            f"GRANT ALL ON `{database}`.* TO 'calluser'@'%'")
     for bad in (f"mysql://calluser:wrong-{PASSWORD}@127.0.0.1:{server.port}/{database}",
@@ -421,7 +427,7 @@ LIMITS = {
 def test_too_many_connections_is_unavailable_not_a_config_error(limited: MariaDBServer, limit: str) -> None:
     """Connection refusals 1040, 1203 and 1226 are BackendUnavailable (no password shown); with room, calls work."""
     lower, restore, code = LIMITS[limit]
-    url = f"mysql://lim:{PASSWORD}@127.0.0.1:{limited.port}/lim"
+    url = f"mysql://lim:{PASSWORD}@127.0.0.1:{limited.port}/lim?restart_grace=0"
     admin: Any = limited.connect()  # opened first: it must be able to restore the limit
     fillers: list[Any] = []
     try:
@@ -541,7 +547,7 @@ def test_an_older_installation_gets_the_records_table_and_clock_tokens(
     server: MariaDBServer, url: str, open_: Callable[..., MySQLBackend], previous: str
 ) -> None:
     """An older schema (token + 1, maybe no records table) gets clock tokens; release is relabelled, not dropped."""
-    database = url.rsplit("/", 1)[1]
+    database = database_of(url)
     old = open_()
     old.init()
     _admin(server, f"USE `{database}`", "DROP PROCEDURE shardpreempt_acquire",
@@ -585,7 +591,7 @@ def test_a_token_stays_above_the_last_one_when_the_clock_is_behind_it(
     lease = b.try_acquire(["ahead"], "owner-a", 30)
     assert lease is not None
     b.release(lease)
-    _admin(server, f"UPDATE `{url.rsplit('/', 1)[1]}`.shardpreempt_shards SET token = {2**62} WHERE `key` = 'ahead'")
+    _admin(server, f"UPDATE `{database_of(url)}`.shardpreempt_shards SET token = {2**62} WHERE `key` = 'ahead'")
     for expected in (2**62 + 1, 2**62 + 2):
         lease = b.try_acquire(["ahead"], "owner-a", 30)
         assert lease is not None and lease.tokens["ahead"] == expected
@@ -650,7 +656,7 @@ def test_a_table_dropped_under_a_running_backend_is_recreated_by_the_next_call(
     """Dropping the records table under an up-to-date backend costs one BackendUnavailable, then it is back."""
     b = open_()
     assert b.swap_record("r", None, "v") is True
-    _admin(server, f"DROP TABLE `{url.rsplit('/', 1)[1]}`.shardpreempt_records")
+    _admin(server, f"DROP TABLE `{database_of(url)}`.shardpreempt_records")
     with pytest.raises(BackendUnavailable, match="missing"):
         b.read_records(["r"])
     assert b.read_records(["r"]) == {"r": None}

@@ -110,7 +110,7 @@ def test_bad_password_is_a_config_error_naming_the_redacted_url(server: Postgres
     with psycopg.connect(server.dsn(), autocommit=True) as admin:
         admin.execute(f"DROP ROLE IF EXISTS pwuser; CREATE ROLE pwuser LOGIN PASSWORD '{PASSWORD}'")
         admin.execute("GRANT CREATE ON DATABASE postgres TO pwuser")
-    good = open_backend(f"postgresql://pwuser:{PASSWORD}@127.0.0.1:{server.port}/postgres?schema={unique()}")
+    good = open_backend(f"postgresql://pwuser:{PASSWORD}@127.0.0.1:{server.port}/postgres?schema={unique()}&restart_grace=0")
     assert good.try_acquire(["k"], "o", 5) is not None
     good.close()
     bad = open_backend(f"postgresql://pwuser:wrong-{PASSWORD}@127.0.0.1:{server.port}/postgres")
@@ -385,7 +385,7 @@ def test_wrong_password_and_missing_database_are_config_errors_on_every_call(
 
 def test_role_connection_limit_is_unavailable_not_a_config_error(server: PostgresServer, role: str) -> None:
     """A role at its CONNECTION LIMIT ("too many connections for role", 53300) is BackendUnavailable."""
-    url = f"postgresql://{role}:{PASSWORD}@127.0.0.1:{server.port}/postgres?schema={unique()}"
+    url = f"postgresql://{role}:{PASSWORD}@127.0.0.1:{server.port}/postgres?schema={unique()}&restart_grace=0"
     with psycopg.connect(server.dsn(), autocommit=True) as admin:
         admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT 1")
         try:

@@ -17,8 +17,10 @@ string or keyword arguments):
     = ``timeout`` / 2 (at least 1 s). ``0`` turns both off.
 ``poll`` (seconds, default 0.05)
     How long ``wait`` sleeps: MySQL has no notification a client could block on, so a waiting worker
-    polls. This is the documented fallback of DESIGN §3; use ``postgresql://`` or ``redis://`` where
-    hand-over latency below ``poll`` matters.
+    polls (the fallback the Backend contract allows, ``docs/backends/mysql.md``); use ``postgresql://``
+    or ``redis://`` where hand-over latency below ``poll`` matters.
+``restart_grace`` (seconds, default: the ttl asked)
+    Nothing is granted until the server has been up this long (``backends.sqlcommon``).
 
 Tables: ``<prefix>sessions(id, owner, expires_at, pid, host)``, one row per worker session, expiring
 by the server clock (``SYSDATE(6)`` in a UTC session; SYSDATE rather than NOW because NOW is the
@@ -209,6 +211,8 @@ INSPECT = """SELECT h.`key`, x.owner, h.token, TIMESTAMPDIFF(MICROSECOND, SYSDAT
 FROM `{p}shards` h JOIN `{p}sessions` x ON x.id = h.session
 WHERE h.`key` IN %s AND x.expires_at > SYSDATE(6)"""
 READ_RECORDS = "SELECT name, value FROM `{p}records` WHERE name IN %s"
+#: How long the server has been up (whole seconds), read on every new connection (the restart grace).
+UPTIME = "SHOW GLOBAL STATUS LIKE 'Uptime'"
 # One autocommitted statement each; its row count says whether it swapped. FOUND_ROWS makes an UPDATE
 # to the same value count as matched.
 SWAP_RECORD = {
@@ -258,6 +262,7 @@ class MySQLBackend(SqlBackend):
                      (("renew", RENEW), ("inspect", INSPECT), ("read_records", READ_RECORDS))}
         self._swap_sql = {shape: text.replace("{p}", self.prefix) for shape, text in SWAP_RECORD.items()}
         self._conn: pymysql.connections.Connection[Any] | None = None
+        self._server_started = 0.0  # monotonic time by which the server of ``_conn`` had started (UPTIME)
         self._initialized = False
         self._missing = False  # a table or procedure was found missing: rerun the DDL whatever the versions say
         # A PyMySQL connection is not thread-safe: two threads interleaving packets corrupt the protocol.
@@ -287,7 +292,21 @@ class MySQLBackend(SqlBackend):
 
     def _open(self) -> pymysql.connections.Connection[Any]:
         if self._conn is None or not self._conn.open:
-            self._conn = self._connect()
+            conn = self._connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(UPTIME)
+                    row = cur.fetchone()
+                uptime = float(row[1]) if row else None
+            except (pymysql.err.MySQLError, ValueError) as exc:
+                conn.close()
+                raise BackendUnavailable(f"{self.url}: reading the server's uptime failed: {exc}") from exc
+            if uptime is None:
+                conn.close()
+                raise BackendProtocolError(f"{self.url}: the server reports no Uptime status")
+            # Uptime counts whole seconds: the server started this long ago at the latest
+            self._server_started = time.monotonic() - uptime
+            self._conn = conn
         return self._conn
 
     def init(self) -> None:
@@ -351,11 +370,15 @@ class MySQLBackend(SqlBackend):
                 except pymysql.err.MySQLError:
                     conn._force_close()  # the polite COM_QUIT failed: just drop the socket
 
-    def _cursor(self) -> pymysql.cursors.Cursor:
+    def _ready(self) -> pymysql.connections.Connection[Any]:
+        """The open connection, with the tables and procedures in place (call with the lock held)."""
         conn = self._open()
         if not self._initialized:
             self._init()
-        return conn.cursor()
+        return conn
+
+    def _cursor(self) -> pymysql.cursors.Cursor:
+        return self._ready().cursor()
 
     # -- the server calls -----------------------------------------------------------------------
     def _run(self, op: str, query: str, args: tuple[Any, ...] | dict[str, Any],
@@ -391,8 +414,12 @@ class MySQLBackend(SqlBackend):
     def _acquire(self, keys: list[str], session: str | None, owner: str,
                  ttl: float) -> tuple[str, dict[str, int]] | None:
         try:
-            results = self._call("acquire", keys, session, owner, max(1, round(ttl * 1e6)), self._pid,
-                                 self._host[:255])
+            with self._lock:  # the connection checked is the one the call runs on
+                self._ready()
+                if self._restarting(self._server_started, ttl):
+                    return None  # the server that would answer may have forgotten grants still in use
+                results = self._call("acquire", keys, session, owner, max(1, round(ttl * 1e6)), self._pid,
+                                     self._host[:255])
         except BackendUnavailable as exc:
             code = getattr(exc.__cause__, "args", (None,))[0]
             if code in BUSY_CODES:

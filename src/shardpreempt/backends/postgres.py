@@ -15,6 +15,8 @@ string or keyword arguments):
     Server-side ``statement_timeout`` of every call, and a client-side bound on waiting for an answer
     (``timeout`` + 1 s, so a paused or partitioned server is noticed even though it cannot cancel
     anything); either raises ``BackendUnavailable``.
+``restart_grace`` (seconds, default: the ttl asked)
+    Nothing is granted until the server has been up this long (``backends.sqlcommon``).
 
 Tables (in ``schema``): ``sessions(id, owner, expires_at, pid, host)``, one row per worker session,
 expiring by the server's ``clock_timestamp()``; ``shards(key, session, token, since)``, one row per key
@@ -187,6 +189,8 @@ INSPECT = """SELECT h.key, x.owner, h.token, extract(epoch FROM x.expires_at - c
 FROM {s}.shards h JOIN {s}.sessions x ON x.id = h.session
 WHERE h.key = ANY(%s) AND x.expires_at > clock_timestamp()"""
 READ_RECORDS = "SELECT name, value FROM {s}.records WHERE name = ANY(%s)"
+#: How long the server has been up, read on every new connection (the restart grace, ``sqlcommon``).
+UPTIME = "SELECT extract(epoch FROM clock_timestamp() - pg_postmaster_start_time())::float8"
 # One statement each, autocommitted: a concurrent writer of the same row is waited for and the newest
 # version re-checked (READ COMMITTED), so a compare-and-set never acts on a value that was replaced.
 SWAP_RECORD = {
@@ -217,6 +221,7 @@ class _Connection(psycopg.Connection[TupleRow]):
     """A connection whose every wait for the server is bounded (libpq has no read timeout)."""
 
     answer_timeout: float | None = None
+    server_started = 0.0  # monotonic time by which the server it talks to had started (UPTIME)
 
     def wait(self, gen: PQGen[Any], interval: float = 0.1, timeout: float | None = None) -> Any:
         """Like ``Connection.wait``, with ``answer_timeout`` when the caller gives no timeout."""
@@ -277,7 +282,15 @@ class PostgresBackend(SqlBackend):
     def _open(self) -> _Connection:
         with self._conn_lock:
             if self._conn is None or self._conn.closed:
-                self._conn = self._connect()
+                conn = self._connect()
+                try:
+                    row = conn.execute(UPTIME).fetchone()
+                except psycopg.Error as exc:
+                    conn.close()
+                    raise BackendUnavailable(f"{self.url}: reading the server's uptime failed: {exc}") from exc
+                assert row is not None
+                conn.server_started = time.monotonic() - float(row[0])
+                self._conn = conn
             return self._conn
 
     def _connection(self) -> _Connection:
@@ -330,8 +343,8 @@ class PostgresBackend(SqlBackend):
             conn.close()
 
     def _run(self, op: str, params: Sequence[Any] | dict[str, Any],
-             query: sql.Composed | None = None) -> list[TupleRow]:
-        conn = self._connection()
+             query: sql.Composed | None = None, conn: _Connection | None = None) -> list[TupleRow]:
+        conn = conn or self._connection()
         try:
             return conn.execute(self._q[op] if query is None else query, params).fetchall()
         except psycopg.Error as exc:
@@ -340,8 +353,11 @@ class PostgresBackend(SqlBackend):
     # -- the four server calls -------------------------------------------------------------------
     def _acquire(self, keys: list[str], session: str | None, owner: str,
                  ttl: float) -> tuple[str, dict[str, int]] | None:
+        conn = self._connection()
+        if self._restarting(conn.server_started, ttl):
+            return None  # the server that would answer may have forgotten grants still in use
         try:
-            rows = self._run("acquire", (keys, session, owner, ttl, self._pid, self._host))
+            rows = self._run("acquire", (keys, session, owner, ttl, self._pid, self._host), conn=conn)
         except BackendError as exc:
             if isinstance(exc.__cause__, (errors.DeadlockDetected, errors.LockNotAvailable)):
                 log.debug("acquire of %d keys hit a lock conflict: reporting busy", len(keys))

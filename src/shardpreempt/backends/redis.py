@@ -11,10 +11,11 @@ Host defaults to ``localhost``, port to 6379, db to 0. Options (query string or 
 ``prefix``          ``shardpreempt:`` prepended to every key and to the pub/sub channel
 ``connect_timeout`` 2.0             seconds to open a connection (TCP, TLS and AUTH)
 ``timeout``         2.0             seconds to wait for any one reply
-``restart_grace``   the ttl asked   seconds after the first acquire on a namespace with no
-                                    ``{prefix}epoch`` key (new, or data lost in a restart) during
-                                    which nothing is granted, so holders of the lost leases have
-                                    fenced themselves; set it to the longest ttl your workers use
+``restart_grace``   the ttl asked   seconds, from the first acquire on a new namespace or after the
+                                    server process changed (restart, restore, failover), during
+                                    which nothing is granted, so holders of leases the server may
+                                    have forgotten have fenced themselves; set it to the longest ttl
+                                    your workers use (``backends.grace``)
 ``ssl_ca_certs``    (system CAs)    ``rediss://`` only: CA bundle file to verify the server with
 ``ssl_ca_path``     —               ``rediss://`` only: directory of CA certificates
 ``ssl_certfile``    —               ``rediss://`` only: client certificate (mutual TLS)
@@ -38,10 +39,15 @@ string; absent key = no record), a namespace apart from the shard keys: ``read_r
 ``MGET``, ``swap_record`` one ``EVALSHA`` of a compare-and-set script (scripts: ``redis_scripts``).
 
 Restarts that lose data: a lost session would let the server grant a shard while its old holder is
-still working until its next renewal fails. So the acquire script keeps ``{prefix}epoch`` (the
-server time of the namespace's first acquire); when it is missing, nothing is granted for
-``restart_grace`` seconds — every old lease has passed its local deadline by then. The price: the
-first acquire in a brand-new namespace waits that long too (test servers pass ``restart_grace=0``).
+still working until its next renewal fails. So the acquire script keeps ``{prefix}boot``: the run id
+of the server process (``INFO server``) and the server time at which the namespace first saw it. When
+the key is missing (a new namespace, data lost) or names another run id (a restart, an RDB or AOF
+restored from an older snapshot, a promoted replica), the script writes it anew, and nothing is
+granted for ``restart_grace`` seconds from then: every lease the server may have forgotten has passed
+its holder's local deadline by then, and renewing it failed. The check is in the acquire script, so it
+costs no round trip. The price: the first acquire in a brand-new namespace, and the first after any
+restart, wait that long (test servers pass ``restart_grace=0``; one log line says so). The
+``{prefix}epoch`` key of versions before the boot key is no longer read.
 
 Token source: ``max(last token + 1, TIME in µs)`` in the acquire script, from the server's own clock.
 While Redis keeps its data, ``last + 1`` alone guarantees growth; after a restart that lost
@@ -84,6 +90,7 @@ from ..errors import BackendError, BackendProtocolError, BackendUnavailable, Con
 from ..model import Holder, Lease
 from ..typing import Capabilities
 from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
+from .grace import RestartGrace
 from .redis_scripts import (
     ACQUIRE,
     BUSY,
@@ -134,7 +141,7 @@ class RedisBackend:
         self.prefix = option(opts, "prefix", str, "shardpreempt:", url=url)
         self.connect_timeout = option(opts, "connect_timeout", float, 2.0, url=url)
         self.timeout = option(opts, "timeout", float, 2.0, url=url)
-        self.restart_grace: float | None = option(opts, "restart_grace", float, None, url=url)
+        self.grace = RestartGrace(opts, url)
         parts = urlsplit(url)
         tls = {name: option(opts, name, kind, None, url=url) for name, kind in TLS_OPTIONS.items()}
         tls = {name: value for name, value in tls.items() if value is not None}
@@ -237,14 +244,13 @@ class RedisBackend:
             reply = self._acquire(
                 keys=[self._session_key(cached), self._session_key(fresh), *map(self._shard_key, unique)],
                 args=[self._ms(ttl), cached, fresh, self._session_key(""), value,
-                      self._ms(ttl) if self.restart_grace is None else math.ceil(self.restart_grace * 1000),
-                      f"{self.prefix}epoch"],
+                      math.ceil(self.grace.for_ttl(ttl) * 1000), f"{self.prefix}boot"],
             )
         code = reply[0] if isinstance(reply, list) and reply else None
         if code == BUSY:
             return None
-        if code == QUARANTINE:
-            log.info("%s: namespace new or its data lost; no grants for the restart grace", self.url)
+        if code == QUARANTINE and len(reply) == 3:
+            self.grace.holding_back(reply[1], int(reply[2]) / 1e6)  # once per grace (its end, in µs)
             return None
         if code == GRANTED and len(reply) == len(unique) + 2:
             sid = str(reply[1])
@@ -377,7 +383,7 @@ class RedisBackend:
         try:
             with self._edge("wait"):
                 if self._pubsub is None:
-                    pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]  # redis-py lacks the hint
+                    pubsub = self._client.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # redis-py lacks the hint
                     pubsub.subscribe(self._channel)
                     self._pubsub = pubsub
                     pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,7 +1,7 @@
 """The Lua scripts of the ``redis://`` backend: each runs atomically on the server, in one round trip.
 
 Kept apart from :mod:`shardpreempt.backends.redis` so the backend module stays readable; the layout
-they work on (session, shard, record and epoch keys) is described there.
+they work on (session, shard, record and boot keys) is described there.
 """
 
 from __future__ import annotations
@@ -12,16 +12,19 @@ BUSY, GRANTED, CORRUPT, QUARANTINE = 0, 1, 2, 3
 ACQUIRE = """
 -- KEYS[1] cached session key, KEYS[2] fresh session key, KEYS[3..] shard keys
 -- ARGV[1] ttl ms, ARGV[2] cached sid, ARGV[3] fresh sid, ARGV[4] session key prefix, ARGV[5] session value,
--- ARGV[6] restart grace ms, ARGV[7] epoch key
+-- ARGV[6] restart grace ms, ARGV[7] boot key
 if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes on Redis < 5
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local epoch = tonumber(redis.call('GET', ARGV[7]))
-if not epoch then  -- a new namespace, or a server that lost its data: old holders may still be at work
-  epoch = now
-  redis.call('SET', ARGV[7], string.format('%d', now))
+-- the boot key: "<run_id> <µs>", when this namespace first saw the server process that runs now
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local boot_run, since = string.match(redis.call('GET', ARGV[7]) or '', '^(%x+) (%d+)$')
+if boot_run ~= run then  -- a new namespace, lost data, a restart or a failover: old holders may be at work
+  since = now
+  redis.call('SET', ARGV[7], run .. ' ' .. string.format('%d', now))
 end
-if now < epoch + tonumber(ARGV[6]) * 1000 then return {3} end
+local grace_end = tonumber(since) + tonumber(ARGV[6]) * 1000
+if now < grace_end then return {3, string.format('%d', grace_end), string.format('%d', grace_end - now)} end
 local sid, skey = ARGV[2], KEYS[1]
 if redis.call('EXISTS', skey) == 0 then sid, skey = ARGV[3], KEYS[2] end
 local last = {}

@@ -9,6 +9,16 @@ writes (an older snapshot restored, a lagging replica promoted), as long as the 
 not step back further than the time between two grants of a key. :class:`SqlBackend` turns the
 one-round-trip server calls each dialect provides (acquire, renew, release, inspect, read and swap
 records) into the Backend contract.
+
+Restart grace (``backends.grace``): when it opens a connection, each dialect reads how long the server
+has been up (PostgreSQL ``pg_postmaster_start_time()``, MySQL/MariaDB ``Uptime``) and notes when, by
+the local monotonic clock, the server started at the latest. A server restart breaks every
+connection, so the connection an acquire runs on tells which server process answers it; until that
+process has been up for ``restart_grace`` seconds (default: the ttl asked), ``try_acquire`` grants
+nothing and sends nothing: a restored snapshot has forgotten the grants made since, and their holders
+may still be inside their local deadline. Renewals go on: one of a lease the server forgot fails, and
+its holder fences itself. A pooler between the backend and the server (pgbouncer, ProxySQL) keeps the
+client's connection across a server restart and hides it: connect to the server itself.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from . import check_record, option, redact_url, renewal_check, superseded, url_options
+from .grace import RestartGrace
 
 #: Longest key accepted, in UTF-8 bytes: it must fit in a primary-key index entry on both servers.
 MAX_KEY_BYTES = 2048
@@ -101,14 +112,25 @@ class SqlBackend:
         self.opts = {**url_options(url), **options}
         self.connect_timeout = option(self.opts, "connect_timeout", float, 2.0, url=url)
         self.timeout = option(self.opts, "timeout", float, 2.0, url=url)
+        self.grace = RestartGrace(self.opts, url)
         self._sessions: dict[str, str] = {}  # owner -> its live session id, as the server named it
         self._pid = os.getpid()
         self._host = socket.gethostname()
 
+    def _restarting(self, started: float, ttl: float) -> bool:
+        """Whether a server that started at ``started`` (monotonic) is inside the restart grace of an acquire
+        of ``ttl`` seconds: then the dialect grants nothing (``_acquire`` answers busy without a query)."""
+        left = started + self.grace.for_ttl(ttl) - time.monotonic()
+        if left <= 0:
+            return False
+        self.grace.holding_back(started, left)
+        return True
+
     # -- dialect -------------------------------------------------------------------------------
     def _acquire(self, keys: list[str], session: str | None, owner: str,
                  ttl: float) -> tuple[str, dict[str, int]] | None:
-        """One round trip: (session id, key -> token), or None when a key is held elsewhere."""
+        """One round trip: (session id, key -> token), or None when a key is held elsewhere or the server
+        connected to is inside the restart grace (:meth:`_restarting`, checked on the connection used)."""
         raise NotImplementedError
 
     def _renew(self, session: str, ttl: float, key: str | None, token: int | None) -> str:

@@ -60,11 +60,15 @@ class MariaDBServer(EphemeralServer):
             conn.close()  # type: ignore[attr-defined]
 
     def url(self, namespace: str) -> str:
-        """A backend URL for database ``namespace``, created here if missing."""
+        """A backend URL for database ``namespace``, created here if missing.
+
+        ``restart_grace=0``: tests run on a server started moments ago and need no protection from grants
+        it forgot (see ``shardpreempt.backends.grace``); the stress harness puts the ttl back.
+        """
         conn = self.connect()
         try:
             with conn.cursor() as cur:  # type: ignore[attr-defined]
                 cur.execute(f"CREATE DATABASE IF NOT EXISTS `{namespace}` CHARACTER SET utf8mb4")
         finally:
             conn.close()  # type: ignore[attr-defined]
-        return f"mysql://root@127.0.0.1:{self.port}/{namespace}"
+        return f"mysql://root@127.0.0.1:{self.port}/{namespace}?restart_grace=0"

@@ -80,8 +80,12 @@ class PostgresServer(EphemeralServer):
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def url(self, namespace: str) -> str:
-        """A backend URL whose lease tables live in schema ``namespace`` (created on first use)."""
-        return f"{self.dsn()}?schema={namespace}"
+        """A backend URL whose lease tables live in schema ``namespace`` (created on first use).
+
+        ``restart_grace=0``: tests run on a server started moments ago and need no protection from grants
+        it forgot (see ``shardpreempt.backends.grace``); the stress harness puts the ttl back.
+        """
+        return f"{self.dsn()}?schema={namespace}&restart_grace=0"
 
     def _copied(self, top: Path) -> None:
         """Hand a copied tree to the ``postgres`` user (copies made as root belong to root)."""

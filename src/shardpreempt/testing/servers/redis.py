@@ -84,7 +84,8 @@ class RedisServer(EphemeralServer):
         """Database 0 with the key prefix ``namespace:`` (fresh because nobody used that prefix yet).
 
         ``restart_grace=0``: a test's namespace is new, so the first acquire need not wait out the
-        grace that protects holders after a restart lost the data (see the backend's docstring).
+        grace that protects holders after a restart (see ``shardpreempt.backends.grace``); the stress
+        harness puts the ttl back.
         """
         auth = f":{self.password}@" if self.password is not None else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0?prefix={namespace}:&restart_grace=0"

@@ -1,0 +1,87 @@
+"""The restart grace of the server backends: a server restored from an older snapshot grants nothing
+until every lease it may have forgotten has passed its holder's deadline (docs/faults.md, restore-backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from shardpreempt.backends import open_backend
+from shardpreempt.errors import BackendUnavailable, LeaseLost
+from shardpreempt.model import Lease
+from shardpreempt.typing import Backend
+from shardpreempt.testing import wait_until
+from shardpreempt.testing.servers import EphemeralServer, ServerUnavailable, server_for, unique
+from shardpreempt.testing.servers.redis import RedisServer
+from shardpreempt.testing.skips import missing
+
+TTL = 30.0
+GRACE = 1.5  # the short grace of the test's second client
+
+
+@pytest.fixture(params=["redis", "postgresql", "mysql"])
+def own_server(request: pytest.FixtureRequest) -> Iterator[EphemeralServer]:
+    """A server of the test's own, which it may stop, snapshot and restore."""
+    try:
+        srv = server_for(request.param)
+    except ServerUnavailable as exc:
+        missing(f"{request.param}: {exc}")
+    if isinstance(srv, RedisServer):
+        srv.persist = True  # an RDB file at every clean stop, as the snapshots need
+    srv.start()
+    yield srv
+    srv.close()
+
+
+def _with_grace(url: str, seconds: float | None) -> str:
+    """The test server's URL (``restart_grace=0``) with another grace, or the default (the ttl asked)."""
+    if seconds is None:
+        return url.replace("&restart_grace=0", "").replace("?restart_grace=0&", "?").replace("?restart_grace=0", "")
+    return url.replace("restart_grace=0", f"restart_grace={seconds}")
+
+
+def _renewal_refused(backend: Backend, lease: Lease) -> bool:
+    """Whether renewing ``lease`` is refused (a broken connection is retried, not a refusal)."""
+    try:
+        backend.renew(lease)
+    except LeaseLost:
+        return True
+    except BackendUnavailable:
+        return False
+    raise AssertionError("the restored server renewed a lease it never granted")
+
+
+def test_a_restored_server_grants_nothing_until_forgotten_leases_have_expired(own_server: EphemeralServer) -> None:
+    """A holds a shard; the server comes back, fast, from a snapshot taken before A's grant: nobody else
+    gets the shard while A may still be working (the grace defaults to the ttl asked), A's renewal fails,
+    and once the grace is over the shard is granted again with a token above A's."""
+    url = own_server.url(unique())
+    first = open_backend(_with_grace(url, GRACE))  # the namespace, older than the grace, is in the snapshot
+    lease = wait_until(lambda: first.try_acquire(["other"], "setup", TTL), 15, interval=0.05,
+                       message="the namespace's first grant")
+    first.release(lease)
+    first.close()
+    own_server.stop()
+    snapshot = own_server.snapshot("before-a")
+    own_server.start()
+
+    holder = open_backend(url)
+    a = holder.try_acquire(["s"], "a", TTL)
+    assert a is not None
+    own_server.stop()
+    own_server.restore(snapshot)  # A's grant is lost; A does not know and works on until its deadline
+    own_server.start()
+
+    default, short = open_backend(_with_grace(url, None)), open_backend(_with_grace(url, GRACE))
+    try:
+        assert default.try_acquire(["s"], "b", TTL) is None, "granted while A is inside its deadline"
+        assert short.try_acquire(["s"], "c", TTL) is None, "granted at once after the restore"
+        wait_until(lambda: _renewal_refused(holder, a), 10, interval=0.05, message="A's renewal refused")
+        c = wait_until(lambda: short.try_acquire(["s"], "c", TTL), 15, interval=0.05,
+                       message="granted once the grace is over")
+        assert c.tokens["s"] > a.tokens["s"]
+        assert default.try_acquire(["s"], "b", TTL) is None  # C holds it now
+    finally:
+        for backend in (holder, default, short):
+            backend.close()
