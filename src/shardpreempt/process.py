@@ -6,11 +6,13 @@ import contextlib
 import ctypes
 import functools
 import os
+import select
 import shutil
 import signal
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL) -> Non
 GUARD_VARIABLE = "SHARDPREEMPT_GUARD"  # in every command's environment: the guard's pid
 
 
-def start_guard() -> tuple[int, int]:
+def start_guard(ended: Callable[[], None] | None = None) -> tuple[int, int]:
     """Fork a guard for this worker's commands; return its pid and the pipe to tell it about them.
 
     Write ``+PGID`` when a command's process group starts and ``-PGID`` when it is gone. When this
@@ -64,6 +66,10 @@ def start_guard() -> tuple[int, int]:
     could be reported, and a process that left its group, are found too), then exits. Only a process
     that both left its group and cleared that variable escapes; on ``file://`` it still holds the
     slice's locks through the descriptors it inherited. Call it before starting any thread.
+
+    ``ended`` runs in the guard once the known groups' leaders have exited (their inherited locks are
+    free), and again if the sweep for marked processes found any: the file backend rings its bell
+    there, so the pool takes the slices over at once.
     """
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -85,10 +91,17 @@ def start_guard() -> tuple[int, int]:
                     groups.add(int(line[1:]))
                 elif line[:1] == b"-":
                     groups.discard(int(line[1:]))
+        leaders = []
         for pgid in groups:
+            with contextlib.suppress(OSError, AttributeError):
+                leaders.append(os.pidfd_open(pgid))  # the group's leader: the command itself
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
-        _sweep(f"{GUARD_VARIABLE}={os.getpid()}".encode())
+        _wait_exited(leaders, 1.0)
+        if ended is not None:
+            _quietly(ended)
+        if _sweep(f"{GUARD_VARIABLE}={os.getpid()}".encode()) and ended is not None:
+            _quietly(ended)
     except BaseException:  # never let the guard run the worker's code
         code = 1
     finally:
@@ -102,14 +115,37 @@ SWEEP_QUIET = 0.5
 SWEEP_EVERY = 0.01
 
 
-def _sweep(marker: bytes, quiet: float = SWEEP_QUIET, every: float = SWEEP_EVERY, most: float = 10.0) -> None:
+def _sweep(marker: bytes, quiet: float = SWEEP_QUIET, every: float = SWEEP_EVERY, most: float = 10.0) -> int:
     """Kill marked processes until none has been seen for ``quiet`` seconds (``most`` seconds at most:
-    a process stuck in the kernel cannot keep the guard for ever)."""
+    a process stuck in the kernel cannot keep the guard for ever); return how many were found."""
     start = last = time.monotonic()
+    found = 0
     while time.monotonic() - last < quiet and time.monotonic() - start < most:
-        if _kill_marked(marker):
+        if n := _kill_marked(marker):
+            found += n
             last = time.monotonic()
         time.sleep(every)
+    return found
+
+
+def _wait_exited(pidfds: list[int], timeout: float) -> None:
+    """Wait (``timeout`` at most) until every process behind ``pidfds`` has exited; close them."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    for fd in pidfds:
+        poller.register(fd, select.POLLIN)
+    waiting = set(pidfds)
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for fd, _ in poller.poll(int(left * 1000) + 1):
+            poller.unregister(fd)
+            waiting.discard(fd)
+    for fd in pidfds:
+        os.close(fd)
+
+
+def _quietly(call: Callable[[], None]) -> None:
+    with contextlib.suppress(Exception):
+        call()
 
 
 def _kill_marked(marker: bytes) -> int:

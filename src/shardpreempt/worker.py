@@ -28,8 +28,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from .backends import open_backend
+from .backends.inotify import drain
 from .balance import Members, Params, View, decide
 from .claims import Claim, Ownership
 from .errors import BackendError, ConfigError, LossReason, Shutdown
@@ -126,7 +128,9 @@ class Worker:
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
         self.slots = 16
         self.started = time.monotonic()
-        self.watch_keys: list[str] = []  # file: member keys the watcher probes
+        self.watch_keys: list[str] = []  # file: member keys the watcher probes (without pidfds)
+        self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
+        self._watch_r, self._watch_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.params = Params()
         self.period = 1.0
@@ -241,13 +245,19 @@ class Worker:
         return min(1.0, self.period * 2)
 
     def _update_watch(self, obs: Observation) -> None:
-        slots = sorted(m.slot for m in obs.members.values())
+        """Watch the next two members after this one (in slot order): each death is seen by two."""
+        by_slot = {m.slot: m for m in obs.members.values()}
+        slots = sorted(by_slot)
         if self.member_slot in slots:
             i = slots.index(self.member_slot)
-            after = slots[i + 1:] + slots[:i]
-            self.watch_keys = [member_key(j) for j in after[:2]]
-        else:
-            self.watch_keys = [member_key(j) for j in slots[:2]]
+            slots = slots[i + 1:] + slots[:i]
+        nxt = slots[:2]
+        self.watch_keys = [member_key(j) for j in nxt]
+        pids = [p for j in nxt if (p := by_slot[j].pid) is not None and p != os.getpid()]
+        if pids != self.watch_pids:
+            self.watch_pids = pids
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._watch_w, b"!")  # the watcher picks up the new set
 
     def _read_done(self, backend: Backend) -> None:
         assert self.opts.once_pass is not None
@@ -565,6 +575,58 @@ class Worker:
             backend.close()
 
     def _watch_file(self, backend: Backend) -> None:
+        """Sleep in ``poll`` on the bell (inotify) and on pidfds of the next members: a ring or a death
+        wakes the loop within microseconds, and costs nothing while nothing happens. A member that
+        sees its neighbour die rings for everyone (its slices are free: the kernel dropped the locks
+        before the pidfd became readable — or, where its commands still hold them, the dead worker's
+        guard rings once it has ended them)."""
+        bell_fd = backend.bell_watch()  # type: ignore[attr-defined]
+        if bell_fd is None or not hasattr(os, "pidfd_open"):
+            if bell_fd is not None:
+                os.close(bell_fd)
+            self._watch_file_polling(backend)
+            return
+        pidfds: dict[int, int] = {}  # watched member pid -> its pidfd
+        gone: set[int] = set()  # pids seen dead, until the next observation forgets them
+        try:
+            while not self.stopping.is_set():
+                want = set(self.watch_pids)
+                gone &= want
+                for pid in [p for p in pidfds if p not in want]:
+                    os.close(pidfds.pop(pid))
+                for pid in want - pidfds.keys() - gone:
+                    try:
+                        pidfds[pid] = os.pidfd_open(pid)
+                    except OSError:  # already gone (and reaped)
+                        gone.add(pid)
+                        self._member_died(backend)
+                poller = select.poll()
+                for fd in (bell_fd, self._watch_r, *pidfds.values()):
+                    poller.register(fd, select.POLLIN)
+                with contextlib.suppress(InterruptedError):
+                    ready = {fd for fd, _ in poller.poll(1000)}
+                if bell_fd in ready:
+                    drain(bell_fd)
+                    self.wake()
+                if self._watch_r in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._watch_r, 4096)
+                for pid, fd in list(pidfds.items()):
+                    if fd in ready:
+                        os.close(pidfds.pop(pid))
+                        gone.add(pid)
+                        self._member_died(backend)
+        finally:
+            os.close(bell_fd)
+            for fd in pidfds.values():
+                os.close(fd)
+
+    def _member_died(self, backend: Backend) -> None:
+        self._ring(backend)  # tell everyone: its slices are free
+        self.wake()
+
+    def _watch_file_polling(self, backend: Backend) -> None:
+        """Without inotify and pidfds: read the bell and probe the next members' keys every poll."""
         poll = float(getattr(backend, "poll", 0.01))
         last = backend.bell()  # type: ignore[attr-defined]
         while not self.stopping.is_set():
@@ -595,11 +657,21 @@ class Worker:
                 self.wake()
 
 
+def _ring_url(url: str) -> None:
+    """Ring the pool's bell (file://; other backends notify through the server)."""
+    if url.startswith("file:"):
+        backend = open_backend(url)
+        try:
+            backend.ring()  # type: ignore[attr-defined]
+        finally:
+            backend.close()
+
+
 def run_worker(opts: WorkerOptions, parent: int) -> int:
     """Entry point in a freshly forked worker process."""
     die_with_parent(parent)
     if opts.run.command is not None and opts.guard_fd is None:
-        guard_pid, opts.guard_fd = start_guard()  # before any thread starts
+        guard_pid, opts.guard_fd = start_guard(partial(_ring_url, opts.backend_url))  # before any thread starts
         opts.run = replace(opts.run, guard=guard_pid)
     worker = Worker(opts)
     signal.signal(signal.SIGTERM, worker.on_signal)

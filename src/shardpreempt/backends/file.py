@@ -41,6 +41,7 @@ from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
 from . import check_record, option, reject_unknown, superseded, url_options
+from .inotify import watch_writes
 
 RECORD_SIZE = 512  # token line + holder JSON, written with one pwrite
 
@@ -306,6 +307,12 @@ class FileBackend:
     def bell(self) -> bytes:
         """The bell's current value: it differs from an earlier one after a ring (one ``pread``)."""
         return os.pread(self._bell(), 8, 0)
+
+    def bell_watch(self) -> int | None:
+        """A descriptor (the caller closes it) readable after every ring, or None where the kernel has
+        no inotify (then read :meth:`bell` on a short period)."""
+        self._bell()
+        return watch_writes(str(self.directory / "pool.bell"))
 
     def _close_peeks(self) -> None:
         fds, self._peek_fds = self._peek_fds, {}
