@@ -26,9 +26,8 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 from .backends import open_backend
 from .backends.inotify import drain
@@ -129,6 +128,7 @@ class Worker:
         self.slots = 16
         self.started = time.monotonic()
         self.watch_keys: list[str] = []  # file: member keys the watcher probes (without pidfds)
+        self.death_bell: bytes | None = None  # file: the bell when a watched member died, until the next step
         self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
         self._watch_r, self._watch_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -231,6 +231,10 @@ class Worker:
             self.outages = 0
         self.slots = slots_to_watch(obs.top_slot)
         self._update_watch(obs)
+        if self.death_bell is not None:  # a neighbour died (file://): tell everyone if nobody did
+            seen, self.death_bell = self.death_bell, None
+            if any(h is None for h in obs.holders.values()) and backend.bell() == seen:  # type: ignore[attr-defined]
+                self._ring(backend)
         recheck = self._apply(backend, obs)
         now = time.monotonic()
         return max(0.0, min(self.period, recheck - now if recheck is not None else self.period))
@@ -622,7 +626,10 @@ class Worker:
                 os.close(fd)
 
     def _member_died(self, backend: Backend) -> None:
-        self._ring(backend)  # tell everyone: its slices are free
+        """A watched member died: look now; the next step rings for everyone if its slices are free and
+        nobody rang since (a dead worker's guard rings once its commands are gone: one wake-up of the
+        pool, not two)."""
+        self.death_bell = backend.bell()  # type: ignore[attr-defined]
         self.wake()
 
     def _watch_file_polling(self, backend: Backend) -> None:
@@ -657,21 +664,23 @@ class Worker:
                 self.wake()
 
 
-def _ring_url(url: str) -> None:
-    """Ring the pool's bell (file://; other backends notify through the server)."""
-    if url.startswith("file:"):
-        backend = open_backend(url)
-        try:
-            backend.ring()  # type: ignore[attr-defined]
-        finally:
-            backend.close()
+def _bell_ringer(url: str) -> Callable[[], None] | None:
+    """On file://, a way to ring the pool's bell later without opening anything (other backends notify
+    through the server)."""
+    if not url.startswith("file:"):
+        return None
+    backend = open_backend(url)
+    try:
+        return backend.ringer()  # type: ignore[attr-defined, no-any-return]
+    finally:
+        backend.close()
 
 
 def run_worker(opts: WorkerOptions, parent: int) -> int:
     """Entry point in a freshly forked worker process."""
     die_with_parent(parent)
     if opts.run.command is not None and opts.guard_fd is None:
-        guard_pid, opts.guard_fd = start_guard(partial(_ring_url, opts.backend_url))  # before any thread starts
+        guard_pid, opts.guard_fd = start_guard(_bell_ringer(opts.backend_url))  # before any thread starts
         opts.run = replace(opts.run, guard=guard_pid)
     worker = Worker(opts)
     signal.signal(signal.SIGTERM, worker.on_signal)

@@ -32,7 +32,7 @@ import socket
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -303,6 +303,16 @@ class FileBackend:
     def ring(self) -> None:
         """Tell the pool's members on this machine that something changed (a join or a release)."""
         os.pwrite(self._bell(), os.urandom(8), 0)
+
+    def ringer(self) -> Callable[[], None]:
+        """A way to ring that needs nothing more from this backend (its own descriptor of the bell): the
+        guard of a worker's commands rings with it once they are gone, with no backend to open then."""
+        fd = os.dup(self._bell())  # dup() sets no close-on-exec: set it, commands must not inherit it
+        os.set_inheritable(fd, False)
+
+        def ring() -> None:
+            os.pwrite(fd, os.urandom(8), 0)
+        return ring
 
     def bell(self) -> bytes:
         """The bell's current value: it differs from an earlier one after a ring (one ``pread``)."""
