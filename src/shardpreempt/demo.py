@@ -229,9 +229,12 @@ def _demo(console: Console, base: Path, *, workers: int, shards: int, items: int
         def tick(sup: Supervisor) -> None:
             snap = snapshot(store, slices)
             live.update(table(snap), refresh=True)
-            pids = sup.worker_pids()
-            if kill and not killed and snap["summary"]["owned"] == len(settings.shards) and \
-                    time.monotonic() - start > 1.0 and pids:
+            # A worker that holds shards, once they were all owned or (a loaded machine, where some
+            # slices finish before others start) a second has passed.
+            holding = {row["holder"]["pid"] for row in snap["shards"] if row["holder"]}
+            pids = {i: p for i, p in sup.worker_pids().items() if p in holding}
+            if kill and not killed and pids and (snap["summary"]["owned"] == len(settings.shards)
+                                                 or time.monotonic() - start > 1.0):
                 index, pid = min(pids.items())
                 # Recorded first, as a machine's death would be: its holds end now in the history. On
                 # file:// its command keeps the locks until its guard has killed it a moment later.
