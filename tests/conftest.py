@@ -1,37 +1,28 @@
-"""Fixtures shared by every test directory: one real server per backend kind per test session."""
+"""Shared by every test directory: the public plugin (one real server per backend kind per test session)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
-from shardpreempt.testing.servers import EphemeralServer, ServerUnavailable, server_for
-from shardpreempt.testing.skips import missing
+if TYPE_CHECKING:  # imported by pytest_plugins, which must come first (assertion rewriting)
+    from shardpreempt.testing.fixtures import Servers
+    from shardpreempt.testing.servers import EphemeralServer
+
+pytest_plugins = ["shardpreempt.testing.fixtures"]
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[dict[str, EphemeralServer]]:
-    """Servers started on first use, stopped by pid at the end of the session."""
-    started: dict[str, EphemeralServer] = {}
-    yield started
-    for server in started.values():
-        server.close()
+def servers(shardpreempt_servers: Servers) -> Servers:
+    """The plugin's session servers, under the name tests/pool uses."""
+    return shardpreempt_servers
 
 
-def get_server(servers: dict[str, EphemeralServer], name: str) -> EphemeralServer:
+def get_server(servers: Servers, name: str) -> EphemeralServer:
     """The session's server for backend ``name``, started (or restarted) if needed."""
-    if name not in servers:
-        try:
-            server = server_for(name)
-        except (ServerUnavailable, ImportError) as exc:
-            missing(f"{name}: {exc}")
-        server.start()
-        servers[name] = server
-    server = servers[name]
-    if server.proc is None or server.proc.poll() is not None:
-        server.start()
-    return server
+    return servers.started(name)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

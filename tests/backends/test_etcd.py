@@ -18,54 +18,27 @@ from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost
 from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
-from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
+from shardpreempt.testing.fixtures import Opener, running_server, start_server
+from shardpreempt.testing.servers import free_port, unique
 
 pytest.importorskip("etcd3gw")
 from etcd3gw.client import Etcd3Client
 
 from shardpreempt.backends.etcd import SMALL, EtcdBackend
 from shardpreempt.testing.servers.etcd import EtcdServer
-from shardpreempt.testing.skips import missing
 
 PASSWORD = "s3cret-Pa55word"
 
 
-def _started(kind: type[EtcdServer] | None = None) -> EtcdServer:
-    """Start an etcd, skipping when the binary is missing (failing under CI, as the contract suite does)."""
-    try:
-        server = server_for("etcd") if kind is None else kind()
-    except ServerUnavailable as exc:
-        missing(f"etcd: {exc}")
-    server.start()
-    assert isinstance(server, EtcdServer)
-    return server
+def _started(kind: type[EtcdServer] = EtcdServer) -> EtcdServer:
+    """A started etcd of the caller's own (the plugin skips when the binary is missing, fails under CI)."""
+    return start_server("etcd", kind)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[EtcdServer]:
-    """One etcd for the module."""
-    srv = _started()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def open_(server: EtcdServer) -> Iterator[Callable[..., EtcdBackend]]:
-    """Open backends on a fresh prefix of the module's server; closed after the test."""
-    if server.proc is None or server.proc.poll() is not None:
-        server.start()
-    url = server.url(unique())
-    opened: list[EtcdBackend] = []
-
-    def make(**options: Any) -> EtcdBackend:
-        backend = open_backend(url, **options)
-        assert isinstance(backend, EtcdBackend)
-        opened.append(backend)
-        return backend
-
-    yield make
-    for backend in opened:
-        backend.close()
+def backend_name() -> str:
+    """This module's backend: ``server``, ``url`` and ``open_`` come from the plugin (tests/backends/conftest.py)."""
+    return "etcd"
 
 
 class DefaultEtcdServer(EtcdServer):
@@ -85,26 +58,15 @@ class DefaultEtcdServer(EtcdServer):
 @pytest.fixture(scope="module")
 def default_server() -> Iterator[EtcdServer]:
     """One default-configured etcd for the module."""
-    srv = _started(DefaultEtcdServer)
-    yield srv
-    srv.close()
+    with running_server("etcd", DefaultEtcdServer) as srv:
+        yield srv
 
 
 @pytest.fixture
-def default_open(default_server: EtcdServer) -> Iterator[Callable[..., EtcdBackend]]:
+def default_open(default_server: EtcdServer) -> Iterator[Opener]:
     """Open backends on a fresh prefix of the default-configured server; closed after the test."""
-    url = default_server.url(unique())
-    opened: list[EtcdBackend] = []
-
-    def make(**options: Any) -> EtcdBackend:
-        backend = open_backend(url, **options)
-        assert isinstance(backend, EtcdBackend)
-        opened.append(backend)
-        return backend
-
-    yield make
-    for backend in opened:
-        backend.close()
+    with Opener(default_server.url(unique())) as opener:
+        yield opener
 
 
 @pytest.fixture

@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from shardpreempt.backends import open_backend
 from shardpreempt.backends.file import FileBackend, lock_name
 from shardpreempt.errors import LeaseLost
 from shardpreempt.model import Lease
 
 
-@pytest.fixture
-def open_(tmp_path: Path) -> Iterator[Callable[[], FileBackend]]:
-    """Open backends on one private lock directory; closed after the test."""
-    opened: list[FileBackend] = []
-
-    def make() -> FileBackend:
-        backend = open_backend(f"file://{tmp_path}/locks")
-        assert isinstance(backend, FileBackend)
-        opened.append(backend)
-        return backend
-
-    yield make
-    for backend in opened:
-        backend.close()
+@pytest.fixture(scope="module")
+def backend_name() -> str:
+    """This module's backend: ``open_`` (a private lock directory per test) comes from the plugin."""
+    return "file"
 
 
 def test_renew_of_a_released_lease_is_lease_lost(open_: Callable[[], FileBackend]) -> None:

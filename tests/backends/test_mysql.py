@@ -34,40 +34,9 @@ def database_of(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[MariaDBServer]:
-    """One MariaDB server for the module (skipped without the binary, failing under CI)."""
-    try:
-        srv = server_for("mysql")
-    except ServerUnavailable as exc:
-        missing(f"mysql: {exc}")
-    assert isinstance(srv, MariaDBServer)
-    srv.start()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def url(server: MariaDBServer) -> str:
-    """A URL naming a fresh database on the module's (running) server."""
-    if server.proc is None or server.proc.poll() is not None:
-        server.start()
-    return server.url(unique())
-
-
-@pytest.fixture
-def open_(url: str) -> Iterator[Callable[..., MySQLBackend]]:
-    """Open backends on the test's database; closed after the test."""
-    opened: list[MySQLBackend] = []
-
-    def make(**options: Any) -> MySQLBackend:
-        backend = open_backend(url, **options)
-        assert isinstance(backend, MySQLBackend)
-        opened.append(backend)
-        return backend
-
-    yield make
-    for backend in opened:
-        backend.close()
+def backend_name() -> str:
+    """This module's backend: ``server``, ``url`` and ``open_`` come from the plugin (tests/backends/conftest.py)."""
+    return "mysql"
 
 
 @pytest.fixture

@@ -37,40 +37,9 @@ PASSWORD = "s3cret-Pa55word"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the module (skipped without the binary, failing under CI)."""
-    try:
-        srv = server_for("postgresql")
-    except ServerUnavailable as exc:
-        missing(f"postgresql: {exc}")
-    assert isinstance(srv, PostgresServer)
-    srv.start()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def url(server: PostgresServer) -> str:
-    """A URL naming a fresh schema on the module's (running) server."""
-    if server.proc is None or server.proc.poll() is not None:
-        server.start()
-    return server.url(unique())
-
-
-@pytest.fixture
-def open_(url: str) -> Iterator[Callable[..., PostgresBackend]]:
-    """Open backends on the test's schema; closed after the test."""
-    opened: list[PostgresBackend] = []
-
-    def make(**options: Any) -> PostgresBackend:
-        backend = open_backend(url, **options)
-        assert isinstance(backend, PostgresBackend)
-        opened.append(backend)
-        return backend
-
-    yield make
-    for backend in opened:
-        backend.close()
+def backend_name() -> str:
+    """This module's backend: ``server``, ``url`` and ``open_`` come from the plugin (tests/backends/conftest.py)."""
+    return "postgresql"
 
 
 @pytest.fixture

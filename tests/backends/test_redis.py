@@ -16,8 +16,8 @@ from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
-from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
-from shardpreempt.testing.skips import missing
+from shardpreempt.testing.fixtures import running_server
+from shardpreempt.testing.servers import free_port, unique
 
 redis = pytest.importorskip("redis")
 from redis.connection import AbstractConnection  # noqa: E402 - only once redis-py is known to be there
@@ -28,49 +28,17 @@ from shardpreempt.testing.servers.redis import RedisServer  # noqa: E402
 PASSWORD = "s3cret-Pa55word"
 
 
-def _started(make: Callable[[], Any]) -> Any:
-    """Start a server, skipping when its binary is missing (failing under CI, as the contract suite does)."""
-    try:
-        server = make()
-    except ServerUnavailable as exc:
-        missing(f"redis: {exc}")
-    server.start()
-    return server
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    """One plain redis-server for the module."""
-    srv = _started(lambda: server_for("redis"))
-    yield srv
-    srv.close()
+def backend_name() -> str:
+    """This module's backend: ``server``, ``url`` and ``open_`` come from the plugin (tests/backends/conftest.py)."""
+    return "redis"
 
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[RedisServer]:
     """A redis-server that requires a password."""
-    srv = _started(lambda: RedisServer(password=PASSWORD))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def open_(server: RedisServer) -> Iterator[Callable[..., RedisBackend]]:
-    """Open backends on a fresh prefix of the module's server; closed after the test."""
-    if server.proc is None or server.proc.poll() is not None:
-        server.start()
-    url = server.url(unique())
-    opened: list[RedisBackend] = []
-
-    def make(**options: Any) -> RedisBackend:
-        backend = open_backend(url, **options)
-        assert isinstance(backend, RedisBackend)
-        opened.append(backend)
-        return backend
-
-    yield make
-    for backend in opened:
-        backend.close()
+    with running_server("redis", lambda: RedisServer(password=PASSWORD)) as srv:
+        yield srv
 
 
 @pytest.fixture

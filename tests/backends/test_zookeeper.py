@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,7 +15,7 @@ from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendUnavailable, ConfigError, LeaseLost, LossReason
 from shardpreempt.model import Lease
 from shardpreempt.testing import wait_until
-from shardpreempt.testing.servers import ServerUnavailable, free_port, server_for, unique
+from shardpreempt.testing.servers import free_port, unique
 
 pytest.importorskip("kazoo")
 from kazoo import exceptions as kz
@@ -24,41 +24,14 @@ from kazoo.handlers.utils import AsyncResult
 
 from shardpreempt.backends.zookeeper import ZooKeeperBackend
 from shardpreempt.testing.servers.zookeeper import ZooKeeperServer
-from shardpreempt.testing.skips import missing
 
 PASSWORD = "s3cret-Pa55word"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[ZooKeeperServer]:
-    """One ZooKeeper for the module (skipped without java/zookeeper, failing under CI)."""
-    try:
-        srv = server_for("zookeeper")
-    except ServerUnavailable as exc:
-        missing(f"zookeeper: {exc}")
-    assert isinstance(srv, ZooKeeperServer)
-    srv.start()
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def open_(server: ZooKeeperServer) -> Iterator[Callable[..., ZooKeeperBackend]]:
-    """Open backends on a fresh chroot of the module's server; closed after the test."""
-    if server.proc is None or server.proc.poll() is not None:
-        server.start()
-    url = server.url(unique())
-    opened: list[ZooKeeperBackend] = []
-
-    def make(url: str = url, **options: Any) -> ZooKeeperBackend:
-        backend = open_backend(url, **options)
-        assert isinstance(backend, ZooKeeperBackend)
-        opened.append(backend)
-        return backend
-
-    yield make
-    for backend in opened:
-        backend.close()
+def backend_name() -> str:
+    """This module's backend: ``server``, ``url`` and ``open_`` come from the plugin (tests/backends/conftest.py)."""
+    return "zookeeper"
 
 
 @pytest.fixture

@@ -3,12 +3,19 @@
 Use it from pytest: subclass :class:`BackendContract` in a test module and provide a fixture
 ``backend_url`` that returns a URL of a fresh, empty namespace on a running server, and optionally
 ``backend_server`` (an :class:`~shardpreempt.testing.servers.EphemeralServer`, or ``None``) for the
-restart test. ``ttl`` (class attribute) is the short lease time the expiry tests use.
+restart test. The plugin :mod:`shardpreempt.testing.fixtures` provides both for every built-in kind
+(docs/testing.md). ``ttl`` (class attribute) is the short lease time the expiry tests use; ``opener``
+names the function that opens a backend from its URL (``"module:function"``, imported in child
+processes too), for a backend that ``open_backend`` does not know.
+
+This module imports without pytest (:func:`new_owner`, :func:`hammer` and :class:`Opener` work anywhere);
+running the suite needs it: ``pip install 'shardpreempt[test]'``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import multiprocessing
 import os
 import random
@@ -18,16 +25,83 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from types import TracebackType
 from typing import Any
 
-import pytest
-
-from ..backends import open_backend
 from ..errors import LeaseLost, LossReason
 from ..model import Lease
 from ..typing import Backend
 from .history import check
 from .wait import wait_until
+
+NEEDS_PYTEST = "running the backend contract suite needs pytest: pip install 'shardpreempt[test]'"
+
+
+class _WithoutPytest:
+    """Stands in for pytest when it is not installed: the class body below still runs (``fixture`` leaves the
+    function as it is); anything a test would call raises an ImportError naming the extra."""
+
+    @staticmethod
+    def fixture(function: Callable[..., Any]) -> Callable[..., Any]:
+        return function
+
+    def __getattr__(self, name: str) -> Any:
+        raise ImportError(f"pytest.{name}: {NEEDS_PYTEST}")
+
+
+try:
+    import pytest
+except ModuleNotFoundError as exc:  # only pytest's own absence; a broken install still raises
+    if exc.name not in ("pytest", "_pytest"):
+        raise
+    pytest = _WithoutPytest()  # type: ignore[assignment]
+
+#: The default ``opener``: the registry of built-in schemes.
+OPEN_BACKEND = "shardpreempt.backends:open_backend"
+
+
+def load_opener(path: str) -> Callable[..., Backend]:
+    """The function ``"module:function"`` names; it is called as ``function(url, **options)``."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"an opener is named 'module:function', got {path!r}")
+    function: Callable[..., Backend] = getattr(importlib.import_module(module), name)
+    return function
+
+
+class Opener:
+    """Opens backends on one URL, a new instance (new connections) per call, and closes them all at :meth:`close`.
+
+    ``opener(**options)`` opens ``url`` with those options, ``opener(other_url)`` another URL.
+    """
+
+    def __init__(self, url: str, opener: str | Callable[..., Backend] = OPEN_BACKEND) -> None:
+        self.url = url
+        self._open = load_opener(opener) if isinstance(opener, str) else opener
+        self.opened: list[Backend] = []
+
+    def __call__(self, url: str | None = None, **options: Any) -> Backend:
+        backend = self._open(self.url if url is None else url, **options)
+        self.opened.append(backend)
+        return backend
+
+    def close(self) -> None:
+        """Close every backend opened so far (all of them, even when one raises; the first error is raised)."""
+        error: BaseException | None = None
+        while self.opened:
+            try:
+                self.opened.pop(0).close()
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> Opener:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
 
 
 def new_owner(tag: str = "t") -> str:
@@ -35,10 +109,11 @@ def new_owner(tag: str = "t") -> str:
     return f"{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def hammer(url: str, keys: list[str], seconds: float, ttl: float, seed: int) -> list[dict[str, Any]]:
+def hammer(url: str, keys: list[str], seconds: float, ttl: float, seed: int,
+           opener: str = OPEN_BACKEND) -> list[dict[str, Any]]:
     """Acquire random overlapping subsets of ``keys`` for ``seconds``; return acquired/released events."""
     rng = random.Random(seed)
-    backend = open_backend(url)
+    backend = load_opener(opener)(url)
     owner = new_owner(f"h{seed}")
     events: list[dict[str, Any]] = []
     end = time.monotonic() + seconds
@@ -61,13 +136,14 @@ def hammer(url: str, keys: list[str], seconds: float, ttl: float, seed: int) -> 
     return events
 
 
+#: argv: opener ("module:function"), url, owner, ttl, keys...
 HOLDER_SCRIPT = """
-import sys, time
-from shardpreempt.backends import open_backend
-b = open_backend(sys.argv[1])
-ttl = float(sys.argv[3])
-lease = b.try_acquire(sys.argv[4:], sys.argv[2], ttl)
-print("token", lease.tokens[sys.argv[4]] if lease else -1, flush=True)
+import importlib, sys, time
+module, _, name = sys.argv[1].partition(":")
+b = getattr(importlib.import_module(module), name)(sys.argv[2])
+ttl = float(sys.argv[4])
+lease = b.try_acquire(sys.argv[5:], sys.argv[3], ttl)
+print("token", lease.tokens[sys.argv[5]] if lease else -1, flush=True)
 while True:
     time.sleep(ttl / 4)
     b.renew(lease)
@@ -80,20 +156,14 @@ class BackendContract:
     ttl = 1.0
     processes = 4
     hammer_seconds = 2.0
+    #: ``"module:function"`` that opens a backend from its URL (children import it too)
+    opener = OPEN_BACKEND
 
     @pytest.fixture
     def open_(self, backend_url: str) -> Iterator[Callable[[], Backend]]:
         """Open new backend instances (new connections) on the test's namespace."""
-        opened: list[Backend] = []
-
-        def make() -> Backend:
-            backend = open_backend(backend_url)
-            opened.append(backend)
-            return backend
-
-        yield make
-        for backend in opened:
-            backend.close()
+        with Opener(backend_url, self.opener) as opener:
+            yield opener
 
     def test_acquire_gives_tokens_and_inspect_reports_holder(self, open_: Callable[[], Backend]) -> None:
         """An acquire holds every key with a positive token, and inspect names the owner."""
@@ -315,8 +385,8 @@ class BackendContract:
         if backend_url.startswith("memory:"):
             pytest.skip("memory:// is in-process")
         ttl = self.ttl
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, backend_url, new_owner("k"), str(ttl),
-                                 "d1", "d2"],
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, self.opener, backend_url, new_owner("k"),
+                                 str(ttl), "d1", "d2"],
                                 stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None
@@ -343,7 +413,7 @@ class BackendContract:
             pool = concurrent.futures.ProcessPoolExecutor(self.processes,
                                                           mp_context=multiprocessing.get_context("spawn"))
         with pool:
-            futures = [pool.submit(hammer, backend_url, keys, self.hammer_seconds, 30.0, seed)
+            futures = [pool.submit(hammer, backend_url, keys, self.hammer_seconds, 30.0, seed, self.opener)
                        for seed in range(self.processes)]
             events = [e for f in futures for e in f.result()]
         report = check(events)
@@ -375,4 +445,4 @@ def _try(backend: Backend, keys: list[str]) -> Any:
         return None
 
 
-__all__ = ["BackendContract", "hammer", "new_owner"]
+__all__ = ["OPEN_BACKEND", "BackendContract", "Opener", "hammer", "load_opener", "new_owner"]
