@@ -1,6 +1,8 @@
 """Public test helpers: ephemeral servers, the backend contract suite, the history checker, a fake clock.
 
-The contract suite (:mod:`shardpreempt.testing.contract`) needs pytest; import it from test code only.
+:mod:`shardpreempt.testing.fixtures` is a pytest plugin (servers per kind per session, a fresh namespace and
+an opener per test); :mod:`shardpreempt.testing.contract` is the backend contract suite, which imports
+without pytest but runs only under it (``pip install 'shardpreempt[test]'``). See docs/testing.md.
 """
 
 from __future__ import annotations
