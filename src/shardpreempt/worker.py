@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import select
 import signal
 import threading
@@ -41,6 +42,7 @@ from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_
 from .runner import Job, RunSettings, SliceRunner
 from .typing import Backend
 
+MAX_SLOTS = 1 << 16  # member slots a joining worker looks through at most
 log = logging.getLogger("shardpreempt.worker")
 
 STALL = 10.0  # seconds without a round of the main loop after which the heartbeat stops
@@ -217,7 +219,10 @@ class Worker:
         if self.member is None or self.member.lost.is_set():
             if self.member is not None:
                 self._lose_all(self.member.reason or LossReason.EXPIRED, self.member.detail or "session lost")
-            if not self._join(backend):
+            joined = self._join(backend)
+            if joined is None:  # every slot it tried was taken a moment before: not an outage
+                return random.uniform(0.005, 0.05)
+            if not joined:
                 return self._outage("cannot join the pool")
         self._release_orphans(backend)
         try:
@@ -364,17 +369,23 @@ class Worker:
         return min(times) if times else None
 
     # -- joining, acquiring, releasing ----------------------------------------------------------------
-    def _join(self, backend: Backend) -> bool:
-        """Take a member key (the preferred slot first) under a fresh owner id; ring the bell."""
+    def _join(self, backend: Backend) -> bool | None:
+        """Take a member key (the preferred slot first) under a fresh owner id; ring the bell. False when
+        the backend failed, None when every slot tried was taken by others joining at the same time."""
         opts = self.opts
         owner = member_owner(opts.identity)
         try:
-            seen = backend.inspect([member_key(j) for j in range(self.slots)])
-            free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
-            if self.member_slot in free:
-                free.remove(self.member_slot)
-                free.insert(0, self.member_slot)
-            for j in [*free[:8], self.slots]:
+            while True:  # look further while every slot looked at is taken (a pool of more members)
+                seen = backend.inspect([member_key(j) for j in range(self.slots)])
+                free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
+                if free or self.slots >= MAX_SLOTS:
+                    break
+                self.slots = min(MAX_SLOTS, self.slots * 2)
+            # The preferred slot first; then free ones in random order: workers joining at once would
+            # all race for the lowest free slot and all but one lose every try.
+            preferred = [self.member_slot] if self.member_slot in free else []
+            others = [j for j in free if j != self.member_slot]
+            for j in [*preferred, *random.sample(others, min(8, len(others))), self.slots]:
                 key = member_key(j)
                 lease = backend.try_acquire([key], owner, opts.ttl)
                 if lease is None:
@@ -395,7 +406,8 @@ class Worker:
                 return True
         except BackendError as exc:
             log.debug("worker %d: cannot join the pool: %s", opts.index, exc)  # _outage() says it once
-        return False
+            return False
+        return None
 
     def _session_lost(self, claim: Claim) -> None:
         """Called from the fence or renewal thread: every slice under the session is lost now."""

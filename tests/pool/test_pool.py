@@ -55,6 +55,18 @@ def test_death_join_leave_and_mixed_worker_counts(make_pool: Any) -> None:
     assert report.count("overlap") == 0 and report.count("token") == 0, report.violations
 
 
+def test_more_workers_than_member_slots_looked_at_first_all_join(make_pool: Any) -> None:
+    """Two supervisors of 12 workers each (a joining worker looks at 16 member slots first) all become
+    members, and the slices stay covered; workers joining at once do not all race for one slot."""
+    pool: Pool = make_pool(shards=24, slices=6)
+    pool.start(12)
+    pool.start(12)
+    wait_until(lambda: len(pool.observe().members) == 24, pool.ttl * 3 + 30, interval=0.05,
+               message="all 24 workers members")
+    pool.wait_covered(30, "every slice owned")
+    assert "cannot join" not in pool.logs()
+
+
 def test_a_conflicting_layout_is_refused_with_both_named(make_pool: Any) -> None:
     """A supervisor asking for another slice count on the same backend exits 2 naming both layouts."""
     pool: Pool = make_pool(shards=12, slices=4)
