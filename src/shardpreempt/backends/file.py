@@ -118,22 +118,6 @@ def _write_record(fd: int, token: int, holder: dict[str, Any], durable: bool) ->
         os.fsync(fd)
 
 
-def _flock_holders() -> set[tuple[int, int, int]] | None:
-    """(major, minor, inode) of every file with an flock, from /proc/locks; None if not Linux."""
-    try:
-        with open("/proc/locks", encoding="ascii") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    held = set()
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[3] == "WRITE":
-            major, minor, inode = fields[5].split(":")
-            held.add((int(major, 16), int(minor, 16), int(inode)))
-    return held
-
-
 def _ensure_fd_room(extra: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = extra + 256
@@ -242,12 +226,58 @@ class FileBackend:
             self._close_all(fds)
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
-        """Read each lock record; a record counts only while its file is flocked (from /proc/locks)."""
-        held = _flock_holders()
-        out: dict[str, Holder | None] = {}
-        for key in keys:
-            out[key] = self._inspect_one(key, held)
+        """Read every key's lock record (one ``open``, ``pread``, ``close`` each); a record counts while its
+        acquire still holds its locks, which one probe per acquire tells.
+
+        The keys of one acquire share one holder record (owner, pid, host and the same ``since``) and are
+        held and freed together: locked all or none, released together, and closed together when the
+        holder (and whatever inherited its descriptors) ends. So the first key read of each distinct record
+        is probed with a non-blocking shared ``flock`` and the verdict holds for the others. A probe of a
+        held file takes nothing; only the first key of a record left behind by a holder that died takes a
+        shared lock for an instant (an acquire racing with it may fail once, and is retried). A cleared or
+        empty record is free (or being acquired: its holder has not written it yet).
+        """
+        out: dict[str, Holder | None] = dict.fromkeys(keys)
+        verdicts: dict[bytes, dict[str, Any] | None] = {}  # holder record -> its fields while held, else None
+        flags, dir_fd, sha256 = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, self._dir_fd, hashlib.sha256
+        for key in out:
+            try:
+                fd = os.open(sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".lock", flags,
+                             dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue
+            try:
+                raw = os.pread(fd, RECORD_SIZE, 0)
+                first, _, rest = raw.partition(b"\n")
+                rest = rest.rstrip()
+                if not rest or rest == b"{}":
+                    continue
+                if rest in verdicts:
+                    info = verdicts[rest]
+                else:
+                    info = verdicts[rest] = self._probe(fd, rest)
+                if info is not None:
+                    out[key] = Holder(info["owner"], int(first), None, info.get("pid"), info.get("host"),
+                                      info.get("since"))
+            except ValueError as exc:
+                raise BackendProtocolError(f"unreadable lock record ({raw[:40]!r})") from exc
+            finally:
+                os.close(fd)
         return out
+
+    @staticmethod
+    def _probe(fd: int, record: bytes) -> dict[str, Any] | None:
+        """The holder record's fields if its file is locked (so its acquire holds every key it names), else
+        None; ValueError for a record that is not JSON."""
+        info = json.loads(record)
+        if not isinstance(info, dict) or not info.get("owner"):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return info
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
 
     def lease_fds(self, lease: Lease) -> list[int]:
         """The descriptors holding ``lease``'s locks: a process that inherits them keeps the locks
@@ -328,28 +358,6 @@ class FileBackend:
         fds, self._peek_fds = self._peek_fds, {}
         for fd in fds.values():
             os.close(fd)
-
-    def _inspect_one(self, key: str, held: set[tuple[int, int, int]] | None) -> Holder | None:
-        try:
-            fd = os.open(lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if held is not None:
-                locked = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in held
-            else:  # no /proc/locks: probe; a shared lock succeeds only when nobody holds it
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    locked = False
-                except BlockingIOError:
-                    locked = True
-            token, rec = _read_record(fd)
-        finally:
-            os.close(fd)
-        if not locked or not rec.get("owner"):
-            return None
-        return Holder(rec["owner"], token, None, rec.get("pid"), rec.get("host"), rec.get("since"))
 
     def _open_record(self, name: str, create: bool) -> int | None:
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
