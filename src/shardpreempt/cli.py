@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -11,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, logs
 from .backends import open_backend
 from .config import Settings, apply_overrides, load_settings
 from .errors import BackendUnavailable, ConfigError, CrashLoop, ShardPreemptError
@@ -21,13 +20,11 @@ from .slicing import STRATEGIES, make_slices
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
 def _fail(message: str, code: int) -> None:
-    click.echo(f"shardpreempt: error: {message}", err=True)
+    if logs.json_active():
+        logs.fatal(message)
+    else:
+        click.echo(f"shardpreempt: error: {message}", err=True)
     sys.exit(code)
 
 
@@ -47,9 +44,9 @@ def _guard(fn: Callable[[], int]) -> None:
 
 
 def _settings(config: str, backend: str | None = None, ttl: float | None = None, strategy: str | None = None,
-              slices: int | None = None, workers: int | None = None) -> Settings:
+              slices: int | None = None, workers: int | None = None, **run: Any) -> Settings:
     return apply_overrides(load_settings(config), backend=backend, ttl=ttl, strategy=strategy, slices=slices,
-                           workers=workers)
+                           workers=workers, **run)
 
 
 def config_options(*, backend: bool = True) -> Callable[[F], F]:
@@ -82,7 +79,7 @@ common = config_options()
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """Split shards into slices and let worker processes preempt them: one owner per shard."""
-    _setup_logging(verbose)
+    logs.setup(verbose)
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
@@ -109,24 +106,48 @@ def main(verbose: int) -> None:
               help="How long to keep trying an unreachable backend at start before exit status 4.")
 @click.option("--name", default=None, metavar="NAME",
               help="This supervisor's name in member identities host/NAME.INDEX (default: its pid).")
+@click.option("--metrics", "metrics_address", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (overrides [run] metrics; "
+                   "needs the 'metrics' extra).")
+@click.option("--log-format", type=click.Choice(list(logs.FORMATS)), default=None,
+              help="stderr as text lines or one JSON object per line (overrides [run] log_format; default text).")
 @click.argument("command", nargs=-1, required=True)
-def run(config: str, workers: int | None, backend: str | None, strategy: str | None, slices: int | None,
-        ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
+@click.pass_context
+def run(ctx: click.Context, config: str, workers: int | None, backend: str | None, strategy: str | None,
+        slices: int | None, ttl: float | None, once: bool, events: str | None, max_failures: int, backoff: float,
         crash_limit: int, hang_timeout: float | None, stop_grace: float, interval: float, jitter: float,
-        start_timeout: float, name: str | None, command: Sequence[str]) -> None:
+        start_timeout: float, name: str | None, metrics_address: str | None, log_format: str | None,
+        command: Sequence[str]) -> None:
     """Supervise workers that join the pool and run COMMAND for each slice they hold (put it after --)."""
+    from . import metrics
     from .poller import Poller
+    from .supervisor import Supervisor
+
+    verbose = ctx.find_root().params.get("verbose", 0)
+    logs.setup(verbose, log_format or "text", run=True)  # a config error is a JSON line already with the flag
 
     def go() -> int:
-        settings = _settings(config, backend, ttl, strategy, slices, workers)
+        settings = _settings(config, backend, ttl, strategy, slices, workers, metrics=metrics_address,
+                             log_format=log_format)
+        logs.setup(verbose, settings.log_format, run=True)
         if name is not None and (not name or any(c in name for c in ":/\0 ")):
             raise ConfigError("must be non-empty, without ':', '/' or spaces", source="command line", key="--name")
+        server = metrics.serve(settings.metrics) if settings.metrics else None
+
+        def start_line(sup: Supervisor) -> None:  # the supervisor's first tick comes before its first worker
+            sup.on_tick = None  # once only: the supervisor then sleeps as long as it would without a tick
+            logs.start_line(layout=poller.layout, url=poller.backend_url, workers=poller.worker_count,
+                            events=events, metrics=server.address if server else None)
+
         poller = Poller(settings, command=list(command), once=once, events=events, max_failures=max_failures,
                         backoff=backoff, hang_timeout=hang_timeout, crash_limit=crash_limit,
                         stop_grace=stop_grace, name=name, start_timeout=start_timeout, interval=interval,
-                        jitter=jitter)
+                        jitter=jitter, on_tick=start_line)
         poller.set_worker_count(settings.workers or 1)
-        return poller.poll()
+        try:
+            return poller.poll()
+        finally:
+            metrics.uninstall()
 
     _guard(go)
 

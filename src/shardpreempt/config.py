@@ -2,9 +2,9 @@
 
 Precedence, highest first: a command-line flag, a ``SHARDPREEMPT_*`` environment variable
 (``SHARDPREEMPT_BACKEND``, ``SHARDPREEMPT_TTL``, ``SHARDPREEMPT_STRATEGY``, ``SHARDPREEMPT_SLICES``,
-``SHARDPREEMPT_WORKERS``), the file, the default. Every rejection is a :class:`ConfigError` naming the
-file and the key (or the variable, or the flag); values of secret keys are never echoed. The whole
-format is described in docs/config.md.
+``SHARDPREEMPT_WORKERS``, ``SHARDPREEMPT_METRICS``, ``SHARDPREEMPT_LOG_FORMAT``), the file, the default.
+Every rejection is a :class:`ConfigError` naming the file and the key (or the variable, or the flag);
+values of secret keys are never echoed. The whole format is described in docs/config.md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ KIND_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 SECTIONS = {"backend": {"url": str, "ttl": (int, float)},
             "slicing": {"strategy": str, "slices": int},
-            "run": {"workers": int},
+            "run": {"workers": int, "metrics": str, "log_format": str},
             "shards": dict,
             "shard_sets": list}
 __all__ = ["KINDS", "KIND_SETTINGS", "MAX_IDENTITY", "Settings", "apply_overrides", "load_settings", "load_shards",
@@ -61,6 +61,8 @@ class Settings:
     strategy: str = "round-robin"
     slices: int | None = None  # None: the worker count
     workers: int | None = None
+    metrics: str | None = None  # HOST:PORT to serve /metrics on; None: off
+    log_format: str = "text"  # text | json
     source: str = "<dict>"
 
     def slice_count(self, workers: int) -> int:
@@ -204,7 +206,28 @@ def settings_from_mapping(data: Mapping[str, Any], source: str = "<dict>", *, ba
         settings = replace(settings, slices=_positive(slicing["slices"], source, "slicing.slices"))
     if "workers" in run:
         settings = replace(settings, workers=_positive(run["workers"], source, "run.workers"))
+    if "metrics" in run:
+        settings = replace(settings, metrics=_check_metrics(run["metrics"], source, "run.metrics"))
+    if "log_format" in run:
+        settings = replace(settings, log_format=_check_log_format(run["log_format"], source, "run.log_format"))
     return settings
+
+
+def _check_metrics(value: Any, source: str, key: str) -> str:
+    from .metrics import parse_address
+
+    _typed(value, str, source, key)
+    parse_address(value, source=source, key=key)
+    return str(value)
+
+
+def _check_log_format(value: Any, source: str, key: str) -> str:
+    from .logs import FORMATS
+
+    _typed(value, str, source, key)
+    if value not in FORMATS:
+        raise ConfigError(f"unknown log format {value!r} (choose from {', '.join(FORMATS)})", source=source, key=key)
+    return str(value)
 
 
 def _check_strategy(value: Any, source: str, key: str) -> str:
@@ -241,6 +264,8 @@ ENVIRONMENT: dict[str, tuple[str, str, type, str]] = {
     "STRATEGY": ("strategy", "--strategy", str, "a strategy name"),
     "SLICES": ("slices", "--slices", int, "a whole number"),
     "WORKERS": ("workers", "--workers", int, "a whole number"),
+    "METRICS": ("metrics", "--metrics", str, "HOST:PORT"),
+    "LOG_FORMAT": ("log_format", "--log-format", str, "text or json"),
 }
 
 
@@ -257,11 +282,16 @@ def _check_field(field_: str, value: Any, source: str, key: str) -> Any:
         return _check_ttl(value, source, key)
     if field_ == "strategy":
         return _check_strategy(value, source, key)
+    if field_ == "metrics":
+        return _check_metrics(value, source, key)
+    if field_ == "log_format":
+        return _check_log_format(value, source, key)
     return _positive(value, source, key)
 
 
 def apply_overrides(settings: Settings, *, backend: str | None = None, ttl: float | None = None,
                     strategy: str | None = None, slices: int | None = None, workers: int | None = None,
+                    metrics: str | None = None, log_format: str | None = None,
                     environ: Mapping[str, str] = os.environ) -> Settings:
     """Apply ``SHARDPREEMPT_*`` variables, then flags (given as arguments, None = not given)."""
     changes: dict[str, Any] = {}
@@ -277,7 +307,8 @@ def apply_overrides(settings: Settings, *, backend: str | None = None, ttl: floa
         except ValueError:
             raise ConfigError(f"expected {looks}, got {_shown(raw)}", source="environment", key=var) from None
         changes[field_] = _check_field(field_, value, "environment", var)
-    given = {"BACKEND": backend, "TTL": ttl, "STRATEGY": strategy, "SLICES": slices, "WORKERS": workers}
+    given = {"BACKEND": backend, "TTL": ttl, "STRATEGY": strategy, "SLICES": slices, "WORKERS": workers,
+             "METRICS": metrics, "LOG_FORMAT": log_format}
     for suffix, value in given.items():
         if value is not None:
             field_, flag, _, _ = ENVIRONMENT[suffix]

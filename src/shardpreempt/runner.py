@@ -63,6 +63,7 @@ class RunSettings:
     jitter: float = 0.0  # a random extra delay up to this, so many slices do not start in step
     files_dir: str | None = None  # private (0700) directory for slice files; None: a temporary one
     guard: int | None = None  # pid of the worker's guard, marked in every command's environment
+    on_run: Callable[[float, bool], None] | None = None  # after each run: (seconds, failed on its own)
 
 
 class SliceRunner(threading.Thread):
@@ -81,6 +82,7 @@ class SliceRunner(threading.Thread):
         self.in_job = False
         self.inherit_fds = tuple(inherit_fds)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.log = logging.LoggerAdapter(log, {"slice": ownership.slice.id})  # the slice in JSON log lines
 
     @property
     def slice_id(self) -> str:
@@ -111,6 +113,8 @@ class SliceRunner(threading.Thread):
             while not own.stopping.is_set() and not own.lost.is_set():
                 started = time.monotonic()
                 ok = self._run_once()
+                if s.on_run is not None:  # a run cut short by a stop or a loss did not fail on its own
+                    s.on_run(time.monotonic() - started, not ok and not own.stopping.is_set() and not own.lost.is_set())
                 if own.lost.is_set():
                     break
                 if ok:
@@ -127,7 +131,7 @@ class SliceRunner(threading.Thread):
                     break
                 failures += 1
                 if failures >= s.max_failures:
-                    log.error("worker %d: job failed %d times in a row on slice %s; giving it up", s.index,
+                    self.log.error("worker %d: job failed %d times in a row on slice %s; giving it up", s.index,
                               failures, self.slice_id)
                     self.result = "failed"
                     break
@@ -139,7 +143,7 @@ class SliceRunner(threading.Thread):
         except Shutdown:
             pass
         except Exception:
-            log.exception("worker %d: runner for slice %s crashed", s.index, self.slice_id)
+            self.log.exception("worker %d: runner for slice %s crashed", s.index, self.slice_id)
             self.result = "failed"
         finally:
             os.close(self._wake_r)
@@ -180,7 +184,7 @@ class SliceRunner(threading.Thread):
         except Shutdown:
             raise
         except Exception:
-            log.exception("worker %d: job failed on slice %s", self.settings.index, self.slice_id)
+            self.log.exception("worker %d: job failed on slice %s", self.settings.index, self.slice_id)
             return False
         finally:
             self.in_job = False
@@ -210,7 +214,7 @@ class SliceRunner(threading.Thread):
                 # the child. The worker's guard process ends the command's group if the worker dies.
                 proc = subprocess.Popen(list(command), env=env, start_new_session=True, pass_fds=self.inherit_fds)
             except OSError as exc:
-                log.error("worker %d: cannot start %s: %s", index, command[0], exc.strerror)
+                self.log.error("worker %d: cannot start %s: %s", index, command[0], exc.strerror)
                 return False
             self.report(f"c {proc.pid}")
             try:
@@ -219,7 +223,7 @@ class SliceRunner(threading.Thread):
                 self._signal(proc, signal.SIGKILL)  # whatever the command left behind in its group
                 self.report(f"x {proc.pid}")
         if code != 0 and not own.stopping.is_set() and not own.lost.is_set():
-            log.warning("worker %d: command exited with %s on slice %s", index, code, own.slice.id)
+            self.log.warning("worker %d: command exited with %s on slice %s", index, code, own.slice.id)
         return code == 0
 
     def _supervise(self, proc: subprocess.Popen[bytes]) -> int:
@@ -253,7 +257,7 @@ class SliceRunner(threading.Thread):
                         termed_at = now
                         self._signal(proc, signal.SIGTERM)
                     elif now - termed_at >= self.settings.stop_grace:
-                        log.warning("worker %d: command on slice %s ignored SIGTERM for %.0f s: killing it",
+                        self.log.warning("worker %d: command on slice %s ignored SIGTERM for %.0f s: killing it",
                                     self.settings.index, own.slice.id, self.settings.stop_grace)
                         self._kill(proc, 0.0)
                         return proc.wait()

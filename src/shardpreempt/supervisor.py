@@ -10,6 +10,8 @@
 * Stop: the first SIGTERM/SIGINT is a warm stop (workers finish, release at once, exit); the second
   is cold (commands are killed; after ``kill_after`` seconds workers are SIGKILLed).
 * Workers die with the supervisor (parent-death signal), and commands with their worker.
+* Metrics (``--metrics``): the metrics process is forked before the first worker; workers' ``m``
+  lines are forwarded to it, with each start and exit (see :mod:`shardpreempt.metrics`).
 
 Signal handlers only write the signal number to a self-pipe; reaping uses ``waitpid``.
 """
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import metrics as metrics_
 from .errors import CrashLoop
 from .events import EventLog
 from .process import EXIT_CONFIG, EXIT_INTERNAL, EXIT_OK
@@ -79,7 +82,7 @@ class Supervisor:
                  events: EventLog | None = None, on_tick: Callable[[Supervisor], None] | None = None,
                  on_worker_exit: Callable[[int], None] | None = None,
                  hang_from_ttl: Callable[[float], float] | None = None,
-                 tick_every: float = 0.25) -> None:
+                 tick_every: float = 0.25, metrics: metrics_.MetricsServer | None = None) -> None:
         self.slots = [_Slot(i) for i in range(count)]
         self.worker_main = worker_main
         self.once = once
@@ -91,6 +94,8 @@ class Supervisor:
         self.on_worker_exit = on_worker_exit  # e.g. remove the dead worker's slice files
         self.hang_from_ttl = hang_from_ttl  # granted ttl -> hang timeout (None: keep hang_timeout)
         self.tick_every = tick_every
+        # where workers' metrics go: the given server, else the one the command line installed
+        self.metrics = metrics if metrics is not None else metrics_.installed()
         self.stop_requests = 0
         self.stop_signal: int | None = None  # the signal that asked for the (first) stop
         self.crash: CrashLoop | None = None
@@ -119,6 +124,8 @@ class Supervisor:
             code: int = EXIT_INTERNAL
             try:
                 os.close(read_fd)
+                if self.metrics is not None:
+                    self.metrics.in_worker()
                 os.setpgid(0, 0)  # its own group: a terminal's Ctrl-C reaches only the supervisor
                 for s in stops:
                     signal.signal(s, signal.SIG_DFL)
@@ -133,8 +140,10 @@ class Supervisor:
         slot.pid, slot.pipe, slot.buffer = pid, read_fd, b""
         slot.last_beat = slot.started_at = time.monotonic()
         slot.restart_at = None
+        if self.metrics is not None:
+            self.metrics.started(slot.index)
         self.events.emit("started", worker=slot.index, worker_pid=pid)
-        log.info("worker %d started (pid %d)", slot.index, pid)
+        log.info("worker %d started (pid %d)", slot.index, pid, extra={"worker": slot.index})
 
     def _kill(self, pid: int | None, sig: int, group: bool = False) -> None:
         if pid is None:
@@ -147,25 +156,30 @@ class Supervisor:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _read_pipe(self, slot: _Slot) -> None:
+    def _read_pipe(self, slot: _Slot) -> bool:
+        """Take what the worker wrote; False at the end of the pipe or when nothing was there."""
         assert slot.pipe is not None
         try:
             data = os.read(slot.pipe, 4096)
         except BlockingIOError:
-            return
+            return False
         if not data:
-            return
+            return False
         slot.last_beat = time.monotonic()
         slot.buffer += data
         *lines, slot.buffer = slot.buffer.split(b"\n")
         for line in lines:
-            if line.startswith(b"c "):
+            if line.startswith(b"m "):
+                if self.metrics is not None:
+                    self.metrics.forward(slot.index, line[2:])
+            elif line.startswith(b"c "):
                 slot.command_pgids.add(int(line[2:]))
             elif line.startswith(b"x "):
                 slot.command_pgids.discard(int(line[2:]))
             elif line.startswith(b"t ") and self.hang_from_ttl is not None:
                 # the backend granted another ttl than asked (ZooKeeper negotiates): follow it
                 slot.hang_timeout = self.hang_from_ttl(float(line[2:]))
+        return True
 
     def _reap(self) -> None:
         while True:
@@ -183,6 +197,8 @@ class Supervisor:
     def _on_exit(self, slot: _Slot, status: int) -> None:
         pid = slot.pid
         if slot.pipe is not None:
+            while self._read_pipe(slot):  # its last lines (its final metrics) before it is gone
+                pass
             os.close(slot.pipe)
         for pgid in slot.command_pgids:  # nothing works a shard unsupervised
             self._kill(pgid, signal.SIGKILL, group=True)
@@ -191,6 +207,8 @@ class Supervisor:
             self.on_worker_exit(slot.index)
         slot.pid = slot.pipe = None
         code = os.waitstatus_to_exitcode(status)
+        if self.metrics is not None:
+            self.metrics.exited(slot.index)
         self.events.emit("exited", worker=slot.index, code=code, worker_pid=pid, **{"pid": pid})
         if code == EXIT_OK and (self.once or self.stop_requests):
             slot.finished = True
@@ -202,12 +220,12 @@ class Supervisor:
             self.request_stop()
             return
         how = f"signal {-code}" if code < 0 else f"exit status {code}"
-        log.warning("worker %d (pid %s) died with %s", slot.index, pid, how)
+        log.warning("worker %d (pid %s) died with %s", slot.index, pid, how, extra={"worker": slot.index})
         now = time.monotonic()
         slot.quick_deaths, delay = self.restarts.after_death(slot.quick_deaths, slot.started_at, now)
         if delay is None:
             self.crash = CrashLoop(slot.index, slot.quick_deaths, self.restarts.stable_after, how)
-            log.error("%s", self.crash)
+            log.error("%s", self.crash, extra={"worker": slot.index})
             self.request_stop()
             return
         slot.restart_at = now + delay
@@ -216,7 +234,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.pid is not None and now - slot.last_beat > (slot.hang_timeout or self.hang_timeout):
                 log.error("worker %d (pid %d) sent no heartbeat for %.1f s: killing it", slot.index, slot.pid,
-                          now - slot.last_beat)
+                          now - slot.last_beat, extra={"worker": slot.index})
                 self.events.emit("killed", worker=slot.index, reason="hung", **{"pid": slot.pid})
                 self._kill(slot.pid, signal.SIGKILL)
                 for pgid in slot.command_pgids:
@@ -244,12 +262,19 @@ class Supervisor:
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        """Run until every worker has exited; return the exit status for the command line."""
+        """Run until every worker has exited; return the exit status for the command line.
+
+        ``on_tick`` is called once before the first worker starts, then every ``tick_every`` seconds.
+        """
+        if self.metrics is not None:
+            self.metrics.start()  # before the signal handlers and the workers: it inherits neither
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
         # Objects made so far (shards, slices) live on in every worker: keep the collector off them,
         # so it does not touch — and copy — every copy-on-write page in each forked child.
         gc.freeze()
         try:
+            if self.on_tick is not None:
+                self.on_tick(self)
             for slot in self.slots:
                 self._spawn(slot)
             next_tick = time.monotonic()
@@ -282,6 +307,8 @@ class Supervisor:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            if self.metrics is not None:
+                self.metrics.close()
         if self.crash is not None:
             raise self.crash
         return EXIT_CONFIG if self.config_failed else 0

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from . import logs, metrics
 from .backends import open_backend
 from .backends.inotify import drain
 from .balance import Members, Params, View, decide
@@ -38,6 +39,8 @@ from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
 from .model import Lease, Shard, Slice
 from .pool import Layout, Observation, member_key, member_owner, observe, once_record, slots_to_watch
+from .pool import bell as read_bell
+from .pool import ring as ring_bell
 from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_parent, start_guard
 from .runner import Job, RunSettings, SliceRunner
 from .typing import Backend
@@ -79,6 +82,7 @@ class WorkerOptions:
     heartbeat_every: float = 1.0
     preferred_slot: int | None = None
     guard_fd: int | None = None  # the command guard's pipe (see process.start_guard)
+    recorder: metrics.Recorder | None = None  # counts for the supervisor's /metrics (None: not served)
 
 
 class Hold:
@@ -131,6 +135,10 @@ class Worker:
         self.started = time.monotonic()
         self.watch_keys: list[str] = []  # file: member keys the watcher probes (without pidfds)
         self.death_bell: bytes | None = None  # file: the bell when a watched member died, until the next step
+        self.woken = True  # something woke the loop since its last look (a notification, a ring, a run's end)
+        self.next_look = 0.0  # when the loop reads the whole pool again though nothing woke it
+        self.last_bell: object = None  # the bell at the last quiet round
+        self.pool_size = 1  # members seen at the last look
         self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
         self._watch_r, self._watch_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -174,8 +182,20 @@ class Worker:
             if os.getppid() != parent:
                 os._exit(EXIT_INTERNAL)  # orphaned: never work a shard unsupervised
             if time.monotonic() - self.ticked < STALL:
-                self._report("h")
+                self._report(self._news() or "h")  # metrics, when any changed, beat as well
             time.sleep(self.opts.heartbeat_every)
+
+    def _news(self) -> str | None:
+        """The recorder's changes as an ``m`` line for the supervisor, if there are any."""
+        recorder = self.opts.recorder
+        news = recorder.take() if recorder is not None else None
+        return None if news is None else f"m {news}"
+
+    def flush_metrics(self) -> None:
+        """Send the recorder's changes now (after a round of the loop: an ownership change shows at once)."""
+        news = self._news()
+        if news is not None and self.opts.heartbeat_fd is not None:
+            self._report(news)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -193,6 +213,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 timeout = self._step(backend)
+                self.flush_metrics()
                 if opts.once_pass is not None and len(self.done) == len(opts.slices) and not self.holds:
                     return EXIT_OK
                 self._sleep(timeout)
@@ -202,6 +223,7 @@ class Worker:
             self.stopping.set()
             self._lose_all(LossReason.RELEASED, "worker exiting", emit=False)
             backend.close()
+            self.flush_metrics()  # the last word: what it holds now (nothing, after a warm stop)
 
     def _sleep(self, timeout: float) -> None:
         self.ticked = time.monotonic()
@@ -210,7 +232,8 @@ class Worker:
         with contextlib.suppress(InterruptedError):
             poller.poll(max(0, int(timeout * 1000) + 1))
         with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 4096)
+            if os.read(self._wake_r, 4096):
+                self.woken = True
 
     def _step(self, backend: Backend) -> float:
         """One round: (re)join, reap finished runs, observe, decide, apply; the time until the next."""
@@ -225,6 +248,9 @@ class Worker:
             if not joined:
                 return self._outage("cannot join the pool")
         self._release_orphans(backend)
+        if not self._must_look(backend):
+            return max(0.0, min(self.period, self.next_look - time.monotonic()))
+        self.woken = False
         try:
             obs = observe(backend, self.opts.slices, self.slots)
             if self.opts.once_pass is not None:
@@ -235,6 +261,8 @@ class Worker:
             log.warning("worker %d: the backend answers again (after %d failed tries)", self.opts.index, self.outages)
             self.outages = 0
         self.slots = slots_to_watch(obs.top_slot)
+        if self.opts.recorder is not None:
+            self.opts.recorder.members(len(obs.members))
         self._update_watch(obs)
         if self.death_bell is not None:  # a neighbour died (file://): tell everyone if nobody did
             seen, self.death_bell = self.death_bell, None
@@ -242,7 +270,37 @@ class Worker:
                 self._ring(backend)
         recheck = self._apply(backend, obs)
         now = time.monotonic()
-        return max(0.0, min(self.period, recheck - now if recheck is not None else self.period))
+        self.pool_size = max(1, len(obs.members))
+        self.next_look = recheck if recheck is not None else now + self._quiet_look_every()
+        return max(0.0, min(self.period, self.next_look - now))
+
+    def _must_look(self, backend: Backend) -> bool:
+        """Whether this round reads the whole pool (every member and every slice's holder). While the
+        pool is quiet, a member on a server backend reads only the bell and the member keys of the two
+        members it watches: O(1) a period whatever the pool's size (docs/pool.md, "Looking at the
+        pool"). A wake-up, a due recheck, a ring or a watched member gone makes it look."""
+        if (self.woken or time.monotonic() >= self.next_look or not backend.capabilities.server_expiry
+                or self.opts.once_pass is not None):
+            return True
+        try:
+            bell = read_bell(backend)
+            if bell != self.last_bell:
+                self.last_bell = bell
+                return True
+            watched = list(self.watch_keys)
+            if watched:
+                seen = backend.inspect(watched)
+                if any(seen.get(k) is None for k in watched):
+                    self._ring(backend)  # a neighbour's session ended: its slices are free, tell everyone
+                    return True
+        except BackendError:
+            return True  # the look reports the outage
+        return False
+
+    def _quiet_look_every(self) -> float:
+        """How long a quiet pool goes without a full look (a safety net for a lost notification): longer
+        in bigger pools, where each look reads every member and every slice."""
+        return max(4 * self.opts.ttl, self.pool_size / 50) * random.uniform(0.8, 1.2)
 
     def _outage(self, what: str) -> float:
         """Try again soon (liveness after the backend comes back), but log with a growing back-off:
@@ -304,7 +362,8 @@ class Worker:
             # session says. Stop the run now; never release, the keys are not ours.
             if (hold is not None and record is not None and record.owner not in (self.owner, "")
                     and not hold.lost.is_set()):
-                log.error("worker %d: slice %s is held by %s now; stopping its run", opts.index, s.id, record.owner)
+                log.error("worker %d: slice %s is held by %s now; stopping its run", opts.index, s.id, record.owner,
+                          extra={"slice": s.id})
                 hold.reason, hold.detail = LossReason.SUPERSEDED, f"superseded by {record.owner}"
                 hold.superseded = True
                 hold.lost.set()
@@ -312,7 +371,8 @@ class Worker:
                     hold.runner.wake()
             # held by this very session but not run here: give it back
             if record is not None and record.owner == self.owner and s.id not in self.holds:
-                log.warning("worker %d: slice %s is held by our session without a run; releasing it", opts.index, s.id)
+                log.warning("worker %d: slice %s is held by our session without a run; releasing it", opts.index, s.id,
+                            extra={"slice": s.id})
                 self.orphans.append(self._orphan(s.keys))
         self._release_orphans(backend)
         holders: dict[str, str | None] = {}
@@ -340,7 +400,8 @@ class Worker:
         for sid in decision.release if opts.once_pass is None else ():
             hold = self.holds.get(sid)
             if hold is not None and not hold.handing_over:
-                log.info("worker %d hands slice %s over (share %d)", opts.index, sid, decision.target)
+                log.info("worker %d hands slice %s over (share %d)", opts.index, sid, decision.target,
+                         extra={"slice": sid})
                 hold.handing_over = True
                 if hold.runner is not None:
                     hold.runner.stop()
@@ -390,7 +451,9 @@ class Worker:
                 lease = backend.try_acquire([key], owner, opts.ttl)
                 if lease is None:
                     continue
-                claim = Claim(backend, Slice(-1, (Shard(key),)), lease)
+                # the session's renewals are timed for /metrics around the calls it makes anyway
+                session = backend if opts.recorder is None else metrics.MeteredBackend(backend, opts.recorder)
+                claim = Claim(session, Slice(-1, (Shard(key),)), lease)
                 if claim.time_left() <= 0:
                     claim.release()
                     continue
@@ -429,7 +492,8 @@ class Worker:
         try:
             lease = backend.try_acquire(slice_.keys, self.owner, self.opts.ttl)
         except BackendError as exc:
-            log.warning("worker %d: acquire of slice %s failed: %s", self.opts.index, slice_.id, exc)
+            log.warning("worker %d: acquire of slice %s failed: %s", self.opts.index, slice_.id, exc,
+                        extra={"slice": slice_.id})
             if backend.capabilities.server_expiry:  # the grant may have happened: never let it pin the slice
                 self.orphans.append(self._orphan(slice_.keys))
             return False
@@ -449,7 +513,8 @@ class Worker:
             try:
                 result = backend.read_records([once_record(self.opts.once_pass, slice_.id)])
             except BackendError as exc:
-                log.warning("worker %d: cannot read slice %s's once result: %s", self.opts.index, slice_.id, exc)
+                log.warning("worker %d: cannot read slice %s's once result: %s", self.opts.index, slice_.id, exc,
+                            extra={"slice": slice_.id})
                 self._give_back(backend, lease)
                 return False
             done = next(iter(result.values()))
@@ -460,7 +525,6 @@ class Worker:
         self.holds[slice_.id] = hold
         self.free_since.pop(slice_.id, None)
         self._events("acquired", hold)
-        log.info("worker %d owns slice %s (%d shards)", self.opts.index, slice_.id, len(slice_.shards))
         ownership = Ownership(hold, worker=self.opts.index)
         # file://: the command inherits the locks' descriptors, so the slice stays locked until every
         # process it started has ended, even if this worker dies first.
@@ -495,7 +559,8 @@ class Worker:
                     backend.swap_record(once_record(self.opts.once_pass, sid), None, result)
                     self.done[sid] = result
                 except BackendError as exc:  # keep the slice and try again next round
-                    log.warning("worker %d: cannot record slice %s as done: %s", self.opts.index, sid, exc)
+                    log.warning("worker %d: cannot record slice %s as done: %s", self.opts.index, sid, exc,
+                                extra={"slice": sid})
                     continue
             elif result == "failed":
                 self.cooldown[sid] = time.monotonic() + self.opts.run.backoff_max
@@ -508,7 +573,8 @@ class Worker:
         try:
             backend.release(hold.lease)
         except BackendError as exc:  # our session lives on for the other slices: retry until it goes
-            log.warning("worker %d: release of slice %s failed (will retry): %s", self.opts.index, hold.slice.id, exc)
+            log.warning("worker %d: release of slice %s failed (will retry): %s", self.opts.index, hold.slice.id, exc,
+                        extra={"slice": hold.slice.id})
             self.orphans.append(hold.lease)
         self._ring(backend)
 
@@ -559,18 +625,29 @@ class Worker:
             self._ring(backend)
 
     def _events(self, kind: str, hold: Hold, **extra: object) -> None:
+        """An ownership change (``acquired``, ``released`` or ``lost``): its events, its log line, its counts."""
         lease = hold.lease
         rows = [{"shard": k, "token": lease.tokens[k]} for k in lease.keys]
         self.opts.events.emit_many(kind, rows, owner=lease.owner, worker=self.opts.index, slice=hold.slice.id,
                                    **extra)
+        shards, reason = len(hold.slice.shards), extra.get("reason")
+        logs.ownership(kind, worker=self.opts.index, slice_id=hold.slice.id, shards=shards,
+                       reason=None if reason is None else str(reason))
+        recorder = self.opts.recorder
+        if recorder is None:
+            return
+        if kind == "acquired":
+            recorder.acquired(shards)
+        elif kind == "released":
+            recorder.released(str(reason), shards)
+        else:
+            recorder.lost(hold.reason or LossReason.EXPIRED, shards)
 
     # -- news from the pool ----------------------------------------------------------------------------
     @staticmethod
     def _ring(backend: Backend) -> None:
-        ring = getattr(backend, "ring", None)
-        if ring is not None:
-            with contextlib.suppress(OSError):
-                ring()
+        with contextlib.suppress(OSError, BackendError):
+            ring_bell(backend)
 
     def _watch(self, main: Backend) -> None:
         """Wake the loop when the pool changes: the backend's notification, or on file:// the bell and
@@ -583,7 +660,7 @@ class Worker:
         try:
             if hasattr(backend, "bell"):
                 self._watch_file(backend)
-            else:
+            elif backend.capabilities.blocking_wait:  # MySQL has no notification: the bell and the period
                 self._watch_server(backend)
         except Exception:
             log.debug("watcher stopped", exc_info=True)
@@ -691,6 +768,11 @@ def _bell_ringer(url: str) -> Callable[[], None] | None:
 def run_worker(opts: WorkerOptions, parent: int) -> int:
     """Entry point in a freshly forked worker process."""
     die_with_parent(parent)
+    logs.set_worker(opts.index)
+    if opts.recorder is None and metrics.recording():
+        opts.recorder = metrics.Recorder(opts.layout.slices, opts.layout.shards)
+    if opts.recorder is not None:
+        opts.run = replace(opts.run, on_run=opts.recorder.job)
     if opts.run.command is not None and opts.guard_fd is None:
         guard_pid, opts.guard_fd = start_guard(_bell_ringer(opts.backend_url))  # before any thread starts
         opts.run = replace(opts.run, guard=guard_pid)
