@@ -34,6 +34,7 @@ from .typing import Backend
 RESERVED = "shardpreempt:"
 LAYOUT_RECORD = "shardpreempt:layout"
 ONCE_RECORD = "shardpreempt:once"
+BELL_RECORD = "shardpreempt:bell"  # server backends: changed by every ring, read by members every period
 CHUNK = 64  # keys per inspect call: every backend answers this many in one round trip
 
 
@@ -213,6 +214,24 @@ def observe(backend: Backend, slices: Sequence[Slice], slots: int) -> Observatio
         holders[s.id] = identity_of(h.owner) if h is not None else None
         owners[s.id] = h
     return Observation(members, holders, owners, top)
+
+
+def ring(backend: Backend) -> None:
+    """Tell every member to look at the pool again: a join, a release, a member seen dead. On
+    ``file://`` the bell file (inotify wakes members at once); on a server a new value of the bell
+    record, which members read every period while the pool is quiet (see ``docs/pool.md``)."""
+    file_ring = getattr(backend, "ring", None)
+    if file_ring is not None:
+        file_ring()
+        return
+    current = backend.read_records([BELL_RECORD])[BELL_RECORD]
+    backend.swap_record(BELL_RECORD, current, os.urandom(8).hex())  # lost the race: someone rang anyway
+
+
+def bell(backend: Backend) -> object:
+    """The bell's current value: it differs from an earlier one after a ring."""
+    file_bell = getattr(backend, "bell", None)
+    return file_bell() if file_bell is not None else backend.read_records([BELL_RECORD])[BELL_RECORD]
 
 
 def slots_to_watch(top_slot: int) -> int:
