@@ -308,7 +308,7 @@ def cmd_renew(args: argparse.Namespace, tmp: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["coverage", "failover", "handoff", "idle", "status", "renew", "pool"])
+    parser.add_argument("what", choices=["coverage", "failover", "handoff", "idle", "status", "renew", "pool", "scale"])
     parser.add_argument("--backend", default="file")
     parser.add_argument("--shards", type=int, default=None, help="default 100; pool: 10000")
     parser.add_argument("--workers", type=int, default=None, help="default 10; pool: 1 per supervisor")
@@ -326,7 +326,7 @@ def main() -> None:
     pool.add_argument("--evidence", default=None, help="where a failed run's events and logs are kept")
     pool.add_argument("--keep", action="store_true", help="keep every run's events and logs, not only failed ones")
     args = parser.parse_args()
-    is_pool = args.what == "pool"
+    is_pool = args.what in ("pool", "scale")
     args.shards = args.shards if args.shards is not None else 10000 if is_pool else 100
     args.workers = args.workers if args.workers is not None else 1 if is_pool else 10
     args.ttl = args.ttl if args.ttl is not None else 2.0 if is_pool else 10.0
@@ -339,6 +339,7 @@ def main() -> None:
         path = Path(tmp)
         {"coverage": cmd_coverage, "failover": cmd_failover, "idle": cmd_idle, "status": cmd_status,
          "renew": cmd_renew, "handoff": lambda a, p: cmd_failover(a, p, graceful=True), "pool": cmd_pool,
+         "scale": cmd_scale,
          }[args.what](args, path)
     # Other processes on the machine skew every figure: say how busy it was (1-minute load average).
     load_end = os.getloadavg()
@@ -355,6 +356,14 @@ def cmd_pool(args: argparse.Namespace, tmp: Path) -> None:
     import pool
 
     pool.cmd_pool(args, tmp, sys.modules[__name__])
+
+
+def cmd_scale(args: argparse.Namespace, tmp: Path) -> None:
+    """S shards over M supervisors x W workers: coverage, server load, memory, status, failover (bench/scale.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import scale
+
+    scale.cmd_scale(args, tmp, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ class Pool:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.observe_costs: list[float] = []
         self.last: Observation | None = None
+        self.slots = SLOTS  # member slots observed: more than the pool's workers
 
     # -- processes ---------------------------------------------------------------------------------
     def start(self) -> subprocess.Popen[bytes]:
@@ -191,7 +192,7 @@ class Pool:
         """One observation; the monotonic time it ended (None while the namespace is not set up)."""
         t = time.monotonic()
         try:
-            obs = observe(self.backend, self.slices, SLOTS)
+            obs = observe(self.backend, self.slices, self.slots)
         except BackendError:
             obs = None
         end = time.monotonic()

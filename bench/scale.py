@@ -1,0 +1,169 @@
+"""The ``scale`` scenario of ``bench/bench.py``: S shards over M supervisors x W workers (100,000 x 1,000).
+
+Each supervisor is ``python -m shardpreempt run CONFIG -w W --slices K --events EV -- sleep 100000``
+in its own session, as a user would start one per machine; the config names the shards with one
+``[[shard_sets]]`` range. The supervisors are started one after another (a fleet's machines do not
+all boot in the same millisecond); the bench observes the pool from its own connection, as the pool
+scenario does (``bench/pool.py``). One run, in order:
+
+1. **coverage** — time from the first start until every slice is held by a live member, and until
+   all M x W workers are members;
+2. **steady state** — for ``--steady`` seconds: the server's CPU (its process's utime + stime per
+   second, from ``/proc``) and, on Redis, the commands it processed per second (``INFO stats``),
+   against the bound the renewals allow (every worker renews once per ttl/3: W x M x 3 / ttl);
+   the RSS and PSS of every worker (``/proc/PID/smaps_rollup``): RSS counts the pages a worker
+   shares with its supervisor (copy-on-write after the fork), PSS divides them among the sharers;
+3. **status** — ``shardpreempt status CONFIG --json`` as a whole process, ``--runs`` times;
+4. **failover** — SIGKILL of one supervisor and everything under it: time until every slice is
+   held by a live member again (the bound: the ttl, plus a poll);
+5. **history** — ``shardpreempt.history.check`` over the events: overlaps and token violations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pool import Pool, history
+from shardpreempt.testing.servers import EphemeralServer, server_for, unique
+
+
+def write_config(tmp: Path, shards: int, url: str, ttl: float) -> Path:
+    path = tmp / f"scale-{unique()}.toml"
+    path.write_text(f'[backend]\nurl = "{url}"\nttl = {ttl}\n\n[[shard_sets]]\ntemplate = "shard-{{n}}"\n'
+                    f"range = [1, {shards}]\n")
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its reaped children, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(server: EphemeralServer | None) -> float | None:
+    """CPU seconds of the server and every process under it (PostgreSQL forks one per connection)."""
+    if server is None or server.proc is None:
+        return None
+    pids = [server.pid, *descendants(server.pid)]
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def descendants(root: int) -> list[int]:
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+                out += kids
+                todo += kids
+    return out
+
+
+def redis_commands(url: str) -> int | None:
+    if not url.startswith("redis"):
+        return None
+    import redis  # the redis extra: installed wherever this bench runs on Redis
+
+    client = redis.Redis.from_url(url.split("?")[0])
+    try:
+        return int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+
+
+def memory(pids: list[int]) -> tuple[list[float], list[float]]:
+    """RSS and PSS (MiB) of each process."""
+    rss, pss = [], []
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+            values = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split(":")[0] in ("Rss", "Pss")}
+            rss.append(values["Rss"] / 1024)
+            pss.append(values["Pss"] / 1024)
+    return rss, pss
+
+
+def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
+    m, w, k = args.supervisors, args.workers, args.slices
+    server: EphemeralServer | None = None
+    if args.backend == "file":
+        url = f"file://{tmp}/locks-{unique()}"
+    else:
+        server = server_for(args.backend)
+        server.start()
+        url = server.url(unique("scale"))
+    figures: dict[str, Any] = {"backend": args.backend, "shards": args.shards, "supervisors": m,
+                               "workers_per_supervisor": w, "slices": k, "ttl": args.ttl}
+    cfg = write_config(tmp, args.shards, url, args.ttl)
+    pool = Pool(tmp, url, cfg, k, w, args.poll, f"scale-{unique()}")
+    pool.slots = m * w + 32
+    try:
+        t0 = time.monotonic()
+        for _ in range(m):
+            pool.start()
+        t_cov, _ = pool.wait(pool.covered, args.timeout, "every slice held")
+        t_all, _ = pool.wait(lambda o: len(o.members) == m * w and pool.covered(o), args.timeout,
+                             "every worker a member")
+        figures["coverage_s"], figures["all_members_s"] = t_cov - t0, t_all - t0
+        print(f"coverage: every slice held {t_cov - t0:.2f} s after the first start; all {m * w} workers "
+              f"members after {t_all - t0:.2f} s")
+
+        evs = kit.read_events(pool.events)
+        workers = sorted({e["worker_pid"] for e in evs if e["event"] == "started"})
+        cpu0, cmd0, t = server_cpu(server), redis_commands(url), time.monotonic()
+        time.sleep(args.steady)  # the measurement window itself (nothing waits for a state here)
+        cpu1, cmd1, dt = server_cpu(server), redis_commands(url), time.monotonic() - t
+        bound = m * w * 3 / args.ttl
+        if cpu0 is not None and cpu1 is not None:
+            figures["server_cpu_percent"] = (cpu1 - cpu0) / dt * 100
+            print(f"steady state: server CPU {figures['server_cpu_percent']:.1f} % of a core")
+        if cmd0 is not None and cmd1 is not None:
+            figures["server_commands_per_s"] = (cmd1 - cmd0) / dt
+            print(f"steady state: Redis commands {figures['server_commands_per_s']:.0f}/s (renewal bound "
+                  f"M x W x 3 / ttl = {bound:.0f}/s; the bench's own observations add {1 / args.poll:.0f}/s)")
+        figures["renewal_bound_per_s"] = bound
+        rss, pss = memory(workers)
+        figures["worker_rss_mib_median"] = statistics.median(rss)
+        figures["worker_pss_mib_median"] = statistics.median(pss)
+        figures["worker_pss_mib_median"] = statistics.median(pss)
+        print(f"worker memory: RSS median {statistics.median(rss):.1f} MiB (max {max(rss):.1f}), PSS median "
+              f"{statistics.median(pss):.1f} MiB over {len(rss)} workers")
+
+        times = []
+        for _ in range(args.runs):
+            start = time.monotonic()
+            subprocess.run([sys.executable, "-m", "shardpreempt", "status", str(cfg), "--json"],
+                           capture_output=True, check=True)
+            times.append(time.monotonic() - start)
+        figures["status_s_median"] = statistics.median(times)
+        print(kit.summary(f"status at {args.shards} shards", times))
+
+        victim = pool.procs[0]
+        gone = pool.identities(victim)
+        t_kill, _ = pool.kill(victim)
+        t_back, _ = pool.wait(lambda o: pool.covered(o, gone), args.timeout, "every slice held again")
+        figures["failover_s"] = t_back - t_kill
+        print(f"failover: SIGKILL of a supervisor ({w} workers) -> every slice held by a live member "
+              f"{t_back - t_kill:.2f} s later (bound: ttl {args.ttl} s + a poll)")
+    finally:
+        pool.stop()
+        if server is not None:
+            server.close()
+    figures.update(history(pool))
+    print(f"history: {figures.get('overlaps')} overlaps, {figures.get('token_violations')} token violations")
+    kit.FIGURES.append({"name": f"scale {args.backend} S={args.shards} M={m} W={w} K={k}", **figures})
