@@ -30,7 +30,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, LossReason, MissingExtra
@@ -329,14 +329,7 @@ class _Worker:
     slices: int = 0
     shards: int = 0
     members: int | None = None
-    acquisitions: int = 0
-    releases: Counter[str] = field(default_factory=Counter)
-    losses: Counter[str] = field(default_factory=Counter)
-    lost_at_exit: int = 0
-    renewal_failures: int = 0
     last_renewal: float | None = None
-    runs: int = 0
-    failures: int = 0
 
 
 class _Histogram:
@@ -362,13 +355,24 @@ class _Histogram:
 
 
 class PoolMetrics:
-    """Everything ``/metrics`` shows, folded from the supervisor's lines; :meth:`collect` for a registry."""
+    """Everything ``/metrics`` shows, folded from the supervisor's lines; :meth:`collect` for a registry.
+
+    Gauges are per worker (label ``worker``); counters and histograms are for the supervisor's workers
+    together, so a page stays a few hundred samples with a hundred workers.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.slices: int | None = None
         self.shards: int | None = None
         self.clock = clock
         self.workers: dict[int, _Worker] = {}
+        self.acquisitions = 0
+        self.releases: Counter[str] = Counter(dict.fromkeys(RELEASE_REASONS, 0))
+        self.losses: Counter[str] = Counter(dict.fromkeys(LOSS_REASONS, 0))
+        self.lost_at_exit = 0
+        self.renewal_failures = 0
+        self.runs = 0
+        self.failures = 0
         self.renewals = _Histogram(RENEWAL_BUCKETS)
         self.jobs = _Histogram(JOB_BUCKETS)
         self.lock = threading.Lock()
@@ -384,7 +388,7 @@ class PoolMetrics:
             if kind == "S":
                 w.alive, w.starts = True, w.starts + 1
             elif kind == "E":
-                w.lost_at_exit += w.slices  # a clean exit released everything and said so first
+                self.lost_at_exit += w.slices  # a clean exit released everything and said so first
                 w.alive, w.slices, w.shards, w.members, w.last_renewal = False, 0, 0, None, None
             elif kind == "W":
                 with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError, IndexError):
@@ -397,17 +401,17 @@ class PoolMetrics:
             w.slices, w.shards = int(d["o"][0]), int(d["o"][1])
         if "n" in d:
             w.members = int(d["n"])
-        w.acquisitions += int(d.get("a", 0))
-        w.releases.update({str(k): int(v) for k, v in d.get("r", {}).items()})
-        w.losses.update({str(k): int(v) for k, v in d.get("l", {}).items()})
-        w.renewal_failures += int(d.get("rf", 0))
         if "rt" in d:
             w.last_renewal = float(d["rt"])
+        self.acquisitions += int(d.get("a", 0))
+        self.releases.update({str(k): int(v) for k, v in d.get("r", {}).items()})
+        self.losses.update({str(k): int(v) for k, v in d.get("l", {}).items()})
+        self.renewal_failures += int(d.get("rf", 0))
         if "rh" in d:
             self.renewals.add(d["rh"])
         if "jh" in d:
-            w.runs += self.jobs.add(d["jh"])
-        w.failures += int(d.get("jf", 0))
+            self.runs += self.jobs.add(d["jh"])
+        self.failures += int(d.get("jf", 0))
 
     def collect(self) -> Iterator[Any]:
         """The metric families, for a ``prometheus_client`` registry."""
@@ -431,36 +435,32 @@ class PoolMetrics:
                         family.add_metric([str(i)], value)
                 return family
 
-            def by_reason(name: str, doc: str, reasons: Sequence[str], get: Callable[[_Worker], Counter[str]]) -> Any:
-                family = CounterMetricFamily(p + name, doc, labels=["worker", "reason"])
-                for i, w in ws:
-                    counts = get(w)
-                    for reason in sorted({*reasons, *counts}):
-                        family.add_metric([str(i), reason], counts[reason])
+            def by_reason(name: str, doc: str, counts: Counter[str]) -> Any:
+                family = CounterMetricFamily(p + name, doc, labels=["reason"])
+                for reason, n in sorted(counts.items()):
+                    family.add_metric([reason], n)
                 return family
 
             yield per_worker(GaugeMetricFamily, "slices_owned", "Slices the worker holds.", lambda w: w.slices)
             yield per_worker(GaugeMetricFamily, "shards_owned", "Shards the worker holds.", lambda w: w.shards)
             yield per_worker(GaugeMetricFamily, "members_seen", "Pool members at the worker's last look.",
                              lambda w: w.members)
-            yield per_worker(CounterMetricFamily, "worker_restarts", "Times the worker process was started again.",
-                             lambda w: max(0, w.starts - 1))
-            yield per_worker(CounterMetricFamily, "acquisitions", "Slices acquired.", lambda w: w.acquisitions)
-            yield by_reason("releases", "Slices released, by reason.", RELEASE_REASONS, lambda w: w.releases)
-            yield by_reason("losses", "Slices lost, by reason.", LOSS_REASONS, lambda w: w.losses)
-            yield per_worker(CounterMetricFamily, "lost_at_exit",
-                             "Slices the worker still held when its process ended (killed, crashed).",
-                             lambda w: w.lost_at_exit)
-            yield per_worker(CounterMetricFamily, "renewal_failures", "Session renewals that failed.",
-                             lambda w: w.renewal_failures)
             yield per_worker(GaugeMetricFamily, "seconds_since_renewal",
                              "Seconds since the worker's session was last renewed (backends with server expiry).",
                              lambda w: None if w.last_renewal is None else max(0.0, now - w.last_renewal))
-            yield per_worker(CounterMetricFamily, "job_runs", "Runs of the job or command.", lambda w: w.runs)
-            yield per_worker(CounterMetricFamily, "job_failures", "Runs that failed on their own.",
-                             lambda w: w.failures)
+            yield per_worker(CounterMetricFamily, "worker_restarts", "Times the worker process was started again.",
+                             lambda w: max(0, w.starts - 1))
+            yield CounterMetricFamily(p + "acquisitions", "Slices acquired.", value=self.acquisitions)
+            yield by_reason("releases", "Slices released, by reason.", self.releases)
+            yield by_reason("losses", "Slices lost by a living worker, by reason.", self.losses)
+            yield CounterMetricFamily(p + "lost_at_exit", "Slices a worker still held when its process ended.",
+                                      value=self.lost_at_exit)
+            yield CounterMetricFamily(p + "renewal_failures", "Session renewals that failed.",
+                                      value=self.renewal_failures)
+            yield CounterMetricFamily(p + "job_runs", "Runs of the job or command that ended.", value=self.runs)
+            yield CounterMetricFamily(p + "job_failures", "Runs that failed on their own.", value=self.failures)
             for name, doc, h in (("renewal_duration_seconds", "Session renewal round trips.", self.renewals),
-                                 ("job_duration_seconds", "Runs of the job or command.", self.jobs)):
+                                 ("job_duration_seconds", "How long runs of the job or command took.", self.jobs)):
                 yield HistogramMetricFamily(p + name, doc, buckets=h.cumulative(), sum_value=h.sum)
 
 
