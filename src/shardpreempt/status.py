@@ -36,17 +36,29 @@ def members(backend: Backend) -> list[Member]:
 
 
 def snapshot(backend: Backend, slices: Sequence[Slice], layout: Layout | None = None) -> dict[str, Any]:
-    """The pool's recorded layout, its members, and every shard's holder (grouped by slice), with totals."""
-    keys = [k for s in slices for k in s.keys]
-    holders = backend.inspect(keys)
+    """The pool's recorded layout, its members, and every shard's holder (grouped by slice), with totals.
+
+    One ``inspect`` of every key; rows whose keys one acquire granted share one holder dict (backends hand
+    out one Holder per grant), so 100,000 rows cost 100,000 small dicts and no more.
+    """
+    holders = backend.inspect([k for s in slices for k in s.keys])
     shards: list[dict[str, Any]] = []
+    add = shards.append
+    public: dict[int, dict[str, Any]] = {}  # id(holder) -> its public dict (holders keeps every one alive)
+    owned = 0
     for s in slices:
+        slice_id, index = s.id, s.index
         for shard in s.shards:
             h = holders.get(shard.identity)
-            shards.append({"name": shard.name, "identity": shard.identity, "slice": s.id, "slice_index": s.index,
-                           "holder": h.public() if h else None})
-    owned = sum(1 for row in shards if row["holder"])
-    owners = sorted({row["holder"]["owner"] for row in shards if row["holder"]})
+            row = None
+            if h is not None:
+                owned += 1
+                row = public.get(id(h))
+                if row is None:
+                    row = public[id(h)] = h.public()
+            add({"name": shard.name, "identity": shard.identity, "slice": slice_id, "slice_index": index,
+                 "holder": row})
+    owners = {row["owner"] for row in public.values()}
     per_member = Counter(identity_of(h.owner) for s in slices if (h := holders.get(s.keys[0])) is not None)
     recorded = recorded_layout(backend)
     live = members(backend)

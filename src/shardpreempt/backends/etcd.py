@@ -18,15 +18,16 @@ grant more (its minimum is about 2 s) and the granted TTL is what ``Lease.ttl`` 
 with the lease and a JSON value (owner, pid, host, since, nonce). A slice above the server's txn limit
 is taken in chunks that fit, one txn each, in order; when a chunk finds a key held, the chunks already
 taken are deleted again (compared on their unique value) before ``None`` is returned, so an acquire
-still holds all or nothing. ``renew`` is one LeaseKeepAlive plus one txn comparing the lease's first key's
-lease and create revision with ours (a txn cannot refresh a lease): two round trips whatever the number of
-keys (slices are all or nothing, so the first key tells), one for a lease without keys. ``release``
-is one txn per chunk: compare every key's lease with ours and delete them all; if some key is no
-longer ours the failure branch reads the keys back and a second txn deletes the ones still ours.
-``inspect`` reads the keys (one txn for up to 64 keys, else the prefix in pages) plus one
-LeaseTimeToLive per distinct holder session. ``wait`` reads an etcd watch (see ``etcd_watch``) from
-the revision of the last failed acquire, kept open across calls until an acquire succeeds. Records
-live under ``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so no lock key can collide with them.
+still holds all or nothing. ``renew`` is one LeaseKeepAlive plus one txn comparing the lease's first
+key's lease and create revision with ours (a txn cannot refresh a lease): two round trips whatever the
+number of keys (slices are all or nothing, so the first key tells), one for a lease without keys.
+``release`` is one txn per chunk: compare every key's lease with ours and delete them all; if some key
+is no longer ours the failure branch reads the keys back and a second txn deletes the ones still ours.
+``inspect`` reads the keys (one txn for up to 64 keys, else the prefix in pages of keys only and one
+value per grant: ``etcd_read``) plus one LeaseTimeToLive per distinct holder session. ``wait`` reads an
+etcd watch (see ``etcd_watch``) from the revision of the last failed acquire, kept open across calls
+until an acquire succeeds. Records live under ``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so
+no lock key can collide with them.
 
 Token source: the key's ``create_revision`` (the revision of the txn that created it), strictly
 increasing cluster-wide and durable; keys taken in different chunks get different tokens. Round trips
@@ -60,7 +61,16 @@ from etcd3gw.client import Etcd3Client
 from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
+from . import (
+    check_record,
+    etcd_read,
+    option,
+    redact_url,
+    reject_unknown,
+    renewal_check,
+    superseded,
+    url_options,
+)
 from .etcd_txn import Txns
 from .etcd_watch import WatchStream
 from .etcd_wire import Code, b64, code_of, message_of, translate, unb64
@@ -321,44 +331,27 @@ class EtcdBackend:
                               lambda kv: int(kv.get("lease", 0)) == lease_id)
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
-        """Read the keys (one txn, or the prefix in pages) and each holder lease's time to live."""
-        kvs: dict[str, dict[str, Any]] = {}
+        """Up to 64 keys: one txn reading them. More: the prefix scanned in pages of keys only, then the value of
+        one key per grant in one txn at the scan's revision (``etcd_read``). Then one LeaseTimeToLive per
+        holder session."""
         wanted = set(keys)
         if len(wanted) <= SMALL:
-            found = list(self.txns.read([self._raw_key(k) for k in wanted]).values())
+            found = self.txns.read([self._raw_key(k) for k in wanted])
+            kvs = etcd_read.wanted_kvs(found.values(), self.prefix, wanted)
+            values = {etcd_read.grant_of(kv): kv.get("value", "") for kv in kvs.values()}
         else:
-            found, start, revision = [], self.prefix, 0
-            while True:
-                body: dict[str, Any] = {"key": b64(start), "range_end": b64(self.locks_end),
-                                        "limit": self.page, "sort_order": 1, "sort_target": 0}
-                if revision:
-                    body["revision"] = revision  # every page from the same snapshot
-                reply = self._post("/kv/range", body)
-                revision = int(reply["header"]["revision"])
-                found += reply.get("kvs", [])
-                if not reply.get("more") or not reply.get("kvs"):
-                    break
-                start = unb64(reply["kvs"][-1]["key"]) + b"\0"
-        for kv in found:
-            key = unb64(kv["key"])[len(self.prefix):].decode("utf-8", "surrogatepass")
-            if key in wanted:
-                kvs[key] = kv
+            scanned, revision = etcd_read.scan(self._post, self.prefix, self.locks_end, self.page)
+            kvs = etcd_read.wanted_kvs(scanned, self.prefix, wanted)
+            first = {etcd_read.grant_of(kv): key for key, kv in kvs.items()}  # one key of each grant
+            found = self.txns.read([self._raw_key(k) for k in first.values()], revision)
+            values = {grant: kv.get("value", "") for grant, key in first.items()
+                      if (kv := found.get(self._raw_key(key))) is not None}
         ttls: dict[int, int] = {}
-        for lease_id in {int(kv.get("lease", 0)) for kv in kvs.values()} - {0}:
+        for lease_id in {lease for lease, _ in values} - {0}:
             # proto3 JSON omits a zero: a missing TTL means under a second left; -1 means expired
             ttls[lease_id] = int(self._post("/kv/lease/timetolive", {"ID": lease_id}).get("TTL", 0))
         out: dict[str, Holder | None] = dict.fromkeys(keys)
-        for key, kv in kvs.items():
-            lease_id = int(kv.get("lease", 0))
-            if lease_id and ttls.get(lease_id, -1) < 0:
-                continue  # its lease just expired: the key is being deleted
-            try:
-                info = json.loads(unb64(kv.get("value", "")))
-                owner = str(info["owner"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BackendProtocolError(f"etcd key {key!r} at {self.url} has an unreadable value") from exc
-            out[key] = Holder(owner, int(kv["create_revision"]), float(ttls[lease_id]) if lease_id else None,
-                              pid=info.get("pid"), host=info.get("host"), since=info.get("since"))
+        out.update(etcd_read.holders(kvs, values, ttls, self.url))
         return out
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:

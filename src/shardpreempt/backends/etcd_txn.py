@@ -48,10 +48,10 @@ class Txns:
             pos += len(chunk)
         return True
 
-    def read(self, keys: list[bytes]) -> dict[bytes, dict[str, Any]]:
-        """The kv of each key that exists: one txn of range reads (one per chunk, all at one revision)."""
+    def read(self, keys: list[bytes], revision: int = 0) -> dict[bytes, dict[str, Any]]:
+        """The kv of each key that exists: one txn of range reads (one per chunk, all at one revision: ``revision``,
+        or the first chunk's)."""
         found: dict[bytes, dict[str, Any]] = {}
-        revision = 0
 
         def read(chunk: list[bytes]) -> bool:
             nonlocal revision

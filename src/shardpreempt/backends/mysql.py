@@ -32,24 +32,24 @@ missing or expired is free. ``init()`` creates them and the procedures ``<prefix
 
 try_acquire is one ``CALL <prefix>acquire(keys as JSON, ...)``: refuse at once if a key has a live holder;
 otherwise, in one READ COMMITTED transaction, create or lock the key rows in key order (the keys are sent
-sorted by their UTF-8 bytes, and rows are inserted ``ORDER BY key``, so overlapping slices never
-deadlock), lock their sessions in share mode and check again, extend or create the owner's session and
-point the keys at it with ``token = GREATEST(token + 1, clock in µs)``. A key held by the caller's own
-live session counts as busy. A deadlock (1213) or lock wait timeout (1205) is reported as busy (``None``),
-not retried: the claimer tries again on its own schedule. renew is one ``UPDATE`` of the session row that
-matches only while it has not expired and extends it only if the lease's first key still points at it with
-the lease's token (O(1) whatever the number of keys: slices are all or nothing, so the first key tells);
-the same statement reports, through ``LAST_INSERT_ID(expr)`` (the insert id of its answer), whether the
-session was expired or the key superseded (released or granted to another: a stale lease object); release
-is one ``CALL <prefix>release``, clearing the keys still pointing at the session (READ COMMITTED and key
-order too: no gap locks to deadlock with an acquire). inspect is one ``SELECT ... key IN (...)`` per
-10,000 keys. read_records is one ``SELECT``; swap_record is one autocommitted ``INSERT`` (a duplicate key:
-not absent), ``UPDATE`` or ``DELETE ... WHERE value = expected`` — InnoDB evaluates the condition of a
-write on the newest committed row under its lock, never on a snapshot, at any isolation level — or a
-``SELECT`` when nothing changes. A deadlock victim (1213: inserts racing with a delete) is run again, up
-to 3 times; a lock wait timeout (1205) raises ``BackendUnavailable``: nothing was changed. One connection
-per backend object, used by one thread at a time (a lock), so a worker may renew from one thread while it
-acquires from another.
+sorted by their UTF-8 bytes, and rows are inserted ``ORDER BY key``, so overlapping slices never deadlock),
+lock their sessions in share mode and check again, extend or create the owner's session and point the keys at
+it with ``token = GREATEST(token + 1, clock in µs)``. A key held by the caller's own live session counts as
+busy. A deadlock (1213) or lock wait timeout (1205) is reported as busy (``None``), not retried: the claimer
+tries again on its own schedule. renew is one ``UPDATE`` of the session row that matches only while it has not
+expired and extends it only if the lease's first key still points at it with the lease's token (O(1) whatever
+the number of keys: slices are all or nothing, so the first key tells); the same statement reports, through
+``LAST_INSERT_ID(expr)`` (the insert id of its answer), whether the session was expired or the key superseded
+(released or granted to another: a stale lease object); release is one ``CALL <prefix>release``, clearing the
+keys still pointing at the session (READ COMMITTED and key order too: no gap locks to deadlock with an
+acquire). inspect is one ``SELECT`` per 10,000 keys (sent as one JSON array), answering one row per live holder
+session with its keys as JSON. read_records is one ``SELECT``; swap_record is one autocommitted ``INSERT`` (a
+duplicate key: not absent), ``UPDATE`` or ``DELETE ... WHERE value = expected`` — InnoDB evaluates the
+condition of a write on the newest committed row under its lock, never on a snapshot, at any isolation level —
+or a ``SELECT`` when nothing changes. A deadlock victim (1213: inserts racing with a delete) is run again, up
+to 3 times; a lock wait timeout (1205) raises ``BackendUnavailable``: nothing was changed. One connection per
+backend object, used by one thread at a time (a lock), so a worker may renew from one thread while it acquires
+from another.
 
 Token source: ``GREATEST(last token + 1, SYSDATE(6) in µs since the epoch)`` (``NEXT_TOKEN``), computed in
 the acquiring transaction and kept in ``<prefix>shards.token`` (BIGINT), as ``redis://`` does. ``last + 1``
@@ -86,7 +86,7 @@ from pymysql.constants import CLIENT
 from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError
 from ..typing import Capabilities
 from . import option, reject_unknown
-from .sqlcommon import EXPIRED, RENEWED, SUPERSEDED, HolderRow, SqlBackend, parse_db_url
+from .sqlcommon import EXPIRED, RENEWED, SUPERSEDED, HeldRow, SqlBackend, parse_db_url
 
 log = logging.getLogger("shardpreempt.backends.mysql")
 
@@ -206,10 +206,16 @@ RENEW = """UPDATE `{p}sessions` x SET x.expires_at = IF(LAST_INSERT_ID(IF(
 WHERE x.id = %(session)s AND x.expires_at > SYSDATE(6)"""
 #: ``cursor.lastrowid`` after RENEW: the session was extended; it lives but the first key is not the lease's.
 RENEW_KEY_OK, RENEW_KEY_LOST = 2, 1
-INSPECT = """SELECT h.`key`, x.owner, h.token, TIMESTAMPDIFF(MICROSECOND, SYSDATE(6), x.expires_at) / 1e6,
-    x.pid, x.host, UNIX_TIMESTAMP(h.since)
-FROM `{p}shards` h JOIN `{p}sessions` x ON x.id = h.session
-WHERE h.`key` IN %s AND x.expires_at > SYSDATE(6)"""
+# One row per live session holding some of the keys (sent as one JSON array), with those keys as JSON: a few rows
+# instead of a row per key, which PyMySQL would parse in Python (``sqlcommon.HeldRow``). MAX() over one session's
+# row: MariaDB has no ANY_VALUE. The connection raises group_concat_max_len, MariaDB's bound on JSON_ARRAYAGG.
+INSPECT = """SELECT MAX(x.owner), MAX(TIMESTAMPDIFF(MICROSECOND, SYSDATE(6), x.expires_at)) / 1e6, MAX(x.pid),
+    MAX(x.host), JSON_ARRAYAGG(JSON_ARRAY(CAST(h.`key` AS CHAR CHARACTER SET utf8mb4), h.token,
+                                          UNIX_TIMESTAMP(h.since)))
+FROM """ + KEYS.replace("p_keys", "%s") + """
+    STRAIGHT_JOIN `{p}sessions` x FORCE INDEX (PRIMARY) ON x.id = h.session
+WHERE x.expires_at > SYSDATE(6)
+GROUP BY x.id"""
 READ_RECORDS = "SELECT name, value FROM `{p}records` WHERE name IN %s"
 #: How long the server has been up (whole seconds), read on every new connection (the restart grace).
 UPTIME = "SHOW GLOBAL STATUS LIKE 'Uptime'"
@@ -280,7 +286,8 @@ class MySQLBackend(SqlBackend):
                 connect_timeout=self.connect_timeout or None, read_timeout=self.timeout or None,
                 write_timeout=self.timeout or None,
                 client_flag=CLIENT.FOUND_ROWS,  # renew counts the matched row even when unchanged
-                init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {lock_wait}",
+                init_command=f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {lock_wait}, "
+                             "group_concat_max_len = 1073741824",
             )
         except pymysql.err.MySQLError as exc:
             code = exc.args[0] if exc.args else None
@@ -449,10 +456,16 @@ class MySQLBackend(SqlBackend):
     def _release(self, keys: list[str], session: str) -> None:
         self._call("release", keys, session)
 
-    def _inspect(self, keys: list[str]) -> list[HolderRow]:
-        rows = self._run("inspect", self._sql["inspect"], ([k.encode("utf-8") for k in keys],))[1][0]
-        return [(bytes(k).decode("utf-8"), owner, int(token), float(left), pid, host,
-                 None if since is None else float(since)) for k, owner, token, left, pid, host, since in rows]
+    def _inspect(self, keys: list[str]) -> list[HeldRow]:
+        rows = self._run("inspect", self._sql["inspect"], (json.dumps(keys, ensure_ascii=False),))[1][0]
+        out: list[HeldRow] = []
+        for owner, left, pid, host, held in rows:
+            try:
+                grants = json.loads(held)  # [[key, token, since], ...]
+            except ValueError as exc:
+                raise BackendProtocolError(f"{self.url}: unreadable inspect answer: {exc}") from exc
+            out.append((owner, float(left), pid, host, *zip(*grants, strict=True)))
+        return out
 
     def _read_records(self, names: list[str]) -> dict[str, str]:
         rows = self._run("read_records", self._sql["read_records"], ([n.encode("utf-8") for n in names],))[1][0]

@@ -78,7 +78,7 @@ from psycopg.rows import TupleRow
 from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError
 from ..typing import Capabilities
 from . import option, reject_unknown
-from .sqlcommon import EXPIRED, RENEWED, SUPERSEDED, HolderRow, SqlBackend, parse_db_url
+from .sqlcommon import EXPIRED, RENEWED, SUPERSEDED, HeldRow, SqlBackend, parse_db_url
 
 log = logging.getLogger("shardpreempt.backends.postgres")
 
@@ -184,10 +184,13 @@ RENEW = """WITH u AS (
 SELECT EXISTS (SELECT 1 FROM u),
     EXISTS (SELECT 1 FROM {s}.sessions WHERE id = %(session)s AND expires_at > clock_timestamp())"""
 RELEASE = "SELECT {s}.release(%s, %s, %s)"
-INSPECT = """SELECT h.key, x.owner, h.token, extract(epoch FROM x.expires_at - clock_timestamp())::float8,
-    x.pid, x.host, extract(epoch FROM h.since)::float8
+# One row per live session holding some of the keys, with those keys, their tokens and since as JSON arrays in
+# one order: a few rows and three parses at C speed instead of a row (and Python tuple) per key.
+INSPECT = """SELECT x.owner, extract(epoch FROM x.expires_at - clock_timestamp())::float8, x.pid, x.host,
+    json_agg(h.key)::text, json_agg(h.token)::text, json_agg(extract(epoch FROM h.since)::float8)::text
 FROM {s}.shards h JOIN {s}.sessions x ON x.id = h.session
-WHERE h.key = ANY(%s) AND x.expires_at > clock_timestamp()"""
+WHERE h.key = ANY(%s) AND x.expires_at > clock_timestamp()
+GROUP BY x.id"""
 READ_RECORDS = "SELECT name, value FROM {s}.records WHERE name = ANY(%s)"
 #: How long the server has been up, read on every new connection (the restart grace, ``sqlcommon``).
 UPTIME = "SELECT extract(epoch FROM clock_timestamp() - pg_postmaster_start_time())::float8"
@@ -232,7 +235,7 @@ class PostgresBackend(SqlBackend):
     """Leases in PostgreSQL: sessions with server-side expiry, per-key tokens, LISTEN/NOTIFY."""
 
     capabilities = Capabilities(server_expiry=True, cross_host=True, session_bound=False, blocking_wait=True)
-    inspect_batch = 200_000  # one ``key = ANY(array)`` query covers 100,000 keys
+    inspect_batch = 200_000  # one query covers 100,000 keys
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, options)
@@ -378,8 +381,13 @@ class PostgresBackend(SqlBackend):
     def _release(self, keys: list[str], session: str) -> None:
         self._run("release", (keys, session, self.channel))
 
-    def _inspect(self, keys: list[str]) -> list[HolderRow]:
-        return cast("list[HolderRow]", self._run("inspect", (keys,)))
+    def _inspect(self, keys: list[str]) -> list[HeldRow]:
+        rows = self._run("inspect", (keys,))
+        try:
+            return [(owner, left, pid, host, json.loads(held), json.loads(tokens), json.loads(sinces))
+                    for owner, left, pid, host, held, tokens, sinces in rows]
+        except ValueError as exc:
+            raise BackendProtocolError(f"{self.url}: unreadable inspect answer: {exc}") from exc
 
     def _read_records(self, names: list[str]) -> dict[str, str]:
         return {str(name): str(value) for name, value in self._run("read_records", (names,))}

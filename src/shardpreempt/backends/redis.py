@@ -37,6 +37,8 @@ whatever the number of keys; ``release`` publishes on ``{prefix}released`` and `
 there on a subscription kept open across calls. Records live at ``{prefix}record:{name}`` (a plain
 string; absent key = no record), a namespace apart from the shard keys: ``read_records`` is one
 ``MGET``, ``swap_record`` one ``EVALSHA`` of a compare-and-set script (scripts: ``redis_scripts``).
+``inspect`` is one pipelined round trip of read-only scripts answering 10,000 values each as one JSON
+string (Redis's bundled ``cjson``), and one for the live sessions of their holders.
 
 Restarts that lose data: a lost session would let the server grant a shard while its old holder is
 still working until its next renewal fails. So the acquire script keeps ``{prefix}boot``: the run id
@@ -96,6 +98,7 @@ from .redis_scripts import (
     BUSY,
     CORRUPT,
     GRANTED,
+    INSPECT,
     KEY_RELEASED,
     QUARANTINE,
     RELEASE,
@@ -108,7 +111,7 @@ from .redis_scripts import (
 
 log = logging.getLogger("shardpreempt.backends.redis")
 
-MGET_BATCH = 10_000  # keys per MGET in inspect: big enough for few commands, small enough not to stall
+INSPECT_BATCH = 10_000  # keys per script run in inspect: few commands, none stalling the server long
 
 TLS_OPTIONS: dict[str, type] = {"ssl_ca_certs": str, "ssl_ca_path": str, "ssl_certfile": str,
                                 "ssl_keyfile": str, "ssl_cert_reqs": str, "ssl_check_hostname": bool}
@@ -298,24 +301,28 @@ class RedisBackend:
         log.debug("released %d of %d keys of %s", reply, len(lease.keys), lease.owner)
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
-        """Holder of each key: one pipelined round trip of MGETs, one more for the live sessions."""
+        """Holder of each key: one pipelined round trip of read-only scripts (each reads ``INSPECT_BATCH`` keys
+        and answers their values as one JSON string), one more for the live sessions. Keys granted together
+        (the same value) share one Holder."""
         unique = list(dict.fromkeys(keys))
+        values: list[Any] = []
         with self._edge("inspect"):
-            pipe = self._client.pipeline(transaction=False)
-            for i in range(0, len(unique), MGET_BATCH):
-                pipe.mget([self._shard_key(k) for k in unique[i:i + MGET_BATCH]])
-            values = [v for batch in pipe.execute() for v in batch] if unique else []
-            records: dict[str, tuple[int, int, str]] = {}
-            for key, value in zip(unique, values, strict=True):
-                if value is None:
-                    continue
-                fields = str(value).split(" ", 2)
-                if len(fields) == 3:
+            if unique:
+                pipe = self._client.pipeline(transaction=False)
+                for i in range(0, len(unique), INSPECT_BATCH):
+                    batch = [self._shard_key(k) for k in unique[i:i + INSPECT_BATCH]]
+                    pipe.eval(INSPECT, 0, json.dumps(batch, ensure_ascii=False))
+                for reply in pipe.execute():
+                    values += self._json(reply)
+            grants: dict[str, tuple[int, int, str]] = {}  # value of a held key -> token, since µs, session
+            for value in set(values):
+                fields = value.split(" ", 2) if isinstance(value, str) else ()
+                if len(fields) == 3:  # else missing (false) or released ("<token>")
                     try:
-                        records[key] = (int(fields[0]), int(fields[1]), fields[2])
+                        grants[value] = (int(fields[0]), int(fields[1]), fields[2])
                     except ValueError:
-                        raise BackendProtocolError(f"{self.url}: unreadable shard record: {key!r}") from None
-            sids = list(dict.fromkeys(sid for _, _, sid in records.values()))
+                        raise BackendProtocolError(f"{self.url}: unreadable shard record: {value!r:.80}") from None
+            sids = list(dict.fromkeys(sid for _, _, sid in grants.values()))
             sessions: dict[str, tuple[int, Any]] = {}
             if sids:
                 pipe = self._client.pipeline(transaction=False)
@@ -324,15 +331,28 @@ class RedisBackend:
                     pipe.get(self._session_key(sid))
                 answers = pipe.execute()
                 sessions = {sid: (answers[2 * i], answers[2 * i + 1]) for i, sid in enumerate(sids)}
-        out: dict[str, Holder | None] = dict.fromkeys(keys)
-        for key, (token, since_us, sid) in records.items():
+        holders: dict[str, Holder] = {}
+        for value, (token, since_us, sid) in grants.items():
             pttl, raw = sessions[sid]
             if raw is None or pttl == -2:
                 continue  # the session expired: the key is free
             info = self._session_info(raw)
-            out[key] = Holder(_owner_of(sid), token, pttl / 1000 if pttl >= 0 else None,
-                              info.get("pid"), info.get("host"), since_us / 1e6)
+            holders[value] = Holder(_owner_of(sid), token, pttl / 1000 if pttl >= 0 else None,
+                                    info.get("pid"), info.get("host"), since_us / 1e6)
+        out: dict[str, Holder | None] = dict.fromkeys(keys)
+        for key, value in zip(unique, values, strict=True):
+            if value in holders:
+                out[key] = holders[value]
         return out
+
+    def _json(self, reply: Any) -> list[Any]:
+        try:
+            values = json.loads(reply)
+        except (TypeError, ValueError):
+            values = None
+        if not isinstance(values, list):
+            raise BackendProtocolError(f"{self.url}: unexpected reply from the inspect script: {reply!r:.99}")
+        return values
 
     @staticmethod
     def _session_info(raw: Any) -> dict[str, Any]:

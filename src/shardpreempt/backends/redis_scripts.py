@@ -101,3 +101,13 @@ end
 if ARGV[3] == '1' then redis.call('SET', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end
 return 1
 """
+
+INSPECT = """
+-- ARGV[1] a JSON array of shard keys; returns a JSON array of their values (false where a key is missing): one
+-- string the client parses at C speed, instead of a reply per key parsed in Python
+local keys = cjson.decode(ARGV[1])
+if #keys == 0 then return '[]' end
+local values = {}
+for i = 1, #keys do values[i] = redis.call('GET', keys[i]) end
+return cjson.encode(values)
+"""
