@@ -111,7 +111,7 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
                                "workers_per_supervisor": w, "slices": k, "ttl": args.ttl}
     cfg = write_config(tmp, args.shards, url, args.ttl)
     pool = Pool(tmp, url, cfg, k, w, args.poll, f"scale-{unique()}")
-    pool.slots = m * w + 32
+    pool.slots = m * w * 2 + 64  # every member slot in use, and more
     try:
         t0 = time.monotonic()
         for _ in range(m):

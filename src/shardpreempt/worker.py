@@ -260,7 +260,7 @@ class Worker:
         if self.outages:
             log.warning("worker %d: the backend answers again (after %d failed tries)", self.opts.index, self.outages)
             self.outages = 0
-        self.slots = slots_to_watch(obs.top_slot)
+        window, self.slots = self.slots, slots_to_watch(obs.top_slot)
         if self.opts.recorder is not None:
             self.opts.recorder.members(len(obs.members))
         self._update_watch(obs)
@@ -270,6 +270,8 @@ class Worker:
                 self._ring(backend)
         recheck = self._apply(backend, obs)
         now = time.monotonic()
+        if self.slots > window:  # members in slots it did not look at may exist: look again soon
+            recheck = min(recheck, now + self.period) if recheck is not None else now + self.period
         self.pool_size = max(1, len(obs.members))
         self.next_look = recheck if recheck is not None else now + self._quiet_look_every()
         return max(0.0, min(self.period, self.next_look - now))
@@ -441,12 +443,13 @@ class Worker:
                 free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
                 if free or self.slots >= MAX_SLOTS:
                     break
-                self.slots = min(MAX_SLOTS, self.slots * 2)
-            # The preferred slot first; then free ones in random order: workers joining at once would
-            # all race for the lowest free slot and all but one lose every try.
+                self.slots = min(MAX_SLOTS, slots_to_watch(self.slots - 1))
+            # The preferred slot first; then some of the 16 lowest free ones in random order: workers
+            # joining at once would all race for the lowest and all but one lose every try. Only low
+            # slots: members look at the slots up to 16 past the highest they see (slots_to_watch).
             preferred = [self.member_slot] if self.member_slot in free else []
-            others = [j for j in free if j != self.member_slot]
-            for j in [*preferred, *random.sample(others, min(8, len(others))), self.slots]:
+            others = [j for j in free[:16] if j != self.member_slot]
+            for j in [*preferred, *random.sample(others, min(8, len(others)))]:
                 key = member_key(j)
                 lease = backend.try_acquire([key], owner, opts.ttl)
                 if lease is None:
