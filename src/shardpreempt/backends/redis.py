@@ -65,7 +65,8 @@ are as durable as the server's persistence (none: a restart loses them). The
 client never retries (the claimer does); pooled connections are checked before use, so after a
 dropped connection at most one call raises ``BackendUnavailable`` and the next one reconnects.
 Each backend object uses one connection per calling thread, plus one for pub/sub once it waits;
-redis-py starts no threads for this. Full guide: ``docs/backends/redis.md``.
+redis-py starts no threads for this. Errors are translated in ``redis_errors``. Full guide:
+``docs/backends/redis.md``.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -88,11 +89,12 @@ import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
+from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
 from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
 from .grace import RestartGrace
+from .redis_errors import translated
 from .redis_scripts import (
     ACQUIRE,
     BUSY,
@@ -115,12 +117,6 @@ INSPECT_BATCH = 10_000  # keys per script run in inspect: few commands, none sta
 
 TLS_OPTIONS: dict[str, type] = {"ssl_ca_certs": str, "ssl_ca_path": str, "ssl_certfile": str,
                                 "ssl_keyfile": str, "ssl_cert_reqs": str, "ssl_check_hostname": bool}
-# Server errors that mean "not now" rather than "never": retrying later may succeed. redis-py strips
-# the code from the message of the errors it knows (keeping it as ``status_code``), not of the others.
-TRANSIENT = frozenset({"LOADING", "BUSY", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "OOM", "MISCONF",
-                       "NOREPLICAS"})
-
-
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -187,47 +183,9 @@ class RedisBackend:
     def _record_key(self, name: str) -> str:
         return f"{self.prefix}record:{name}"
 
-    @contextmanager
-    def _edge(self, operation: str) -> Iterator[None]:
-        """Translate redis-py errors, once, into the project's exceptions (URL redacted)."""
-        try:
-            yield
-        except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError,
-                redis.exceptions.NoPermissionError) as exc:
-            text = self._scrub(exc)
-            raise ConfigError(f"{operation}: authentication failed: {text}", source=self.url) from exc
-        except redis.exceptions.ResponseError as exc:
-            text = self._scrub(exc)
-            if "DB index" in text or "invalid DB" in text:
-                raise ConfigError(f"{operation}: no such database: {text}", source=self.url) from exc
-            if self._error_code(exc, text) in TRANSIENT:
-                raise BackendUnavailable(f"{self.url}: {operation}: server busy: {text}") from exc
-            raise BackendProtocolError(f"{self.url}: {operation}: {text}") from exc
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise BackendUnavailable(f"{self.url}: {operation}: {self._scrub(exc)}") from exc
-        except redis.exceptions.RedisError as exc:
-            raise BackendError(f"{self.url}: {operation}: {self._scrub(exc)}") from exc
-        except UnicodeEncodeError as exc:  # a lone surrogate in a key: nothing was sent
-            raise ConfigError(f"{operation}: keys and records must be valid UTF-8: {exc.reason}",
-                              source=self.url) from exc
-        except UnicodeDecodeError as exc:  # somebody else wrote bytes under our prefix
-            raise BackendProtocolError(f"{self.url}: {operation}: a stored value is not UTF-8") from exc
-
-    @staticmethod
-    def _error_code(exc: redis.exceptions.ResponseError, text: str) -> str:
-        """The server's error code: redis-py keeps known ones aside and leaves others in the message,
-        which a pipeline prefixes with the failing command."""
-        code = getattr(exc, "status_code", None)
-        if code:
-            return str(code)
-        if text.startswith("Command # ") and " caused error: " in text:
-            text = text.split(" caused error: ", 1)[1]
-        return text.split(" ", 1)[0]
-
-    def _scrub(self, exc: BaseException) -> str:
-        # redis-py does not echo passwords, but a message is cheap to make certain of.
-        text = str(exc) or type(exc).__name__
-        return text.replace(self._password, "***") if self._password else text
+    def _edge(self, operation: str) -> AbstractContextManager[None]:
+        """Translate redis-py errors, once, into the project's exceptions (URL redacted): ``redis_errors``."""
+        return translated(operation, self.url, self._password)
 
     @staticmethod
     def _ms(ttl: float) -> int:
