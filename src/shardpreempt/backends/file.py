@@ -27,7 +27,6 @@ import fcntl
 import hashlib
 import json
 import os
-import resource
 import socket
 import stat
 import time
@@ -41,90 +40,20 @@ from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
 from . import check_record, option, reject_unknown, superseded, url_options
+from .file_layout import (
+    RECORD_SIZE,
+    default_directory,
+    directory_of,
+    ensure_fd_room,
+    lock_name,
+    read_record,
+    record_name,
+    secure_directory,
+    write_record,
+)
 from .inotify import watch_writes
 
-RECORD_SIZE = 512  # token line + holder JSON, written with one pwrite
-
-
-def default_directory() -> Path:
-    """The private per-user lock directory used when the URL names none."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "shardpreempt" / "locks"
-
-
-def lock_name(key: str) -> str:
-    """File name for a key: a hash, so any identity (slashes, NUL, 1 MB long) is a safe name."""
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".lock"
-
-
-def record_name(name: str) -> str:
-    """File name for a record (``.rec``: never the same file as a lock key of the same name)."""
-    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".rec"
-
-
-def directory_of(url: str) -> Path:
-    """The lock directory a ``file://`` URL names (without creating or checking it)."""
-    raw = unquote(urlsplit(url).path)
-    return Path(raw) if raw else default_directory()
-
-
-def _secure_directory(path: Path, url: str) -> tuple[Path, int]:
-    """Create (0700) and open the lock directory; refuse a symlink, another user's, or a shared one.
-
-    Returns the path and a descriptor of the directory: every lock file is opened relative to that
-    descriptor, so swapping a parent directory later cannot redirect lock files elsewhere.
-    """
-    if not path.is_absolute():
-        raise ConfigError(f"lock directory must be an absolute path, got {str(path)!r}", source=url)
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise ConfigError(f"lock directory {str(path)!r} is a symlink or not a directory", source=url) from exc
-        raise ConfigError(f"cannot open lock directory {str(path)!r}: {exc.strerror}", source=url) from exc
-    st = os.fstat(fd)
-    problem = None
-    if st.st_uid != os.geteuid():
-        problem = f"lock directory {str(path)!r} is owned by uid {st.st_uid}, not by us"
-    elif st.st_mode & 0o022:
-        problem = (f"lock directory {str(path)!r} is writable by group or others (mode {st.st_mode & 0o777:o}); "
-                   "use a private one (chmod 700)")
-    if problem:
-        os.close(fd)
-        raise ConfigError(problem, source=url)
-    return path, fd
-
-
-def _read_record(fd: int) -> tuple[int, dict[str, Any]]:
-    raw = os.pread(fd, RECORD_SIZE, 0)
-    if not raw.strip():
-        return 0, {}
-    first, _, rest = raw.partition(b"\n")
-    try:
-        token = int(first)
-        holder = json.loads(rest) if rest.strip() else {}
-    except ValueError as exc:
-        raise BackendProtocolError(f"unreadable lock record ({raw[:40]!r})") from exc
-    return token, holder
-
-
-def _write_record(fd: int, token: int, holder: dict[str, Any], durable: bool) -> None:
-    body = b"%d\n%s" % (token, json.dumps(holder, separators=(",", ":")).encode())
-    if len(body) > RECORD_SIZE:  # an owner id this long is refused rather than truncated
-        raise ConfigError(f"owner id too long for a lock record ({len(body)} bytes)")
-    os.pwrite(fd, body.ljust(RECORD_SIZE), 0)
-    if durable:
-        os.fsync(fd)
-
-
-def _ensure_fd_room(extra: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = extra + 256
-    if want > soft and soft != resource.RLIM_INFINITY:
-        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-
+__all__ = ["RECORD_SIZE", "FileBackend", "default_directory", "directory_of", "lock_name", "record_name"]
 
 class FileBackend:
     """Per-shard ``flock`` in a private directory (one machine)."""
@@ -140,7 +69,7 @@ class FileBackend:
         if parts.netloc not in ("", "localhost"):
             raise ConfigError("file:// URLs name a local directory: file:///abs/path", source=url)
         raw = unquote(parts.path)
-        self.directory, self._dir_fd = _secure_directory(Path(raw) if raw else default_directory(), url)
+        self.directory, self._dir_fd = secure_directory(Path(raw) if raw else default_directory(), url)
         self.url = f"file://{self.directory}"
         self._held: dict[str, list[int]] = {}  # session -> fds holding the locks
         self._peek_fds: dict[str, int] = {}  # key -> read-only descriptor kept for peek()
@@ -165,7 +94,7 @@ class FileBackend:
     def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
         """Lock every key (sorted, non-blocking) or roll back and return None."""
         ordered = sorted(set(keys))
-        _ensure_fd_room(len(ordered) + sum(len(v) for v in self._held.values()) + len(self._peek_fds))
+        ensure_fd_room(len(ordered) + sum(len(v) for v in self._held.values()) + len(self._peek_fds))
         fds: list[int] = []
         try:
             for key in ordered:
@@ -179,8 +108,8 @@ class FileBackend:
             holder = {"owner": owner, "pid": os.getpid(), "host": self._host, "since": time.time()}
             tokens = {}
             for key, fd in zip(ordered, fds, strict=True):
-                token = _read_record(fd)[0] + 1
-                _write_record(fd, token, holder, self.durable)
+                token = read_record(fd)[0] + 1
+                write_record(fd, token, holder, self.durable)
                 tokens[key] = token
         except BaseException:
             self._close_all(fds)
@@ -220,8 +149,8 @@ class FileBackend:
             return
         try:
             for fd in fds:
-                token, _ = _read_record(fd)
-                _write_record(fd, token, {}, self.durable)
+                token, _ = read_record(fd)
+                write_record(fd, token, {}, self.durable)
         finally:
             self._close_all(fds)
 
@@ -307,7 +236,7 @@ class FileBackend:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                token, rec = _read_record(fd)
+                token, rec = read_record(fd)
                 owner = rec.get("owner")
                 out[key] = Holder(owner, token, None, rec.get("pid"), rec.get("host"), rec.get("since")) \
                     if owner else Holder("", token)  # locked, record not written yet
