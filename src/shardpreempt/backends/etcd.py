@@ -2,7 +2,8 @@
 
 URL grammar: ``etcd://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...][/PREFIX][?OPTIONS]``, e.g.
 ``etcd://127.0.0.1:2379,127.0.0.1:22379/shardpreempt?timeout=2``. Keys live under ``/PREFIX/``
-(default ``/shardpreempt/``). Endpoints are tried in order; a connection error moves on to the next.
+(default ``/shardpreempt/``). Endpoints are tried in order; a connection error moves on to the next
+(``etcd_http``).
 With USER:PASSWORD the backend calls ``Authenticate`` and sends the token with every request
 (re-authenticating once when the server says the token expired).
 
@@ -47,16 +48,12 @@ import logging
 import math
 import os
 import socket
-import ssl
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
-
-from etcd3gw import exceptions as etcd_exc
-from etcd3gw.client import Etcd3Client
 
 from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
@@ -71,9 +68,10 @@ from . import (
     superseded,
     url_options,
 )
+from .etcd_http import Gateway, parse_endpoints
 from .etcd_txn import Txns
 from .etcd_watch import WatchStream
-from .etcd_wire import Code, b64, code_of, message_of, translate, unb64
+from .etcd_wire import b64, unb64
 
 log = logging.getLogger("shardpreempt.backends.etcd")
 SMALL = 64  # inspect reads up to this many keys in one txn, more by scanning the prefix
@@ -101,83 +99,25 @@ class EtcdBackend:
         self.poll = float(option(opts, "poll", float, 0.05, url=url))
         self.page = max(1, int(option(opts, "page", int, 10000, url=url)))
         max_txn_ops = int(option(opts, "max_txn_ops", int, 0, url=url))  # 0: unknown until refused
-        self.tls = bool(option(opts, "tls", bool, False, url=url))
-        self.ca_cert = option(opts, "ca_cert", str, None, url=url)
-        self.cert_cert = option(opts, "cert_cert", str, None, url=url)
-        self.cert_key = option(opts, "cert_key", str, None, url=url)
+        tls = bool(option(opts, "tls", bool, False, url=url))
+        certs = {name: option(opts, name, str, None, url=url) for name in ("ca_cert", "cert_cert", "cert_key")}
         reject_unknown(opts, url)
         parts = urlsplit(url)
         userinfo, _, hosts = parts.netloc.rpartition("@")
         user, _, password = userinfo.partition(":")
-        self._auth = (unquote(user), unquote(password)) if user else None
-        self.endpoints: list[tuple[str, int]] = []
-        for item in hosts.split(","):
-            host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "2379")
-            try:
-                self.endpoints.append((host.strip("[]") or "127.0.0.1", int(port)))
-            except ValueError:
-                raise ConfigError(f"bad endpoint {item!r}", source=self.url) from None
+        self.endpoints = parse_endpoints(hosts, self.url)
+        self.gateway = Gateway(self.endpoints, self.url, auth=(unquote(user), unquote(password)) if user else None,
+                               connect_timeout=self.connect_timeout, timeout=self.timeout, tls=tls, **certs)
+        self._post = self.gateway.post
         path = unquote(parts.path).strip("/") or "shardpreempt"
         self.prefix = f"/{path}/".encode()
         self.locks_end = self.prefix + b"\xff"  # every lock key sorts below it, the records above
-        self._clients: dict[int, Etcd3Client] = {}
         self.txns = Txns(self._post, self.url, max_txn_ops)
-        self._current = 0
         self._sessions: dict[str, _Session] = {}  # owner -> its etcd lease
         self._limbo: dict[str, tuple[list[str], bytes]] = {}  # owner -> keys/value of an unsure acquire
         self._failed: dict[bytes, int] = {}  # etcd key -> store revision of the last acquire it failed
         self._watch: WatchStream | None = None
         self._host = socket.gethostname()
-
-    # -- transport -------------------------------------------------------------------------------
-    def _client(self, index: int) -> Etcd3Client:
-        if index not in self._clients:
-            host, port = self.endpoints[index]
-            client = Etcd3Client(host=host, port=port, protocol="https" if self.tls else "http",
-                                    ca_cert=self.ca_cert, cert_key=self.cert_key, cert_cert=self.cert_cert,
-                                    timeout=(self.connect_timeout, self.timeout),  # type: ignore[arg-type]
-                                    api_path="/v3/")
-            if self._auth is not None:
-                self._authenticate(client)
-            self._clients[index] = client
-        return self._clients[index]
-
-    def _authenticate(self, client: Etcd3Client) -> None:
-        assert self._auth is not None
-        client.session.headers.pop("Authorization", None)
-        name, password = self._auth
-        reply = client.post(client.get_url("/auth/authenticate"), json={"name": name, "password": password})
-        client.session.headers["Authorization"] = str(reply["token"])
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST to the first endpoint that answers; client errors translated here, once."""
-        last: Exception | None = None
-        for _ in range(len(self.endpoints)):
-            index = self._current
-            try:
-                client = self._client(index)
-                try:
-                    reply: dict[str, Any] = client.post(client.get_url(path), json=body)
-                except etcd_exc.Etcd3Exception as exc:
-                    if self._auth is None or code_of(exc) != Code.UNAUTHENTICATED:
-                        raise
-                    self._authenticate(client)  # the token expired: once more with a new one
-                    reply = client.post(client.get_url(path), json=body)
-                return reply
-            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError) as exc:
-                last = exc
-                self._clients.pop(index, None)
-                self._current = (index + 1) % len(self.endpoints)
-                text = exc.detail_text or ""
-                if "NewConnectionError" not in text and "ConnectTimeout" not in text:
-                    break  # the request may have been applied: let the caller decide, do not resend
-            except etcd_exc.Etcd3Exception as exc:
-                raise self._translate(exc) from exc
-        raise BackendUnavailable(f"etcd unreachable at {self.url}: {message_of(last)}") from last
-
-    def _translate(self, exc: etcd_exc.Etcd3Exception) -> Exception:
-        return translate(code_of(exc), message_of(exc), self.url,
-                         server_error=isinstance(exc, etcd_exc.InternalServerError))
 
     def _raw_key(self, key: str) -> bytes:
         return self.prefix + key.encode("utf-8", "surrogatepass")
@@ -374,15 +314,9 @@ class EtcdBackend:
             time.sleep(max(0.0, min(self.poll, deadline - time.monotonic())))
 
     def _open_watch(self, start: int) -> WatchStream:
-        host, port = self.endpoints[self._current]
-        context = None
-        if self.tls:
-            context = ssl.create_default_context(cafile=self.ca_cert)
-            if self.cert_cert and self.cert_key:
-                context.load_cert_chain(self.cert_cert, self.cert_key)
-        auth = self._client(self._current).session.headers.get("Authorization")
+        host, port, context, auth = self.gateway.watch_target()
         return WatchStream.open(host, port, self.prefix, self.locks_end, start, timeout=self.connect_timeout,
-                                tls=context, auth=str(auth) if auth else None)
+                                tls=context, auth=auth)
 
     # -- records ---------------------------------------------------------------------------------
     def _record_key(self, name: str) -> bytes:
@@ -412,6 +346,4 @@ class EtcdBackend:
         if self._watch is not None:
             self._watch.close()
             self._watch = None
-        for client in self._clients.values():
-            client.session.close()
-        self._clients.clear()
+        self.gateway.close()
