@@ -196,11 +196,12 @@ class MetricsServer:
     def __init__(self, address: str) -> None:
         require()
         host, port = parse_address(address)
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except (OSError, UnicodeError) as exc:
-            raise ConfigError(f"cannot listen on {address!r}: {getattr(exc, 'strerror', None) or exc}",
-                              key="--metrics") from None
+        if not host.isascii():
+            raise ConfigError(f"cannot listen on {address!r}: not an ASCII host name", key="--metrics")
+        try:  # the host as bytes: no IDNA codec (and its tables) loaded into the supervisor and its workers
+            infos = socket.getaddrinfo(host.encode(), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {address!r}: {exc.strerror}", key="--metrics") from None
         family, _, _, _, sockaddr = infos[0]
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         try:
