@@ -43,6 +43,8 @@ callback threads per client: unavoidable with kazoo); switching its pings off us
 does not tell other clients when a session will expire. kazoo replaces an expired session at once;
 an owner whose session was lost and that holds nothing on the new one has its client closed by the
 backend's next call (any method, e.g. the claimer's next renewal), so lost owners leave no client behind.
+Parts: sessions and their clients in ``zookeeper_session``, reading holders in ``zookeeper_inspect``,
+records in ``zookeeper_records``.
 """
 
 from __future__ import annotations
@@ -50,28 +52,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from kazoo import exceptions as kz
-from kazoo.client import KazooClient, KazooState
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.client import KazooState
 from kazoo.security import make_digest_acl
 
-from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
+from ..errors import BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
+from . import (
+    check_record,
+    option,
+    redact_url,
+    reject_unknown,
+    renewal_check,
+    superseded,
+    url_options,
+    zookeeper_records,
+)
+from .zookeeper_inspect import by_claims, by_nodes
+from .zookeeper_session import Owner, Owners, connect, edge
 
-log = logging.getLogger("shardpreempt.backends.zookeeper")
 SMALL = 64  # inspect asks for up to this many nodes directly, lists the children first above it
 READER_TIMEOUT = 10.0  # session timeout of the pinging client used by inspect and wait
 
@@ -79,28 +88,6 @@ READER_TIMEOUT = 10.0  # session timeout of the pinging client used by inspect a
 def node_name(key: str) -> str:
     """The node name of a key: a hash, so any identity is a valid ZooKeeper name."""
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-@dataclass
-class _Owner:
-    client: Any  # KazooClient
-    negotiated: list[float]  # seconds, set on each (re)connect
-    marked: int | None = None  # session id whose marker node exists
-    held: dict[str, int] = field(default_factory=dict)  # node path -> session id that created it
-    claims: dict[int, str] = field(default_factory=dict)  # token -> claim record path
-    limbo: tuple[list[str], str] | None = None  # paths and claim record of an acquire whose reply was lost
-    changed: threading.Event = field(default_factory=threading.Event)  # set on every state change
-    lost: threading.Event = field(default_factory=threading.Event)  # set when a session of it expired
-    busy: threading.Lock = field(default_factory=threading.Lock)  # held by acquire and release: never reaped then
-    closed: bool = False  # its client was stopped: the owner gets a new one
-
-    def settle(self, timeout: float) -> None:
-        """Give kazoo up to ``timeout`` to learn whether a dropped connection's session still lives."""
-        deadline = time.monotonic() + timeout
-        while self.client.state == KazooState.SUSPENDED and (left := deadline - time.monotonic()) > 0:
-            self.changed.clear()
-            if self.client.state == KazooState.SUSPENDED:
-                self.changed.wait(left)
 
 
 class ZooKeeperBackend:
@@ -134,105 +121,25 @@ class ZooKeeperBackend:
         self.claims_dir = f"{self.root}/c"  # one ephemeral record per acquire: owner, keys; czxid = token
         self.sessions_dir = f"{self.root}/s"  # one ephemeral marker per owner session
         self.records_dir = f"{self.root}/r"  # one persistent node per record, named by the name's hash
-        self._owners: dict[str, _Owner] = {}
-        self._reader: _Owner | None = None
+        self._owners = Owners(lambda ttl: self._connect(ttl, ping=False))
+        self._reader: Owner | None = None
         self._paths_ready = False
         self._wake = threading.Event()
-        self._lock = threading.Lock()  # owners dict: renew runs on the claimer's thread
         self._host = socket.gethostname()
 
-    # -- sessions --------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _edge(self, what: str) -> Iterator[None]:
-        """Translate kazoo's errors, once, into the project's."""
-        try:
-            yield
-        except (KazooTimeoutError, kz.ConnectionLoss, kz.OperationTimeoutError, kz.SessionMovedError,
-                kz.ConnectionDropped, kz.SessionExpiredError) as exc:
-            raise BackendUnavailable(f"ZooKeeper {what} failed at {self.url}: {type(exc).__name__}") from exc
-        except (kz.NoAuthError, kz.AuthFailedError, kz.InvalidACLError, kz.BadArgumentsError) as exc:
-            raise ConfigError(f"ZooKeeper refused {what}: {type(exc).__name__}", source=self.url) from exc
-        except kz.KazooException as exc:
-            raise BackendProtocolError(f"ZooKeeper {what} at {self.url}: {type(exc).__name__}") from exc
+    # -- sessions (zookeeper_session) ------------------------------------------------------------
+    def _edge(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return edge(what, self.url)
 
-    def _connect(self, timeout: float, ping: bool) -> _Owner:
-        retry = {"max_tries": -1, "delay": 0.05, "backoff": 2, "max_delay": 1.0}
-        client = KazooClient(hosts=self.hosts, timeout=timeout, logger=logging.getLogger(f"{log.name}.kazoo"),
-                             connection_retry=retry, **self._auth, **self._tls)
-        negotiated = [timeout]
-        connection = client._connection
-        connect = connection._connect
-
-        def record(*args: Any) -> Any:
-            read_timeout, connect_timeout = connect(*args)
-            negotiated[0] = read_timeout * 1.5 / 1000.0  # kazoo's read timeout is 2/3 of the negotiated one
-            return read_timeout, connect_timeout
-
-        connection._connect = record
-        if not ping:  # renew is the heartbeat: a holder that stops renewing must lose its session
-            connection._send_ping = lambda connect_timeout: None
-        try:
-            client.start(timeout=self.connect_timeout)
-        except KazooTimeoutError as exc:
-            client.stop()
-            client.close()
-            raise BackendUnavailable(
-                f"ZooKeeper unreachable at {self.url} within {self.connect_timeout} s") from exc
-        state = _Owner(client, negotiated)
-
-        def changed(new: str) -> None:  # runs on kazoo's connection thread: only flags, never closes here
-            if new == KazooState.LOST:
-                state.lost.set()
-            state.changed.set()
-
-        client.add_listener(changed)
+    def _connect(self, timeout: float, ping: bool) -> Owner:
+        state = connect(self.hosts, self.url, timeout=timeout, connect_timeout=self.connect_timeout, ping=ping,
+                        options={**self._auth, **self._tls})
         if not self._paths_ready:
             with self._edge("creating the chroot"):
                 for path in (self.keys_dir, self.claims_dir, self.sessions_dir, self.records_dir):
-                    client.ensure_path(path)
+                    state.client.ensure_path(path)
             self._paths_ready = True
         return state
-
-    def _owner(self, owner: str, ttl: float) -> _Owner:
-        with self._lock:
-            state = self._owners.get(owner)
-        if state is not None and state.client.state == KazooState.LOST:
-            self._drop(owner, state)
-            state = None
-        if state is None:
-            state = self._connect(ttl, ping=False)
-            with self._lock:
-                self._owners[owner] = state
-        return state
-
-    def _drop(self, owner: str, state: _Owner | None = None) -> None:
-        """Close the owner's client (only if it is still ``state``, when given); its nodes go at once."""
-        with self._lock:
-            current = self._owners.get(owner)
-            if current is None or (state is not None and current is not state):
-                return
-            del self._owners[owner]
-        current.closed = True
-        current.client.stop()
-        current.client.close()
-
-    def _reap(self) -> None:
-        """Close the client of every owner whose session was lost and that holds nothing on its current one.
-
-        kazoo replaces an expired session at once, and again after each timeout while the owner is idle
-        (its pings are off); a claimer takes a new owner id after a loss, so without this every loss would
-        leave a client re-creating sessions for ever. Called at the start of every public method."""
-        with self._lock:
-            lost = [(owner, state) for owner, state in self._owners.items() if state.lost.is_set()]
-        for owner, state in lost:
-            if not state.busy.acquire(blocking=False):
-                continue  # an acquire or release is using it: a later call decides
-            try:
-                sid = state.client._session_id
-                if sid is None or sid not in state.held.values():
-                    self._drop(owner, state)
-            finally:
-                state.busy.release()
 
     def _reader_client(self) -> Any:
         if self._reader is None:
@@ -245,7 +152,7 @@ class ZooKeeperBackend:
     def _path(self, key: str) -> str:
         return f"{self.keys_dir}/{node_name(key)}"
 
-    def _session_id(self, state: _Owner) -> int:
+    def _session_id(self, state: Owner) -> int:
         sid = state.client.client_id
         if sid is None:
             raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
@@ -255,14 +162,14 @@ class ZooKeeperBackend:
     def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
         """Hold every key or none: one multi creating an ephemeral node per key and a claim record."""
         start = time.monotonic()
-        self._reap()
+        self._owners.reap()
         while True:
-            state = self._owner(owner, ttl)
+            state = self._owners.session(owner, ttl)
             with state.busy:
                 if not state.closed:  # else reaped between the two lines above: take a new client
                     return self._acquire(state, keys, owner, start)
 
-    def _acquire(self, state: _Owner, keys: Sequence[str], owner: str, start: float) -> Lease | None:
+    def _acquire(self, state: Owner, keys: Sequence[str], owner: str, start: float) -> Lease | None:
         if state.limbo is not None:
             self._clear_limbo(state)
         paths = [self._path(k) for k in keys]
@@ -294,7 +201,7 @@ class ZooKeeperBackend:
             if not failures:
                 stat = results[-1]
                 if stat.ephemeralOwner != sid:  # the session changed under us: closing it undoes the multi
-                    self._drop(owner, state)
+                    self._owners.drop(owner, state)
                     raise BackendUnavailable(f"ZooKeeper session at {self.url} changed during an acquire")
                 state.marked = sid
                 state.held.update(dict.fromkeys([*paths, claim], sid))
@@ -312,7 +219,7 @@ class ZooKeeperBackend:
                 raise failure
         return None
 
-    def _clear_limbo(self, state: _Owner) -> None:
+    def _clear_limbo(self, state: Owner) -> None:
         """Delete the nodes of an acquire whose reply was lost, if it did take effect."""
         assert state.limbo is not None
         paths, claim = state.limbo
@@ -334,15 +241,14 @@ class ZooKeeperBackend:
         sid = int(lease.session, 16)
         check = renewal_check(lease)
         path = self._marker(sid) if check is None else self._path(check[0])
-        self._reap()
-        with self._lock:
-            state = self._owners.get(lease.owner)
+        self._owners.reap()
+        state = self._owners.get(lease.owner)
         if state is None:  # closed, or reaped after its session was lost
             raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
         for attempt in (1, 2):
             state.settle(self.timeout)  # after a drop kazoo reconnects: same session, or expired
             if state.client._session_id != sid:
-                self._reap()  # the session was lost: its client goes unless it holds a newer acquire
+                self._owners.reap()  # the session was lost: its client goes unless it holds a newer acquire
                 raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
             if state.client.state != KazooState.CONNECTED:
                 raise BackendUnavailable(f"ZooKeeper session at {self.url} is {state.client.state}")
@@ -353,7 +259,7 @@ class ZooKeeperBackend:
             except BackendUnavailable as exc:
                 if isinstance(exc.__cause__, kz.SessionExpiredError) and not isinstance(
                         exc.__cause__, kz.ConnectionClosedError):
-                    self._reap()
+                    self._owners.reap()
                     raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys) from exc
                 if attempt == 2 or not isinstance(exc.__cause__, kz.ConnectionLoss):
                     raise
@@ -361,11 +267,11 @@ class ZooKeeperBackend:
                 # kazoo queues the retry until it has reconnected, so it gets the verdict, not a guess
         if check is None and (stat is None or stat.ephemeralOwner != sid):
             with state.busy:  # no lease of a session without its marker can be proven or released: end it
-                self._drop(lease.owner, state)
+                self._owners.drop(lease.owner, state)
             raise LeaseLost(f"ZooKeeper session {sid:x} is gone", lease.keys)
         if check is not None:
             if state.client._session_id != sid:  # replaced while the request was queued: the session died
-                self._reap()
+                self._owners.reap()
                 raise LeaseLost(f"ZooKeeper session {sid:x} expired", lease.keys)
             # the answer came on our session, so it lives: only the key can be lost (its other leases stand)
             if stat is None:
@@ -379,9 +285,8 @@ class ZooKeeperBackend:
     def release(self, lease: Lease) -> None:
         """Delete the nodes this lease's session still holds: one multi guarded by the session marker."""
         sid = int(lease.session, 16)
-        self._reap()
-        with self._lock:
-            state = self._owners.get(lease.owner)
+        self._owners.reap()
+        state = self._owners.get(lease.owner)
         if state is None:
             return  # closed: its sessions are over, and their ephemeral nodes with them
         with state.busy:
@@ -393,7 +298,7 @@ class ZooKeeperBackend:
             if claim and claim not in state.held:
                 state.claims = {t: c for t, c in state.claims.items() if c != claim}
 
-    def _delete(self, state: _Owner, sid: int, paths: list[str]) -> None:
+    def _delete(self, state: Owner, sid: int, paths: list[str]) -> None:
         ours = [p for p in paths if state.held.get(p) == sid]
         for _ in range(3):
             if not ours:
@@ -425,48 +330,22 @@ class ZooKeeperBackend:
             ours = [p for p in ours if p in state.held]
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
-        """Few keys: their nodes and owners' markers (2 round trips); many: every claim record, pipelined."""
-        self._reap()
+        """Few keys: their nodes and owners' markers (2 round trips); many: every claim record, pipelined
+        (``zookeeper_inspect``)."""
+        self._owners.reap()
         client = self._reader_client()
         out: dict[str, Holder | None] = dict.fromkeys(keys)
         with self._edge("inspect"):
             if len(out) <= SMALL:
-                stats = [(k, client.exists_async(self._path(k))) for k in out]
-                held = [(k, s) for k, r in stats if (s := r.get(timeout=self.timeout)) is not None]
-                owners = {s.ephemeralOwner: client.get_async(self._marker(s.ephemeralOwner)) for _, s in held}
-                for key, stat in held:
-                    with contextlib.suppress(kz.NoNodeError):  # the session ended meanwhile: free
-                        info = self._record(owners[stat.ephemeralOwner].get(timeout=self.timeout)[0], key)
-                        out[key] = Holder(str(info["owner"]), int(stat.czxid), None, pid=info.get("pid"),
-                                          host=info.get("host"), since=stat.ctime / 1000)
-                return out
-            names = client.get_children(self.claims_dir)
-            for reply in [client.get_async(f"{self.claims_dir}/{name}") for name in names]:
-                try:
-                    data, stat = reply.get(timeout=self.timeout)
-                except kz.NoNodeError:
-                    continue  # released meanwhile
-                info = self._record(data, self.claims_dir)
-                holder = Holder(str(info["owner"]), int(stat.czxid), None, pid=info.get("pid"),
-                                host=info.get("host"), since=stat.ctime / 1000)
-                for key in info.get("keys", []):
-                    if key in out:
-                        out[key] = holder
+                out.update(by_nodes(client, {k: self._path(k) for k in out}, self._marker, self.timeout, self.url))
+            else:
+                out.update(by_claims(client, self.claims_dir, out, self.timeout, self.url))
         return out
-
-    def _record(self, data: bytes, where: str) -> dict[str, Any]:
-        try:
-            info = json.loads(data.decode("utf-8", "surrogatepass"))
-            if not isinstance(info, dict) or "owner" not in info:
-                raise ValueError("no owner")
-        except ValueError as exc:
-            raise BackendProtocolError(f"unreadable ZooKeeper record for {where!r} at {self.url}") from exc
-        return info
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
         """Set an ``exists`` watch on every key; return when one is deleted or free, or at the timeout."""
         deadline = time.monotonic() + timeout
-        self._reap()
+        self._owners.reap()
         client = self._reader_client()
         self._wake.clear()
         with self._edge("wait"):
@@ -486,66 +365,25 @@ class ZooKeeperBackend:
         """A ``sync`` and a ``get`` per name, issued together and then collected (pipelined)."""
         for name in names:
             check_record(name)
-        self._reap()
+        self._owners.reap()
         client = self._reader_client()
-        out: dict[str, str | None] = {}
         with self._edge("reading records"):
-            # a session's requests are answered in order: after the sync, the gets see the leader's state
-            synced = client.sync_async(self.records_dir)
-            replies = {name: client.get_async(self._record_path(name)) for name in dict.fromkeys(names)}
-            synced.get(timeout=self.timeout)
-            for name, reply in replies.items():
-                try:
-                    out[name] = reply.get(timeout=self.timeout)[0].decode("utf-8", "surrogatepass")
-                except kz.NoNodeError:
-                    out[name] = None
-        return {name: out[name] for name in names}
+            found = zookeeper_records.read(client, self.records_dir, {n: self._record_path(n) for n in names},
+                                           self.timeout)
+        return {name: found[name] for name in names}
 
     def swap_record(self, name: str, expected: str | None, value: str | None) -> bool:
         """Expected absent: a multi creating the node (and deleting it again for ``None``); else the node's
         version is read and the set or delete is made at that version."""
         check_record(name, value)
-        self._reap()
-        client, path = self._reader_client(), self._record_path(name)
-        data = None if value is None else value.encode("utf-8", "surrogatepass")
+        self._owners.reap()
+        client = self._reader_client()
         with self._edge("swapping a record"):
-            if expected is None:
-                txn = client.transaction()
-                txn.create(path, data or b"")
-                if data is None:
-                    txn.delete(path)  # absent to absent: succeeds only while absent, leaves nothing
-                results = txn.commit_async().get(timeout=self.timeout)
-                failures = [r for r in results if isinstance(r, Exception)
-                            and not isinstance(r, (kz.RolledBackError, kz.RuntimeInconsistency))]
-                if failures and not isinstance(failures[0], kz.NodeExistsError):
-                    raise failures[0]
-                return not failures
-            want = expected.encode("utf-8", "surrogatepass")
-            while True:
-                synced = client.sync_async(path)  # so the read below is not a lagging member's
-                reply = client.get_async(path)
-                synced.get(timeout=self.timeout)
-                try:
-                    current, stat = reply.get(timeout=self.timeout)
-                except kz.NoNodeError:
-                    return False
-                if current != want:
-                    return False
-                write = (client.delete_async(path, version=stat.version) if data is None
-                         else client.set_async(path, data, version=stat.version))
-                try:
-                    write.get(timeout=self.timeout)
-                    return True
-                except (kz.BadVersionError, kz.NoNodeError):
-                    continue  # changed since the read: compare again with what is there now
+            return zookeeper_records.swap(client, self._record_path(name), expected, value, self.timeout)
 
     def close(self) -> None:
         """Close every session (their ephemeral nodes go at once) and stop kazoo's threads."""
-        with self._lock:
-            owners = list(self._owners)
-        for owner in owners:
-            self._drop(owner)
+        self._owners.close()
         if self._reader is not None:
-            self._reader.client.stop()
-            self._reader.client.close()
+            self._reader.stop()
             self._reader = None
