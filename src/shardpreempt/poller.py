@@ -27,6 +27,18 @@ from .worker import WorkerOptions, run_worker
 log = logging.getLogger("shardpreempt.poller")
 
 
+class _StoppedAtStart(Exception):
+    """SIGTERM or SIGINT before the supervisor runs (it installs its own handlers)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_at_start(signum: int, frame: object) -> None:
+    raise _StoppedAtStart(signum)
+
+
 def check_command(command: Sequence[str]) -> None:
     """ConfigError, before any worker starts, for a command that cannot be run at all."""
     if not command:
@@ -110,13 +122,25 @@ class Poller:
         if self.hang_timeout is not None and self.hang_timeout <= 0:
             raise ConfigError(f"must be positive, got {self.hang_timeout!r}", key="--hang-timeout")
         shards = self.settings.shards
-        probe = open_backend(self.backend_url)  # config errors and layout conflicts surface here, before any fork
+        # Until the supervisor runs, SIGTERM and SIGINT end the start at once (exit 128 + the signal):
+        # as PID 1 of a container a process has no default action for them, and the start may wait
+        # start_timeout seconds for an unreachable backend.
+        stops = (signal.SIGTERM, signal.SIGINT)
+        previous = {s: signal.signal(s, _stop_at_start) for s in stops}
         try:
-            layout, once_pass = self._start(probe)
-            server_expiry = probe.capabilities.server_expiry
-            fd_per_key = hasattr(probe, "lease_fds")  # file://: one open descriptor per held shard
+            probe = open_backend(self.backend_url)  # config errors and layout conflicts surface here, before any fork
+            try:
+                layout, once_pass = self._start(probe)
+                server_expiry = probe.capabilities.server_expiry
+                fd_per_key = hasattr(probe, "lease_fds")  # file://: one open descriptor per held shard
+            finally:
+                probe.close()
+        except _StoppedAtStart as stop:
+            log.warning("stopped by signal %d before the workers started", stop.signum)
+            return 128 + stop.signum
         finally:
-            probe.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         self.layout = layout
         slices = make_slices(shards, layout.slices, layout.strategy)
         if fd_per_key:

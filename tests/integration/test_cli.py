@@ -170,6 +170,24 @@ def test_an_unreachable_backend_at_start_is_one_line_and_exit_4(tmp_path: Path) 
     assert len(result.stderr.strip().splitlines()) == 1 and "hunter2" not in result.stderr
 
 
+def test_sigterm_while_waiting_for_the_backend_at_start_ends_the_run(tmp_path: Path) -> None:
+    """SIGTERM during the start's retries of an unreachable backend ends the run at once with 143 (as PID 1
+    of a container a process has no default action for SIGTERM: without a handler it waited it out)."""
+    pytest.importorskip("redis")
+    cfg = write_config(tmp_path / "c.toml", 2, "redis://127.0.0.1:1/0")
+    err = tmp_path / "err.log"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "shardpreempt", "-v", "run", str(cfg), "--start-timeout", "60",
+                                 "--", "true"], stderr=f)
+    try:
+        wait_until(lambda: "backend unreachable" in err.read_text(), 20, interval=0.05, message="retrying")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 128 + signal.SIGTERM, err.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_layout_is_changed_only_on_an_empty_pool(tmp_path: Path, lockdir: str, start_run: Any) -> None:
     """layout shows the pool's and the config's layouts; --apply is refused while members live and
     records the new layout once they are gone, after which the new slice count is accepted."""
