@@ -10,11 +10,11 @@ import pytest
 from shardpreempt.backends import open_backend
 from shardpreempt.errors import BackendUnavailable, LeaseLost
 from shardpreempt.model import Lease
-from shardpreempt.typing import Backend
 from shardpreempt.testing import wait_until
 from shardpreempt.testing.servers import EphemeralServer, ServerUnavailable, server_for, unique
 from shardpreempt.testing.servers.redis import RedisServer
 from shardpreempt.testing.skips import missing
+from shardpreempt.typing import Backend
 
 TTL = 30.0
 GRACE = 1.5  # the short grace of the test's second client
