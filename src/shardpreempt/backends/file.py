@@ -12,6 +12,8 @@ never unlinked (unlinking a lock file lets two holders lock two different inodes
 the keys in sorted order with non-blocking ``flock`` and rolls back every lock taken if one is busy.
 ``renew`` extends nothing (no ttl) but checks the lease: ``LeaseLost`` if this backend object released it,
 or if its first lock file is no longer the file it holds locked (removed or replaced behind its back).
+An acquire of 16 keys or more also writes a claim (``claims/``: its keys and tokens), removed when it
+releases, so that ``inspect`` reads a big pool per acquire rather than per key (``file_claims``).
 
 Token source: a counter in the first bytes of the lock file, read and bumped while the lock is held,
 so it increases across holders, process crashes and restarts. Caveats: ``flock`` is local to one
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -39,7 +40,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, reject_unknown, superseded, url_options
+from . import check_record, file_claims, option, reject_unknown, superseded, url_options
 from .file_layout import (
     RECORD_SIZE,
     default_directory,
@@ -54,6 +55,30 @@ from .file_layout import (
 from .inotify import watch_writes
 
 __all__ = ["RECORD_SIZE", "FileBackend", "default_directory", "directory_of", "lock_name", "record_name"]
+
+PROBE_WAIT = 0.002  # seconds an acquire waits out other members' inspect probes (shared locks, microseconds)
+
+
+def _lock(fd: int) -> bool:
+    """Take the exclusive lock without blocking on a holder. A free file may be under another member's
+    ``inspect`` probe for a few microseconds (a shared lock): then try again, for ``PROBE_WAIT`` at most,
+    rather than report busy and make the whole acquire wait for the next round."""
+    deadline = time.monotonic() + PROBE_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only while nobody holds it exclusively
+        except BlockingIOError:
+            return False  # a holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0001)
+
 
 class FileBackend:
     """Per-shard ``flock`` in a private directory (one machine)."""
@@ -72,6 +97,8 @@ class FileBackend:
         self.directory, self._dir_fd = secure_directory(Path(raw) if raw else default_directory(), url)
         self.url = f"file://{self.directory}"
         self._held: dict[str, list[int]] = {}  # session -> fds holding the locks
+        self._claimed: dict[str, str] = {}  # session -> its claim file (``file_claims``)
+        self._claims_fd: int | None = None
         self._peek_fds: dict[str, int] = {}  # key -> read-only descriptor kept for peek()
         self._bell_fd: int | None = None
         self._host = socket.gethostname()
@@ -100,9 +127,7 @@ class FileBackend:
             for key in ordered:
                 fd = self._open(key)
                 fds.append(fd)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not _lock(fd):
                     self._close_all(fds)
                     return None
             holder = {"owner": owner, "pid": os.getpid(), "host": self._host, "since": time.time()}
@@ -111,11 +136,17 @@ class FileBackend:
                 token = read_record(fd)[0] + 1
                 write_record(fd, token, holder, self.durable)
                 tokens[key] = token
+            claim = None
+            if len(ordered) >= file_claims.CLAIM_MIN:  # so that inspect reads this acquire in one go
+                claim = file_claims.write(self._claims(), json.dumps(holder, separators=(",", ":")), ordered,
+                                          [tokens[k] for k in ordered])
         except BaseException:
             self._close_all(fds)
             raise
         session = uuid.uuid4().hex
         self._held[session] = fds
+        if claim is not None:
+            self._claimed[session] = claim
         return Lease(tuple(keys), owner, tokens, ttl, session=session)
 
     @staticmethod
@@ -148,6 +179,8 @@ class FileBackend:
         if fds is None:
             return
         try:
+            if (claim := self._claimed.pop(lease.session, None)) is not None:
+                file_claims.remove(self._claims(), claim)  # before unlocking: nobody else writes it meanwhile
             for fd in fds:
                 token, _ = read_record(fd)
                 write_record(fd, token, {}, self.durable)
@@ -155,58 +188,15 @@ class FileBackend:
             self._close_all(fds)
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
-        """Read every key's lock record (one ``open``, ``pread``, ``close`` each); a record counts while its
-        acquire still holds its locks, which one probe per acquire tells.
+        """The holder of every key: per acquire from the claims big acquires write, then one ``open``,
+        ``pread`` and ``close`` per other key, with one probe per holder record (``file_claims``)."""
+        return file_claims.inspect(self._dir_fd, keys)
 
-        The keys of one acquire share one holder record (owner, pid, host and the same ``since``) and are
-        held and freed together: locked all or none, released together, and closed together when the
-        holder (and whatever inherited its descriptors) ends. So the first key read of each distinct record
-        is probed with a non-blocking shared ``flock`` and the verdict holds for the others. A probe of a
-        held file takes nothing; only the first key of a record left behind by a holder that died takes a
-        shared lock for an instant (an acquire racing with it may fail once, and is retried). A cleared or
-        empty record is free (or being acquired: its holder has not written it yet).
-        """
-        out: dict[str, Holder | None] = dict.fromkeys(keys)
-        verdicts: dict[bytes, dict[str, Any] | None] = {}  # holder record -> its fields while held, else None
-        flags, dir_fd, sha256 = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, self._dir_fd, hashlib.sha256
-        for key in out:
-            try:
-                fd = os.open(sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".lock", flags,
-                             dir_fd=dir_fd)
-            except FileNotFoundError:
-                continue
-            try:
-                raw = os.pread(fd, RECORD_SIZE, 0)
-                first, _, rest = raw.partition(b"\n")
-                rest = rest.rstrip()
-                if not rest or rest == b"{}":
-                    continue
-                if rest in verdicts:
-                    info = verdicts[rest]
-                else:
-                    info = verdicts[rest] = self._probe(fd, rest)
-                if info is not None:
-                    out[key] = Holder(info["owner"], int(first), None, info.get("pid"), info.get("host"),
-                                      info.get("since"))
-            except ValueError as exc:
-                raise BackendProtocolError(f"unreadable lock record ({raw[:40]!r})") from exc
-            finally:
-                os.close(fd)
-        return out
-
-    @staticmethod
-    def _probe(fd: int, record: bytes) -> dict[str, Any] | None:
-        """The holder record's fields if its file is locked (so its acquire holds every key it names), else
-        None; ValueError for a record that is not JSON."""
-        info = json.loads(record)
-        if not isinstance(info, dict) or not info.get("owner"):
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return info
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+    def _claims(self) -> int:
+        if self._claims_fd is None:
+            self._claims_fd = file_claims.open_claims(self._dir_fd, create=True)
+        assert self._claims_fd is not None
+        return self._claims_fd
 
     def lease_fds(self, lease: Lease) -> list[int]:
         """The descriptors holding ``lease``'s locks: a process that inherits them keeps the locks
@@ -358,6 +348,9 @@ class FileBackend:
         if self._bell_fd is not None:
             os.close(self._bell_fd)
             self._bell_fd = None
+        if self._claims_fd is not None:
+            os.close(self._claims_fd)
+            self._claims_fd = None
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
