@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import io
 import json
 import os
