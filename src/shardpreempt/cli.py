@@ -291,7 +291,7 @@ def layout(config: str, workers: int | None, backend: str | None, strategy: str 
 @click.argument("config", type=click.Path(dir_okay=False), required=False)
 @click.option("--backend", "backend", default=None, metavar="URL", help="Backend URL (instead of a config).")
 def init(config: str | None, backend: str | None) -> None:
-    """Create the backend's tables or schema (SQL backends); harmless to repeat."""
+    """Prepare the backend: SQL tables and schema; a new Redis namespace marked new (no restart grace)."""
 
     def go() -> int:
         if backend is not None:

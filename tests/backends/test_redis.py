@@ -444,3 +444,28 @@ def test_bad_record_input_is_a_config_error_before_any_round_trip(
         with pytest.raises(ConfigError):
             call()
     assert round_trips[0] == before
+
+
+def test_init_marks_a_new_namespace_so_its_first_acquire_skips_the_restart_grace(
+        server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Without init, a new namespace's first acquire waits the restart grace (the ttl) and says so once, as
+    after a restart that lost data; after init it is granted at once; init leaves a namespace it finds as it is."""
+    def fresh() -> str:
+        return server.url(unique()).replace("&restart_grace=0", "")
+
+    waiting = open_backend(fresh())
+    prepared_url = fresh()
+    init = open_backend(prepared_url)
+    try:
+        with caplog.at_level("WARNING", logger="shardpreempt.backends.grace"):
+            assert waiting.try_acquire(["k"], "a", 30) is None
+            assert waiting.try_acquire(["k"], "a", 30) is None
+        assert len([r for r in caplog.records if "nothing is granted" in r.getMessage()]) == 1
+        init.init()  # type: ignore[attr-defined]
+        assert init.try_acquire(["k"], "a", 30) is not None
+        init.init()  # type: ignore[attr-defined]  # again: harmless
+        waiting.init()  # type: ignore[attr-defined]  # a namespace already in its grace keeps it
+        assert waiting.try_acquire(["k"], "a", 30) is None
+    finally:
+        waiting.close()
+        init.close()

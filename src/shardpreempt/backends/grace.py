@@ -42,6 +42,7 @@ class RestartGrace:
         (logged once per ``start``: the first run on a fresh server waits this long too)."""
         if start != self._told:
             self._told = start
-            log.info("%s: the server (re)started recently; nothing is granted for %.1f s more, until holders "
-                     "of leases it may have forgotten have fenced themselves (option restart_grace)",
-                     self.url, max(0.0, left))
+            log.warning("%s: the server (re)started recently, or the namespace is new; nothing is granted for "
+                        "%.1f s more, until holders of leases it may have forgotten have fenced themselves (option "
+                        "restart_grace; 'shardpreempt init' marks a new Redis namespace as new)",
+                        self.url, max(0.0, left))

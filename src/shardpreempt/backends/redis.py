@@ -102,6 +102,7 @@ from .redis_scripts import (
     GRANTED,
     INSPECT,
     KEY_RELEASED,
+    PREPARE,
     QUARANTINE,
     RELEASE,
     RENEW,
@@ -257,6 +258,12 @@ class RedisBackend:
         if not isinstance(reply, int):
             raise BackendProtocolError(f"{self.url}: unexpected reply from the release script: {reply!r:.99}")
         log.debug("released %d of %d keys of %s", reply, len(lease.keys), lease.owner)
+
+    def init(self) -> None:
+        """Mark a new namespace as new (``shardpreempt init``): its first acquire then skips the restart grace.
+        A namespace that has its boot key already is left as it is; never run it after a server lost data."""
+        with self._edge("init"):
+            self._client.eval(PREPARE, 1, f"{self.prefix}boot")
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Holder of each key: one pipelined round trip of read-only scripts (each reads ``INSPECT_BATCH`` keys

@@ -111,3 +111,9 @@ local values = {}
 for i = 1, #keys do values[i] = redis.call('GET', keys[i]) end
 return cjson.encode(values)
 """
+
+PREPARE = """
+-- KEYS[1] the boot key: a new namespace's, written as if this server had started long ago (no restart grace)
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+return redis.call('SET', KEYS[1], run .. ' 0', 'NX') and 1 or 0
+"""
