@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ..errors import BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
+from ..errors import BackendError, BackendProtocolError, BackendUnavailable, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
 from . import (
@@ -75,6 +75,7 @@ from .etcd_wire import b64, unb64
 
 log = logging.getLogger("shardpreempt.backends.etcd")
 SMALL = 64  # inspect reads up to this many keys in one txn, more by scanning the prefix
+SPLITS = 4  # sub-ranges a big inspect scans side by side: the gateway marshals each on its own
 RECORDS = b"\xffrecords/"  # after the prefix; 0xff is never part of UTF-8, so never of a lock key
 
 
@@ -277,22 +278,34 @@ class EtcdBackend:
         wanted = set(keys)
         if len(wanted) <= SMALL:
             found = self.txns.read([self._raw_key(k) for k in wanted])
-            kvs = etcd_read.wanted_kvs(found.values(), self.prefix, wanted)
-            values = {etcd_read.grant_of(kv): kv.get("value", "") for kv in kvs.values()}
+            granted = etcd_read.grants(found.values(), self.prefix, wanted)
         else:
-            scanned, revision = etcd_read.scan(self._post, self.prefix, self.locks_end, self.page)
-            kvs = etcd_read.wanted_kvs(scanned, self.prefix, wanted)
-            first = {etcd_read.grant_of(kv): key for key, kv in kvs.items()}  # one key of each grant
-            found = self.txns.read([self._raw_key(k) for k in first.values()], revision)
-            values = {grant: kv.get("value", "") for grant, key in first.items()
-                      if (kv := found.get(self._raw_key(key))) is not None}
+            scanned, revision = self._scan(list(map(self._raw_key, wanted)))
+            granted = etcd_read.grants(scanned, self.prefix, wanted)
+            found = self.txns.read([self._raw_key(held[0]) for held in granted.values()], revision)
+        values = {grant: kv.get("value", "") for grant, held in granted.items()
+                  if (kv := found.get(self._raw_key(held[0]))) is not None}  # one value per grant
         ttls: dict[int, int] = {}
         for lease_id in {lease for lease, _ in values} - {0}:
             # proto3 JSON omits a zero: a missing TTL means under a second left; -1 means expired
             ttls[lease_id] = int(self._post("/kv/lease/timetolive", {"ID": lease_id}).get("TTL", 0))
         out: dict[str, Holder | None] = dict.fromkeys(keys)
-        out.update(etcd_read.holders(kvs, values, ttls, self.url))
+        for grant, held in granted.items():
+            if (holder := etcd_read.holder(held[0], grant, values.get(grant), ttls, self.url)) is not None:
+                out.update(dict.fromkeys(held, holder))
         return out
+
+    def _scan(self, wanted: list[bytes]) -> tuple[list[dict[str, Any]], int]:
+        """Every lock key without its value, at one revision: in ``SPLITS`` sub-ranges asked side by side (cut
+        at quantiles of a sample of the wanted keys), else (that failed) page after page through ``_post``."""
+        sample = sorted(wanted[::max(1, len(wanted) // 1000)])
+        splits = sorted({sample[len(sample) * i // SPLITS] for i in range(1, SPLITS)} - {self.prefix})
+        try:
+            return etcd_read.scan_together(self._post, self.gateway.post_together, self.prefix, self.locks_end,
+                                           self.page, splits)
+        except BackendError as exc:
+            log.debug("parallel scan of %s failed (%s); scanning page by page", self.url, exc)
+            return etcd_read.scan(self._post, self.prefix, self.locks_end, self.page)
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
         """Block on the etcd watch until one of ``keys`` is deleted after the acquire that found it held."""

@@ -4,12 +4,15 @@ Every key one acquire chunk puts carries the same value (owner, pid, host, since
 the same create revision (the token), so a scan needs no values: keys only (``keys_only``: about half the
 bytes the gateway encodes), then the value of one key per (lease, create revision), read in one txn at the
 scan's revision, so the pages and the values are one snapshot. Pages are unsorted requests: keys come back
-in key order anyway, and a sort order makes etcd read the whole rest of the range for every page.
+in key order anyway, and a sort order makes etcd read the whole rest of the range for every page. The
+gateway's JSON marshalling, not the store, is most of a scan's time (about 10 µs a key), so a big scan is
+cut into sub-ranges whose pages are asked side by side, on connections of their own (``scan_together``).
 """
 
 from __future__ import annotations
 
 import binascii
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,41 +44,49 @@ def scan(post: Post, start: bytes, end: bytes, page: int) -> tuple[list[dict[str
         start = binascii.a2b_base64(kvs[-1]["key"]) + b"\0"
 
 
-def grant_of(kv: dict[str, Any]) -> Grant:
-    """The (lease, create revision) of a kv: proto3 JSON omits a zero lease."""
-    return int(kv.get("lease", 0)), int(kv["create_revision"])
+def scan_together(post: Post, together: Callable[[str, list[dict[str, Any]]], list[dict[str, Any]]], start: bytes,
+                  end: bytes, page: int, splits: list[bytes]) -> tuple[list[dict[str, Any]], int]:
+    """:func:`scan` with ``[start, end)`` cut at ``splits`` (sorted, inside the range) into sub-ranges paged
+    side by side: each round asks the next page of every unfinished sub-range at once (``together``), so
+    the server marshals them in parallel. The revision comes first, from a count."""
+    head = post("/kv/range", {"key": b64(start), "range_end": b64(end), "count_only": True})
+    revision = int(head["header"]["revision"])
+    bounds = [start, *splits, end]
+    ranges = [[lo, hi] for lo, hi in itertools.pairwise(bounds) if lo < hi]
+    found: list[list[dict[str, Any]]] = [[] for _ in ranges]
+    active = list(range(len(ranges)))
+    while active:
+        replies = together("/kv/range", [{"key": b64(ranges[i][0]), "range_end": b64(ranges[i][1]), "limit": page,
+                                          "keys_only": True, "revision": revision} for i in active])
+        more = []
+        for i, reply in zip(active, replies, strict=True):
+            kvs = reply.get("kvs", [])
+            found[i] += kvs
+            if reply.get("more") and kvs:
+                ranges[i][0] = binascii.a2b_base64(kvs[-1]["key"]) + b"\0"
+                more.append(i)
+        active = more
+    return [kv for part in found for kv in part], revision
 
 
-def wanted_kvs(kvs: Iterable[dict[str, Any]], prefix: bytes, wanted: set[str]) -> dict[str, dict[str, Any]]:
-    """The kvs of the ``wanted`` keys, by key (the lock key: its etcd key less ``prefix``)."""
-    cut, out = len(prefix), {}
+def grants(kvs: Iterable[dict[str, Any]], prefix: bytes, wanted: set[str]) -> dict[Grant, list[str]]:
+    """The ``wanted`` keys among ``kvs`` (lock keys: their etcd keys less ``prefix``), by grant."""
+    cut = len(prefix)
+    raw: dict[tuple[str, str], list[str]] = {}  # (lease, create revision) as the gateway writes them -> keys
     for kv in kvs:
         key = binascii.a2b_base64(kv["key"])[cut:].decode("utf-8", "surrogatepass")
         if key in wanted:
-            out[key] = kv
-    return out
+            raw.setdefault((kv.get("lease", "0"), kv["create_revision"]), []).append(key)
+    return {(int(lease), int(revision)): keys for (lease, revision), keys in raw.items()}
 
 
-def holders(kvs: dict[str, dict[str, Any]], values: dict[Grant, str], ttls: dict[int, int],
-            url: str) -> dict[str, Holder]:
-    """A Holder per key whose grant is live (its lease has time to live; no lease: held while it exists),
-    one Holder per grant; ``values`` has the base64 value of a key of each grant."""
-    by_grant: dict[Grant, Holder | None] = {}
-    out: dict[str, Holder] = {}
-    for key, kv in kvs.items():
-        grant = grant_of(kv)
-        if grant not in by_grant:
-            by_grant[grant] = _holder(key, grant, values.get(grant), ttls, url)
-        holder = by_grant[grant]
-        if holder is not None:
-            out[key] = holder
-    return out
-
-
-def _holder(key: str, grant: Grant, value: str | None, ttls: dict[int, int], url: str) -> Holder | None:
+def holder(key: str, grant: Grant, value: str | None, ttls: dict[int, int], url: str) -> Holder | None:
+    """The Holder of a grant whose lease is live (no lease: held while the key exists), from the base64
+    ``value`` of one of its keys (``key``); None when it was released after the scan, or its lease just
+    expired (its keys are being deleted)."""
     lease_id, token = grant
     if value is None or (lease_id and ttls.get(lease_id, -1) < 0):
-        return None  # released after the scan, or its lease just expired: the key is being deleted
+        return None
     try:
         info = json.loads(binascii.a2b_base64(value))
         owner = str(info["owner"])
