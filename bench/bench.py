@@ -190,7 +190,9 @@ def failover_samples(tmp: Path, urls: Callable[[], str], args: argparse.Namespac
             os.kill(victim["pid"], signal.SIGTERM if graceful else signal.SIGKILL)
             t_owned = run.wait_owned(t_kill, theirs)
             samples.append(t_owned - t_kill)
-            time.sleep(0.5)  # let the supervisor restart the victim as the next standby
+            # let the supervisor restart the victim as the next standby, and its start window (1 s, in
+            # which slices meant for its siblings wait for them) pass
+            time.sleep(1.5)
     finally:
         run.stop()
     return samples
