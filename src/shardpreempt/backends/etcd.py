@@ -75,7 +75,7 @@ from .etcd_wire import b64, unb64
 
 log = logging.getLogger("shardpreempt.backends.etcd")
 SMALL = 64  # inspect reads up to this many keys in one txn, more by scanning the prefix
-SPLITS = 4  # sub-ranges a big inspect scans side by side: the gateway marshals each on its own
+SPLITS = 8  # sub-ranges a big inspect scans side by side: the gateway marshals each on its own
 RECORDS = b"\xffrecords/"  # after the prefix; 0xff is never part of UTF-8, so never of a lock key
 
 
