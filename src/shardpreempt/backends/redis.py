@@ -38,7 +38,7 @@ there on a subscription kept open across calls. Records live at ``{prefix}record
 string; absent key = no record), a namespace apart from the shard keys: ``read_records`` is one
 ``MGET``, ``swap_record`` one ``EVALSHA`` of a compare-and-set script (scripts: ``redis_scripts``).
 ``inspect`` is one pipelined round trip of read-only scripts answering 10,000 values each as one JSON
-string (Redis's bundled ``cjson``), and one for the live sessions of their holders.
+string (Redis's bundled ``cjson``), and one for the live sessions of their holders (``redis_inspect``).
 
 Restarts that lose data: a lost session would let the server grant a shard while its old holder is
 still working until its next renewal fails. So the acquire script keeps ``{prefix}boot``: the run id
@@ -92,7 +92,7 @@ from redis.retry import Retry
 from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
 from ..typing import Capabilities
-from . import check_record, option, redact_url, reject_unknown, renewal_check, superseded, url_options
+from . import check_record, option, redact_url, redis_inspect, reject_unknown, renewal_check, superseded, url_options
 from .grace import RestartGrace
 from .redis_errors import translated
 from .redis_scripts import (
@@ -100,7 +100,6 @@ from .redis_scripts import (
     BUSY,
     CORRUPT,
     GRANTED,
-    INSPECT,
     KEY_RELEASED,
     PREPARE,
     QUARANTINE,
@@ -114,20 +113,17 @@ from .redis_scripts import (
 
 log = logging.getLogger("shardpreempt.backends.redis")
 
-INSPECT_BATCH = 10_000  # keys per script run in inspect: few commands, none stalling the server long
 
 TLS_OPTIONS: dict[str, type] = {"ssl_ca_certs": str, "ssl_ca_path": str, "ssl_certfile": str,
                                 "ssl_keyfile": str, "ssl_cert_reqs": str, "ssl_check_hostname": bool}
+
+
 def _utf8(text: str) -> bool:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _owner_of(sid: str) -> str:
-    return sid.rsplit("/", 1)[0]
 
 
 class RedisBackend:
@@ -266,66 +262,15 @@ class RedisBackend:
             self._client.eval(PREPARE, 1, f"{self.prefix}boot")
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
-        """Holder of each key: one pipelined round trip of read-only scripts (each reads ``INSPECT_BATCH`` keys
-        and answers their values as one JSON string), one more for the live sessions. Keys granted together
-        (the same value) share one Holder."""
+        """Holder of each key: one pipelined round trip of read-only scripts answering 10,000 values each as
+        one JSON string, one more for the live sessions (``redis_inspect``)."""
         unique = list(dict.fromkeys(keys))
-        values: list[Any] = []
         with self._edge("inspect"):
-            if unique:
-                pipe = self._client.pipeline(transaction=False)
-                for i in range(0, len(unique), INSPECT_BATCH):
-                    batch = [self._shard_key(k) for k in unique[i:i + INSPECT_BATCH]]
-                    pipe.eval(INSPECT, 0, json.dumps(batch, ensure_ascii=False))
-                for reply in pipe.execute():
-                    values += self._json(reply)
-            grants: dict[str, tuple[int, int, str]] = {}  # value of a held key -> token, since µs, session
-            for value in set(values):
-                fields = value.split(" ", 2) if isinstance(value, str) else ()
-                if len(fields) == 3:  # else missing (false) or released ("<token>")
-                    try:
-                        grants[value] = (int(fields[0]), int(fields[1]), fields[2])
-                    except ValueError:
-                        raise BackendProtocolError(f"{self.url}: unreadable shard record: {value!r:.80}") from None
-            sids = list(dict.fromkeys(sid for _, _, sid in grants.values()))
-            sessions: dict[str, tuple[int, Any]] = {}
-            if sids:
-                pipe = self._client.pipeline(transaction=False)
-                for sid in sids:
-                    pipe.pttl(self._session_key(sid))
-                    pipe.get(self._session_key(sid))
-                answers = pipe.execute()
-                sessions = {sid: (answers[2 * i], answers[2 * i + 1]) for i, sid in enumerate(sids)}
-        holders: dict[str, Holder] = {}
-        for value, (token, since_us, sid) in grants.items():
-            pttl, raw = sessions[sid]
-            if raw is None or pttl == -2:
-                continue  # the session expired: the key is free
-            info = self._session_info(raw)
-            holders[value] = Holder(_owner_of(sid), token, pttl / 1000 if pttl >= 0 else None,
-                                    info.get("pid"), info.get("host"), since_us / 1e6)
+            found = redis_inspect.holders(self._client, [self._shard_key(k) for k in unique], self._session_key,
+                                          self.url)
         out: dict[str, Holder | None] = dict.fromkeys(keys)
-        for key, value in zip(unique, values, strict=True):
-            if value in holders:
-                out[key] = holders[value]
+        out.update(zip(unique, found, strict=True))
         return out
-
-    def _json(self, reply: Any) -> list[Any]:
-        try:
-            values = json.loads(reply)
-        except (TypeError, ValueError):
-            values = None
-        if not isinstance(values, list):
-            raise BackendProtocolError(f"{self.url}: unexpected reply from the inspect script: {reply!r:.99}")
-        return values
-
-    @staticmethod
-    def _session_info(raw: Any) -> dict[str, Any]:
-        try:
-            info = json.loads(raw)
-        except (TypeError, ValueError):
-            return {}
-        return info if isinstance(info, dict) else {}
 
     def _check_record(self, name: str, value: str | None = None) -> None:
         """``check_record``, and valid UTF-8 (no lone surrogate), before any connection is opened."""
