@@ -119,9 +119,10 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
         t_cov, _ = pool.wait(pool.covered, args.timeout, "every slice held")
         t_all, _ = pool.wait(lambda o: len(o.members) == m * w and pool.covered(o), args.timeout,
                              "every worker a member")
-        figures["coverage_s"], figures["all_members_s"] = t_cov - t0, t_all - t0
+        t_bal, _ = pool.wait(lambda o: pool.balanced(o, m * w), args.timeout, "balanced")
+        figures["coverage_s"], figures["all_members_s"], figures["balanced_s"] = t_cov - t0, t_all - t0, t_bal - t0
         print(f"coverage: every slice held {t_cov - t0:.2f} s after the first start; all {m * w} workers "
-              f"members after {t_all - t0:.2f} s")
+              f"members after {t_all - t0:.2f} s; balanced (max - min <= 1) after {t_bal - t0:.2f} s")
 
         evs = kit.read_events(pool.events)
         workers = sorted({e["worker_pid"] for e in evs if e["event"] == "started"})
@@ -153,6 +154,8 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
         figures["status_s_median"] = statistics.median(times)
         print(kit.summary(f"status at {args.shards} shards", times))
 
+        if m < 2:
+            raise SystemExit("scale: the failover step needs at least 2 supervisors")
         victim = pool.procs[0]
         gone = pool.identities(victim)
         t_kill, _ = pool.kill(victim)
