@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 
 import pytest
 
 from shardpreempt import BackendUnavailable, Shard
+from shardpreempt import worker as worker_module
 from shardpreempt.backends.memory import MemoryBackend
 from shardpreempt.balance import Members
 from shardpreempt.claims import Ownership
 from shardpreempt.errors import LossReason
 from shardpreempt.model import Lease
-from shardpreempt.pool import Layout
+from shardpreempt.pool import Layout, member_key, ring
+from shardpreempt.pool import bell as read_bell
 from shardpreempt.runner import RunSettings
 from shardpreempt.slicing import make_slices
 from shardpreempt.worker import Worker, WorkerOptions, pool_params
@@ -134,3 +137,35 @@ def test_a_slice_granted_to_someone_else_is_lost_at_once(setup: tuple[Worker, Fa
     worker._step(backend)
     assert sid not in worker.holds
     assert all(h is not None and h.owner == "someone-else" for h in backend.inspect(list(hold.lease.keys)).values())
+
+
+def test_a_quiet_pool_is_read_only_on_news(setup: tuple[Worker, Faulty], monkeypatch: pytest.MonkeyPatch) -> None:
+    """While nothing happens a member reads only the bell and its watched neighbours' member keys (O(1) a
+    period); a ring, a wake-up, a due look or a watched member gone makes it read the whole pool."""
+    worker, backend = setup
+    looks: list[int] = []
+    real = worker_module.observe
+    monkeypatch.setattr(worker_module, "observe", lambda *a: (looks.append(1), real(*a))[1])
+    worker._step(backend)
+    assert looks == [1] and len(worker.holds) == 2
+
+    def quiet() -> None:  # as after a look that left nothing pending
+        worker.woken, worker.next_look, worker.last_bell = False, time.monotonic() + 100, read_bell(backend)
+
+    quiet()
+    worker._step(backend)
+    worker._step(backend)
+    assert looks == [1]  # nothing happened: no look
+    ring(MemoryBackend(backend.url))  # another member joined, released or saw a death
+    worker._step(backend)
+    assert looks == [1, 1]
+    quiet()
+    worker.wake()
+    worker._sleep(0)
+    worker._step(backend)
+    assert looks == [1, 1, 1]
+    quiet()
+    bell = read_bell(backend)
+    worker.watch_keys = [member_key(7)]  # a watched member whose key is gone: it died
+    worker._step(backend)
+    assert looks == [1, 1, 1, 1] and read_bell(backend) != bell  # and it told everyone
