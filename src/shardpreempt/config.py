@@ -24,9 +24,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from .backends import redact_url
 from .errors import ConfigError
-from .model import SECRET_KEY, Shard
+from .model import Shard
+from .redact import SECRET_KEY, redact_url
 from .shardsets import MAX_IDENTITY, combine, read_sets
 
 #: kind -> (identity template, required settings, defaults)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import threading
 import time
@@ -23,8 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from .backends import redact_url
-from .model import SECRET_KEY
+from .redact import redact_url, scrub
 
 RUN = "shardpreempt.run"
 OWNERSHIP = "shardpreempt.ownership"
@@ -32,15 +30,7 @@ FORMATS = ("text", "json")
 #: seconds between two lines with the same key (see :class:`RateLimit`)
 REPEAT_INTERVAL = 10.0
 
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
-_PAIR = re.compile(r"\b([A-Za-z_][\w.-]*)=([^\s&;,'\"]+)")
 _state: dict[str, Any] = {"worker": None, "json": False}
-
-
-def scrub(text: str) -> str:
-    """``text`` with URL credentials and the values of secret-named ``key=value`` pairs masked."""
-    text = _URL.sub(lambda m: redact_url(m[0]), text)
-    return _PAIR.sub(lambda m: f"{m[1]}=***" if SECRET_KEY.search(m[1]) else m[0], text)
 
 
 def set_worker(index: int | None) -> None:

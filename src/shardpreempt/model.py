@@ -5,29 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
-#: A settings key whose name matches this is a secret: never printed, logged or put in an event.
-SECRET_KEY = re.compile(r"pass|secret|token|key|credential|auth|private", re.IGNORECASE)
-REDACTED = "***"
-
-
-def redact_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``settings`` with every secret value replaced by ``***``."""
-    out: dict[str, Any] = {}
-    for name, value in settings.items():
-        if SECRET_KEY.search(name):
-            out[name] = REDACTED
-        elif isinstance(value, Mapping):
-            out[name] = redact_settings(value)
-        else:
-            out[name] = value
-    return out
+from .redact import redact_settings
 
 
 @dataclass(frozen=True)

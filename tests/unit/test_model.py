@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from shardpreempt import Shard
-from shardpreempt.backends import redact_url
-from shardpreempt.model import redact_settings
+from shardpreempt.redact import redact_settings, redact_url
 
 
 def test_shard_repr_and_public_view_hide_secrets() -> None:

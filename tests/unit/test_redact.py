@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardpreempt.backends import redact_url
+from shardpreempt.redact import redact_url
 
 
 @pytest.mark.parametrize(("url", "shown"), [

@@ -8,12 +8,12 @@ is a :class:`~shardpreempt.errors.MissingExtra` naming the extra.
 from __future__ import annotations
 
 import importlib
-import re
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigError, LeaseLost, MissingExtra
 from ..model import Lease
+from ..redact import redact_url
 from ..typing import Backend
 
 #: scheme -> (module, class, extra that provides its client library or None)
@@ -33,62 +33,6 @@ REGISTRY: dict[str, tuple[str, str, str | None]] = {
 #: The client library each extra provides (the top-level module imported by its backend).
 EXTRA_MODULES = {"redis": "redis", "postgresql": "psycopg", "mysql": "pymysql", "etcd": "etcd3gw",
                  "zookeeper": "kazoo"}
-
-
-#: ``user:password@`` in a string that is not a URL; greedy up to the last ``@`` on the line, so an ``@`` in
-#: the password cannot end it early.
-USERINFO = re.compile(r"([^:/@\s]*):(.*)@")
-#: ``key=value`` pairs in a string that is not a URL (query strings, ``;``-separated DSNs).
-KEY_VALUE = re.compile(r"([^?&;=\s]+)=([^&;\s]*)")
-#: A URL scheme (RFC 3986): anything else before ``://`` means the string is not a URL.
-SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-
-
-def _redact_pairs(text: str, separator: str) -> str:
-    """``k=v`` pairs joined by ``separator``, secret values masked, credentials inside other values redacted."""
-    from ..model import SECRET_KEY
-
-    out = []
-    for pair in text.split(separator):
-        key, eq, value = pair.partition("=")
-        if SECRET_KEY.search(unquote_plus(key)):
-            value = "***" if eq else ""  # a bare flag has no value to hide
-        elif "@" in unquote_plus(value):  # a value may itself be a URL with a password (a sentinel, a proxy)
-            value = redact_url(unquote_plus(value))
-        out.append(f"{key}{eq}{value}")
-    return separator.join(out)
-
-
-def _redact_text(text: str) -> str:
-    """A string that is not a URL, with anything shaped like credentials or a secret option masked."""
-    from ..model import SECRET_KEY
-
-    text = USERINFO.sub(r"\1:***@", text)
-    return KEY_VALUE.sub(lambda m: f"{m[1]}=***" if SECRET_KEY.search(m[1]) else m[0], text)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password (and any secret query option) replaced by ``***``: safe to print."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or not SCHEME.fullmatch(scheme):
-        return _redact_text(url)
-    # The authority is cut at the LAST "@" before any parsing: a raw "?", "/" or "#" in a password would
-    # otherwise end the authority early (as urlsplit does) and show the rest of the password as host,
-    # path or query. An "@" in the path or query then over-redacts, which is the safe side to err on.
-    userinfo, at, rest = rest.rpartition("@")
-    shown = ""
-    if at:
-        user, colon, _password = userinfo.partition(":")
-        if any(c in user for c in "/?#"):  # no real user name has these raw: the "@" was in a path or query
-            user = "***"
-        shown = f"{user}:***@" if colon else f"{user}@"
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    hostport, tail = rest[:end], rest[end:]
-    tail = tail.partition("#")[0]  # a fragment is never part of a backend URL: drop it rather than judge it
-    path, question, query = tail.partition("?")
-    if question:
-        query = _redact_pairs(query, "&")
-    return f"{scheme}://{shown}{hostport}{path}{question}{query}"
 
 
 def url_options(url: str) -> dict[str, str]:

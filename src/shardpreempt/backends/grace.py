@@ -18,7 +18,8 @@ import math
 from typing import Any
 
 from ..errors import ConfigError
-from . import option, redact_url
+from ..redact import redact_url
+from . import option
 
 log = logging.getLogger("shardpreempt.backends.grace")
 

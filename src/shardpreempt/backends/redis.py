@@ -91,8 +91,9 @@ from redis.retry import Retry
 
 from ..errors import BackendError, BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
+from ..redact import redact_url
 from ..typing import Capabilities
-from . import check_record, option, redact_url, redis_inspect, reject_unknown, renewal_check, superseded, url_options
+from . import check_record, option, redis_inspect, reject_unknown, renewal_check, superseded, url_options
 from .grace import RestartGrace
 from .redis_errors import translated
 from .redis_scripts import (

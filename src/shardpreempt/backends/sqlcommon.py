@@ -33,7 +33,8 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import BackendProtocolError, ConfigError, LeaseLost
 from ..model import Holder, Lease
-from . import check_record, option, redact_url, renewal_check, superseded, url_options
+from ..redact import redact_url
+from . import check_record, option, renewal_check, superseded, url_options
 from .grace import RestartGrace
 
 #: Longest key accepted, in UTF-8 bytes: it must fit in a primary-key index entry on both servers.
