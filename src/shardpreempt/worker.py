@@ -133,7 +133,7 @@ class Worker:
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
         self.slots = 16
         self.started = time.monotonic()
-        self.watch_keys: list[str] = []  # file: member keys the watcher probes (without pidfds)
+        self.watch_keys: list[str] = []  # member keys of the two members it watches (after it in slot order)
         self.death_bell: bytes | None = None  # file: the bell when a watched member died, until the next step
         self.woken = True  # something woke the loop since its last look (a notification, a ring, a run's end)
         self.next_look = 0.0  # when the loop reads the whole pool again though nothing woke it
@@ -279,8 +279,8 @@ class Worker:
     def _must_look(self, backend: Backend) -> bool:
         """Whether this round reads the whole pool (every member and every slice's holder). While the
         pool is quiet, a member on a server backend reads only the bell and the member keys of the two
-        members it watches: O(1) a period whatever the pool's size (docs/pool.md, "Looking at the
-        pool"). A wake-up, a due recheck, a ring or a watched member gone makes it look."""
+        members it watches: O(1) a period whatever the pool's size (docs/pool.md, "How news
+        travels"). A wake-up, a due recheck, a ring or a watched member gone makes it look."""
         if (self.woken or time.monotonic() >= self.next_look or not backend.capabilities.server_expiry
                 or self.opts.once_pass is not None):
             return True
