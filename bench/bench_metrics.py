@@ -44,6 +44,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench import read_events, write_config  # bench.py beside this file: one config and events reader
+
 from shardpreempt.testing.servers import server_for, unique
 
 HOLD = ["sleep", "3600"]
@@ -67,20 +69,6 @@ def line(name: str, values: list[float], unit: str, baseline: list[float] | None
         entry.update(target=target, met=met)
     FIGURES[name] = entry
     print(text, flush=True)
-
-
-def write_config(tmp: Path, shards: int, url: str, ttl: float) -> Path:
-    path = tmp / f"bench-{unique()}.toml"
-    body = [f'[backend]\nurl = "{url}"\nttl = {ttl}\n'] + [f"[shards.s{i}]\n" for i in range(shards)]
-    path.write_text("\n".join(body))
-    return path
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(text) for text in f if text.endswith("\n")]
 
 
 class Run:
