@@ -256,8 +256,7 @@ class FileBackend:
     def ringer(self) -> Callable[[], None]:
         """A way to ring that needs nothing more from this backend (its own descriptor of the bell): the
         guard of a worker's commands rings with it once they are gone, with no backend to open then."""
-        fd = os.dup(self._bell())  # dup() sets no close-on-exec: set it, commands must not inherit it
-        os.set_inheritable(fd, False)
+        fd = os.dup(self._bell())  # not inheritable (PEP 446): commands never get it
 
         def ring() -> None:
             os.pwrite(fd, os.urandom(8), 0)
