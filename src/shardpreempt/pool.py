@@ -176,10 +176,15 @@ class Member:
 class Observation:
     """Members and slice holders, read in one pass."""
 
-    members: dict[str, Member]  # identity -> member
+    members: dict[str, Member]  # identity -> member (its lowest slot when a restarted one's old key lingers)
     holders: dict[str, str | None]  # slice id -> holder identity, in slice order
     owners: dict[str, Holder | None]  # slice id -> the holder record of the slice's first key
-    top_slot: int  # highest member slot in use (-1: none)
+    by_slot: dict[int, Member]  # every member slot in use, a dead incarnation's too, in slot order
+
+    @property
+    def top_slot(self) -> int:
+        """The highest member slot in use (-1: none)."""
+        return max(self.by_slot, default=-1)
 
 
 def inspect_chunked(backend: Backend, keys: Sequence[str]) -> dict[str, Holder | None]:
@@ -198,22 +203,21 @@ def observe(backend: Backend, slices: Sequence[Slice], slots: int) -> Observatio
     member_keys = [member_key(j) for j in range(slots)]
     seen = inspect_chunked(backend, member_keys + [s.keys[0] for s in slices])
     members: dict[str, Member] = {}
-    top = -1
+    by_slot: dict[int, Member] = {}
     for j, key in enumerate(member_keys):
         h = seen.get(key)
         if h is None:
             continue
-        top = j
         ident = identity_of(h.owner)
-        if ident not in members or members[ident].slot > j:
-            members[ident] = Member(ident, j, h.owner, h.pid, h.host, h.since)
+        by_slot[j] = Member(ident, j, h.owner, h.pid, h.host, h.since)
+        members.setdefault(ident, by_slot[j])
     holders: dict[str, str | None] = {}
     owners: dict[str, Holder | None] = {}
     for s in slices:
         h = seen.get(s.keys[0])
         holders[s.id] = identity_of(h.owner) if h is not None else None
         owners[s.id] = h
-    return Observation(members, holders, owners, top)
+    return Observation(members, holders, owners, by_slot)
 
 
 def ring(backend: Backend) -> None:

@@ -314,8 +314,10 @@ class Worker:
         return min(1.0, self.period * 2)
 
     def _update_watch(self, obs: Observation) -> None:
-        """Watch the next two members after this one (in slot order): each death is seen by two."""
-        by_slot = {m.slot: m for m in obs.members.values()}
+        """Watch the next two members after this one (in slot order): each death is seen by two. Every
+        slot in use counts: a worker restarted under the same identity leaves its dead incarnation's
+        key behind for up to a ttl, and that key's expiry is the news that frees its slices."""
+        by_slot = obs.by_slot
         slots = sorted(by_slot)
         if self.member_slot in slots:
             i = slots.index(self.member_slot)

@@ -15,7 +15,7 @@ from shardpreempt.balance import Members
 from shardpreempt.claims import Ownership
 from shardpreempt.errors import LossReason
 from shardpreempt.model import Lease
-from shardpreempt.pool import Layout, member_key, ring
+from shardpreempt.pool import Layout, member_key, member_owner, ring
 from shardpreempt.pool import bell as read_bell
 from shardpreempt.runner import RunSettings
 from shardpreempt.slicing import make_slices
@@ -170,3 +170,30 @@ def test_a_quiet_pool_is_read_only_on_news(setup: tuple[Worker, Faulty], monkeyp
     worker.watch_keys = [member_key(gone)]  # a watched member whose key is gone: it died
     worker._step(backend)
     assert looks == [1, 1, 1, 1] and read_bell(backend) != bell  # and it told everyone
+
+
+def test_a_restarted_workers_dead_incarnation_is_watched(setup: tuple[Worker, Faulty],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker restarted under the same identity joins while its dead incarnation's member key lingers
+    (until the server expires it, in another slot): that key is watched, and its expiry makes the
+    pool look at once (Redis does not notify expiry). Regression: members were keyed by identity, so
+    the dead key in the higher slot was hidden and its slices waited for the quiet-pool safety net."""
+    worker, backend = setup
+    looks: list[int] = []
+    real = worker_module.observe
+    monkeypatch.setattr(worker_module, "observe", lambda *a: (looks.append(1), real(*a))[1])
+    worker._step(backend)
+    dead_slot = worker.member_slot + 1  # free: the worker is the only member
+    dead = member_owner(worker.opts.identity)  # the same identity, an earlier incarnation
+    assert backend.try_acquire([member_key(dead_slot)], dead, 30) is not None
+    worker.wake()
+    worker._sleep(0)
+    worker._step(backend)
+    assert worker.watch_keys == [member_key(dead_slot)]
+    worker.woken, worker.next_look, worker.last_bell = False, time.monotonic() + 100, read_bell(backend)
+    looks.clear()
+    worker._step(backend)
+    assert looks == []  # quiet while the dead incarnation's session lasts
+    backend.expire(dead)
+    worker._step(backend)
+    assert looks == [1]
