@@ -85,3 +85,43 @@ def test_a_restored_server_grants_nothing_until_forgotten_leases_have_expired(ow
     finally:
         for backend in (holder, default, short):
             backend.close()
+
+
+def test_a_client_refused_by_a_restored_zookeeper_gets_a_new_session() -> None:
+    """ZooKeeper restored from an older snapshot refuses every client that has seen a later zxid, and
+    nobody can write to move it on: the owner's client must forget that zxid once its session timeout
+    has passed, get "session expired", and be replaced (before the fix it stayed refused for ever)."""
+    try:
+        srv = server_for("zookeeper")
+    except ServerUnavailable as exc:
+        missing(f"zookeeper: {exc}")
+    srv.start()
+    try:
+        url = srv.url(unique())
+        setup = open_backend(url)
+        setup.release(wait_until(lambda: setup.try_acquire(["other"], "setup", 2.0), 15, interval=0.05,
+                                 message="the namespace's first grant"))
+        setup.close()
+        srv.stop()
+        snapshot = srv.snapshot("before-a")
+        srv.start()
+        backend = open_backend(url)
+        try:
+            for _ in range(20):  # the client sees zxids the snapshot never had
+                backend.release(wait_until(lambda: backend.try_acquire(["s"], "a", 2.0), 15, interval=0.05,
+                                           message="a grant before the restore"))
+            srv.stop()
+            srv.restore(snapshot)
+            srv.start()
+
+            def granted() -> Lease | None:
+                try:
+                    return backend.try_acquire(["t"], "a", 2.0)
+                except BackendUnavailable:
+                    return None
+
+            wait_until(granted, 30, interval=0.2, message="the refused client replaced")
+        finally:
+            backend.close()
+    finally:
+        srv.close()

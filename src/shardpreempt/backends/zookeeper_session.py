@@ -80,8 +80,24 @@ def connect(hosts: str, url: str, *, timeout: float, connect_timeout: float, pin
     connection = client._connection
     original = connection._connect
 
+    refused_since: list[float | None] = [None]
+
     def record(*args: Any) -> Any:
-        read_timeout, connect_timeout = original(*args)
+        try:
+            read_timeout, connect_timeout = original(*args)
+        except Exception:
+            # A server restored from an older snapshot refuses every client that has seen a later zxid,
+            # for ever (nobody can write to move it on). Once the session timeout has passed without a
+            # connection, this client's session is gone on any server: forget the zxid, so the server
+            # answers "session expired" and the owner gets a new session (docs/faults.md, restores).
+            now = time.monotonic()
+            since = refused_since[0] = refused_since[0] or now
+            if client.last_zxid and now - since > negotiated[0]:
+                log.warning("ZooKeeper at %s refused this client for %.1f s (a server restored from an older "
+                            "snapshot?): reconnecting as a client that has seen nothing", url, now - since)
+                client.last_zxid = 0
+            raise
+        refused_since[0] = None
         negotiated[0] = read_timeout * 1.5 / 1000.0  # kazoo's read timeout is 2/3 of the negotiated one
         return read_timeout, connect_timeout
 
