@@ -141,7 +141,6 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
         rss, pss = memory(workers)
         figures["worker_rss_mib_median"] = statistics.median(rss)
         figures["worker_pss_mib_median"] = statistics.median(pss)
-        figures["worker_pss_mib_median"] = statistics.median(pss)
         print(f"worker memory: RSS median {statistics.median(rss):.1f} MiB (max {max(rss):.1f}), PSS median "
               f"{statistics.median(pss):.1f} MiB over {len(rss)} workers")
 
