@@ -47,6 +47,7 @@ from .file_layout import (
     directory_of,
     ensure_fd_room,
     lock_name,
+    parse_record,
     read_record,
     record_name,
     secure_directory,
@@ -100,6 +101,8 @@ class FileBackend:
         self._claimed: dict[str, str] = {}  # session -> its claim file (``file_claims``)
         self._claims_fd: int | None = None
         self._peek_fds: dict[str, int] = {}  # key -> read-only descriptor kept for peek()
+        self._peek_names: dict[str, str] = {}  # key -> lock file name, for keys peeked while missing
+        self._peek_seen: dict[int, tuple[bytes, Holder]] = {}  # peek descriptor -> last record read, parsed
         self._bell_fd: int | None = None
         self._host = socket.gethostname()
 
@@ -215,8 +218,11 @@ class FileBackend:
         for key in keys:
             fd = self._peek_fds.get(key)
             if fd is None:
+                name = self._peek_names.get(key)
+                if name is None:  # the pool peeks at free member slots every look: hash each name once
+                    name = self._peek_names[key] = lock_name(key)
                 try:
-                    fd = os.open(lock_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
                 except FileNotFoundError:
                     out[key] = None
                     continue
@@ -226,10 +232,15 @@ class FileBackend:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                token, rec = read_record(fd)
-                owner = rec.get("owner")
-                out[key] = Holder(owner, token, None, rec.get("pid"), rec.get("host"), rec.get("since")) \
-                    if owner else Holder("", token)  # locked, record not written yet
+                raw = os.pread(fd, RECORD_SIZE, 0)
+                seen = self._peek_seen.get(fd)
+                if seen is None or seen[0] != raw:  # parse a record once, not at every look
+                    token, rec = parse_record(raw)
+                    owner = rec.get("owner")
+                    holder = Holder(owner, token, None, rec.get("pid"), rec.get("host"), rec.get("since")) \
+                        if owner else Holder("", token)  # locked, record not written yet
+                    seen = self._peek_seen[fd] = (raw, holder)
+                out[key] = seen[1]
                 continue
             fcntl.flock(fd, fcntl.LOCK_UN)
             out[key] = None
@@ -274,6 +285,7 @@ class FileBackend:
 
     def _close_peeks(self) -> None:
         fds, self._peek_fds = self._peek_fds, {}
+        self._peek_names, self._peek_seen = {}, {}
         for fd in fds.values():
             os.close(fd)
 

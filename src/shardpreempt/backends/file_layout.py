@@ -71,7 +71,11 @@ def secure_directory(path: Path, url: str) -> tuple[Path, int]:
 
 
 def read_record(fd: int) -> tuple[int, dict[str, Any]]:
-    raw = os.pread(fd, RECORD_SIZE, 0)
+    return parse_record(os.pread(fd, RECORD_SIZE, 0))
+
+
+def parse_record(raw: bytes) -> tuple[int, dict[str, Any]]:
+    """The token and holder of a lock record's bytes."""
     if not raw.strip():
         return 0, {}
     first, _, rest = raw.partition(b"\n")
