@@ -52,6 +52,8 @@ from shardpreempt.history import check, read_events
 from shardpreempt.pool import Observation, observe
 from shardpreempt.slicing import make_slices
 from shardpreempt.testing.servers import unique
+from shardpreempt.testing.servers.base import wait_stopped
+from shardpreempt.testing.watch import children
 
 COMMAND = ["sleep", "100000"]
 SLOTS = 64  # member slots the bench observes
@@ -156,12 +158,15 @@ class Pool:
 
         Returns (monotonic, unix) time just before the kill.
         """
-        evs = read_events([self.events])
-        started = {e["worker_pid"] for e in evs if e["event"] == "started" and e["pid"] == proc.pid}
-        exited = {e.get("worker_pid") for e in evs if e["event"] == "exited" and e["pid"] == proc.pid}
+        # Stopped before the killed events (as stress does): a worker that acquired between the events
+        # and the kill would hold for ever in the checker's eyes.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGSTOP)
+        workers = children(proc.pid)
+        wait_stopped([proc.pid, *workers])
         tree = descendants(proc.pid)
         log = EventLog(self.events)
-        for pid in sorted(started - exited):
+        for pid in workers:
             log.emit("killed", pid=pid, host=HOST, worker_pid=pid, reason="bench pool: supervisor SIGKILLed")
         log.close()
         t = time.monotonic(), time.time()

@@ -22,7 +22,9 @@ from shardpreempt.history import Report, check, read_events
 from shardpreempt.pool import Observation, observe
 from shardpreempt.slicing import make_slices
 from shardpreempt.testing.servers import EphemeralServer, unique
+from shardpreempt.testing.servers.base import wait_stopped
 from shardpreempt.testing.wait import wait_until
+from shardpreempt.testing.watch import children
 from shardpreempt.typing import Backend
 
 from ..conftest import get_server
@@ -67,14 +69,16 @@ class Pool:
         """Slices per holder identity (``None``: free)."""
         return Counter(self.observe().holders.values())
 
-    def worker_pids(self, proc: subprocess.Popen[bytes]) -> set[int]:
-        """The worker pids a supervisor started (from the events file)."""
-        return {e["worker_pid"] for e in read_events([self.events]) if e["event"] == "started" and e["pid"] == proc.pid}
-
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGKILL a supervisor and its workers; record the kill first so the checker ends their holds."""
+        """SIGKILL a supervisor and its workers; record the kill first so the checker ends their holds.
+        They are stopped before the record (as ``stress`` does): a worker that acquired between the
+        record and the kill would hold for ever in the checker's eyes, and every later grant of the
+        shard would show as an overlap."""
+        os.killpg(proc.pid, signal.SIGSTOP)
+        workers = children(proc.pid)  # from /proc: one forked a moment ago may have no started event yet
+        wait_stopped([proc.pid, *workers])
         log = EventLog(self.events)
-        for pid in self.worker_pids(proc):
+        for pid in workers:
             log.emit("killed", pid=pid, host=HOST, reason="test: kill supervisor")
         log.close()
         os.killpg(proc.pid, signal.SIGKILL)
