@@ -131,6 +131,10 @@ class Worker:
         self.linger_since: float | None = None
         self.linger = 0.0  # back-off for looking again at slices held by non-members
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
+        # slice id -> (until, lease): an acquire that got no answer may still be carried out later (its
+        # request waiting in a paused server's or the network's buffers): released again every round
+        # until a ttl has passed, unless the slice is ours by then
+        self.unsure: dict[str, tuple[float, Lease]] = {}
         self.slots = 16
         self.started = time.monotonic()
         self.watch_keys: list[str] = []  # member keys of the two members it watches (after it in slot order)
@@ -350,6 +354,21 @@ class Worker:
             except BackendError as exc:
                 log.warning("worker %d: release of %d keys failed again: %s", self.opts.index, len(lease.keys), exc)
                 return
+        now = time.monotonic()
+        for sid, (until, lease) in list(self.unsure.items()):
+            if sid in self.holds or now >= until or lease.session != self.owner_session():
+                del self.unsure[sid]
+                continue
+            try:
+                backend.release(lease)
+            except BackendError:
+                return
+            if not backend.capabilities.blocking_wait:  # others learn of a release by notification, else the bell
+                self._ring(backend)
+
+    def owner_session(self) -> str | None:
+        """The backend session of this incarnation (None before it joined)."""
+        return self.member.lease.session if self.member is not None else None
 
     def _orphan(self, keys: Sequence[str]) -> Lease:
         """A lease for ``keys`` under our session, for :meth:`_release_orphans` (release needs no tokens)."""
@@ -501,6 +520,7 @@ class Worker:
                         extra={"slice": slice_.id})
             if backend.capabilities.server_expiry:  # the grant may have happened: never let it pin the slice
                 self.orphans.append(self._orphan(slice_.keys))
+                self.unsure[slice_.id] = (time.monotonic() + self.opts.ttl, self._orphan(slice_.keys))
             return False
         if lease is None:
             return False
@@ -528,6 +548,7 @@ class Worker:
                 self._give_back(backend, lease)
                 return True
         self.holds[slice_.id] = hold
+        self.unsure.pop(slice_.id, None)
         self.free_since.pop(slice_.id, None)
         self._events("acquired", hold)
         ownership = Ownership(hold, worker=self.opts.index)
