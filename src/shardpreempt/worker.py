@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import select
@@ -45,6 +46,9 @@ from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_
 from .runner import Job, RunSettings, SliceRunner
 from .typing import Backend
 
+#: file://: how much later than an eager member one that would keep its share if a member died looks at
+#: a ring, so the members that must act (standbys, members short of their share) have the CPU first
+NEWS_DEFER = 0.02
 MAX_SLOTS = 1 << 16  # member slots a joining worker looks through at most
 log = logging.getLogger("shardpreempt.worker")
 
@@ -143,6 +147,9 @@ class Worker:
         self.next_look = 0.0  # when the loop reads the whole pool again though nothing woke it
         self.last_bell: object = None  # the bell at the last quiet round
         self.pool_size = 1  # members seen at the last look
+        # file: whether a ring wakes this member at once (see _watch_file); False only for a member
+        # that would still hold its share if one member died
+        self.eager = True
         self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
         self._watch_r, self._watch_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -277,6 +284,7 @@ class Worker:
         if self.slots > window:  # members in slots it did not look at may exist: look again soon
             recheck = min(recheck, now + self.period) if recheck is not None else now + self.period
         self.pool_size = max(1, len(obs.members))
+        self.eager = len(self.holds) < math.ceil(len(self.opts.slices) / max(1, self.pool_size - 1))
         self.next_look = recheck if recheck is not None else now + self._quiet_look_every()
         return max(0.0, min(self.period, self.next_look - now))
 
@@ -698,8 +706,11 @@ class Worker:
         wakes the loop within microseconds, and costs nothing while nothing happens. A member that
         sees its neighbour die rings for everyone (its slices are free: the kernel dropped the locks
         before the pidfd became readable — or, where its commands still hold them, the dead worker's
-        guard rings once it has ended them)."""
+        guard rings once it has ended them). A member that would keep its share even if one member
+        died looks at a ring ``NEWS_DEFER`` later: on a busy machine the members that must act (a
+        standby, a member short of its share) get the CPU first."""
         bell_fd = backend.bell_watch()  # type: ignore[attr-defined]
+        deferred: float | None = None  # a ring this member looks at a little later (not eager)
         if bell_fd is None or not hasattr(os, "pidfd_open"):
             if bell_fd is not None:
                 os.close(bell_fd)
@@ -722,10 +733,18 @@ class Worker:
                 poller = select.poll()
                 for fd in (bell_fd, self._watch_r, *pidfds.values()):
                     poller.register(fd, select.POLLIN)
+                wait_ms = 1000 if deferred is None else max(0, int((deferred - time.monotonic()) * 1000) + 1)
+                ready = set()
                 with contextlib.suppress(InterruptedError):
-                    ready = {fd for fd, _ in poller.poll(1000)}
+                    ready = {fd for fd, _ in poller.poll(wait_ms)}
                 if bell_fd in ready:
                     drain(bell_fd)
+                    if self.eager:
+                        self.wake()
+                    elif deferred is None:
+                        deferred = time.monotonic() + NEWS_DEFER
+                if deferred is not None and time.monotonic() >= deferred:
+                    deferred = None
                     self.wake()
                 if self._watch_r in ready:
                     with contextlib.suppress(BlockingIOError):
