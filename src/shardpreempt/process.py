@@ -97,10 +97,12 @@ def start_guard(ended: Callable[[], None] | None = None) -> tuple[int, int]:
                 leaders.append(os.pidfd_open(pgid))  # the group's leader: the command itself
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
+        marker = f"{GUARD_VARIABLE}={os.getpid()}".encode()
+        _kill_marked(marker)  # what left the groups dies now too, not after the leaders' exit
         _wait_exited(leaders, 1.0)
         if ended is not None:
             _quietly(ended)
-        if _sweep(f"{GUARD_VARIABLE}={os.getpid()}".encode()) and ended is not None:
+        if _sweep(marker) and ended is not None:
             _quietly(ended)
     except BaseException:  # never let the guard run the worker's code
         code = 1
