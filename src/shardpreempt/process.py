@@ -98,8 +98,11 @@ def start_guard(ended: Callable[[], None] | None = None) -> tuple[int, int]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
         marker = f"{GUARD_VARIABLE}={os.getpid()}".encode()
-        _kill_marked(marker)  # what left the groups dies now too, not after the leaders' exit
-        _wait_exited(leaders, 1.0)
+        if _wait_exited(leaders, 0.02):  # a leader slow to die: what left its group must not live on meanwhile
+            _kill_marked(marker)
+            _wait_exited(leaders, 1.0)
+        for fd in leaders:
+            os.close(fd)
         if ended is not None:
             _quietly(ended)
         if _sweep(marker) and ended is not None:
@@ -139,8 +142,9 @@ def _sweep(marker: bytes, quiet: float = SWEEP_QUIET, every: float = SWEEP_EVERY
     return found
 
 
-def _wait_exited(pidfds: list[int], timeout: float) -> None:
-    """Wait (``timeout`` at most) until every process behind ``pidfds`` has exited; close them."""
+def _wait_exited(pidfds: list[int], timeout: float) -> list[int]:
+    """Wait (``timeout`` at most) until every process behind ``pidfds`` has exited; return the pidfds
+    of those still running (the caller closes them all)."""
     deadline = time.monotonic() + timeout
     poller = select.poll()
     for fd in pidfds:
@@ -150,8 +154,7 @@ def _wait_exited(pidfds: list[int], timeout: float) -> None:
         for fd, _ in poller.poll(int(left * 1000) + 1):
             poller.unregister(fd)
             waiting.discard(fd)
-    for fd in pidfds:
-        os.close(fd)
+    return [fd for fd in pidfds if fd in waiting]
 
 
 def _quietly(call: Callable[[], None]) -> None:
