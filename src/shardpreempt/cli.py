@@ -376,15 +376,19 @@ def demo(workers: int, shard_count: int, items: int, backend: str | None, direct
 @click.option("--network", is_flag=True,
               help="Run each supervisor in its own network namespace (root, Linux) and add the "
                    "partition-worker and slow-backend faults.")
+@click.option("--fork", "fork_mode", default=None, metavar="MODE",
+              help="The forking workload: each command forks the processes that do the work (group, "
+                   "session or mixed; default: $SHARDPREEMPT_STRESS_FORK, else none).")
 def stress(backend: str, count: int, duration: float | None, kinds: str | None, ttl: float, shard_count: int,
            workers: int, supervisors: int, seed: int, directory: str | None, as_json: bool,
-           network: bool) -> None:
+           network: bool, fork_mode: str | None) -> None:
     """Run a backend under injected faults, then check the history and the shards."""
     from pathlib import Path
 
     from rich.console import Console
 
     from .testing.stress import FAULTS, SERVER_BACKENDS, Stress, StressOptions  # a proving tool: loaded here only
+    from .testing.workload import FORK_MODES
 
     def go() -> int:
         chosen = tuple(k.strip() for k in kinds.split(",")) if kinds else tuple(FAULTS)
@@ -393,13 +397,15 @@ def stress(backend: str, count: int, duration: float | None, kinds: str | None, 
         if min(count, shard_count, workers, supervisors) < 1 or ttl <= 0:
             raise ConfigError("--faults, --shards, --workers, --supervisors must be >= 1 and --ttl > 0",
                               source="command line")
+        if fork_mode is not None and fork_mode not in FORK_MODES:
+            raise ConfigError(f"unknown fork mode {fork_mode!r} (known: {', '.join(FORK_MODES)})", source="--fork")
         if network and backend not in SERVER_BACKENDS:
             raise ConfigError(f"--network needs a server the harness starts: {', '.join(SERVER_BACKENDS)}",
                               source="--network")
         opts = StressOptions(backend=backend, kinds=chosen, count=count, duration=duration, ttl=ttl,
                              shards=shard_count, workers=workers, supervisors=supervisors, seed=seed,
                              network=network, directory=Path(directory) if directory else None,
-                             log=lambda line: click.echo(line, err=True))
+                             fork_children=fork_mode, log=lambda line: click.echo(line, err=True))
         result = Stress(opts).run()
         figures = result.as_dict()
         if as_json:
@@ -414,7 +420,8 @@ def stress(backend: str, count: int, duration: float | None, kinds: str | None, 
                           f"coverage timeouts {result.coverage_timeouts}")
             console.print(f"items {items.items}: processed {items.processed}, lost {items.lost}, "
                           f"duplicated {items.duplicated}, unauthorised writes {items.unauthorised}, "
-                          f"stale writes accepted {items.stale_accepted}")
+                          f"stale writes accepted {items.stale_accepted}, late writes {items.late_writes}; "
+                          f"processes that outlived their lease {result.outlived}")
             if "network" in figures:
                 console.print(f"network: {figures['network']}", highlight=False)
             for line in result.violations:

@@ -92,6 +92,14 @@ def test_a_fast_restore_from_an_older_snapshot(backend: str, tmp_path: Path) -> 
     assert figures.passed, json.dumps(figures.as_dict(), indent=1)
 
 
+def test_the_stress_command_takes_the_fork_mode_as_a_flag() -> None:
+    """``stress --fork MODE``: a bad mode is one line naming the flag, exit 2, before anything starts."""
+    done = subprocess.run([sys.executable, "-m", "shardpreempt", "stress", "--fork", "spoon"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--fork" in done.stderr and "spoon" in done.stderr and "group, session, mixed" in done.stderr
+
+
 def test_a_bad_fork_mode_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """SHARDPREEMPT_STRESS_FORK names a mode, or the run is refused before it starts."""
     monkeypatch.setenv(FORK_VARIABLE, "spoon")
