@@ -35,7 +35,8 @@ RESTORE_FINDINGS = {
     "etcd": "revisions (the tokens) go back to the snapshot's: token violations; restored leases keep shards "
             "unowned past the bound",
     "zookeeper": "zxids (the tokens) go back to the snapshot's: token violations; the restored server refuses "
-                 "clients that have seen a later zxid, so shards stay unowned until the watchdog replaces workers",
+                 "clients that have seen a later zxid, so shards stay unowned until those clients' session "
+                 "timeout has passed and they reconnect as new (docs/faults.md, restores)",
 }
 
 
