@@ -353,8 +353,9 @@ class Worker:
                 self.done[names[name]] = value
 
     def _release_orphans(self, backend: Backend) -> None:
-        """Free keys our session may still hold without a run on them (a failed release, or an acquire
-        whose reply was lost): the session is renewed for our other slices, so nothing else frees them."""
+        """Free keys our session may still hold without a run on them (a failed release, until it works;
+        an acquire that got no answer, every round for a ttl): the session is renewed for our other
+        slices, so nothing else frees them."""
         for lease in list(self.orphans):
             try:
                 backend.release(lease)
@@ -364,7 +365,7 @@ class Worker:
                 return
         now = time.monotonic()
         for sid, (until, lease) in list(self.unsure.items()):
-            if sid in self.holds or now >= until or lease.session != self.owner_session():
+            if sid in self.holds or now >= until or self.member is None or lease.session != self.member.lease.session:
                 del self.unsure[sid]
                 continue
             try:
@@ -373,10 +374,6 @@ class Worker:
                 return
             if not backend.capabilities.blocking_wait:  # others learn of a release by notification, else the bell
                 self._ring(backend)
-
-    def owner_session(self) -> str | None:
-        """The backend session of this incarnation (None before it joined)."""
-        return self.member.lease.session if self.member is not None else None
 
     def _orphan(self, keys: Sequence[str]) -> Lease:
         """A lease for ``keys`` under our session, for :meth:`_release_orphans` (release needs no tokens)."""
@@ -527,7 +524,6 @@ class Worker:
             log.warning("worker %d: acquire of slice %s failed: %s", self.opts.index, slice_.id, exc,
                         extra={"slice": slice_.id})
             if backend.capabilities.server_expiry:  # the grant may have happened: never let it pin the slice
-                self.orphans.append(self._orphan(slice_.keys))
                 self.unsure[slice_.id] = (time.monotonic() + self.opts.ttl, self._orphan(slice_.keys))
             return False
         if lease is None:
