@@ -102,6 +102,16 @@ def connect(hosts: str, url: str, *, timeout: float, connect_timeout: float, pin
         return read_timeout, connect_timeout
 
     connection._connect = record
+    # kazoo waits for the answer to a connect request up to session timeout / hosts. A server that
+    # restarts accepts connections before it serves, and ZooKeeper 3.8 leaves such a connection
+    # unanswered: the client would hang for the whole session, which then expires. Wait at most
+    # ``connect_timeout`` (the documented time to establish a session) and let kazoo try again.
+    invoke, limit = connection._invoke, connect_timeout
+
+    def bounded(timeout: float, request: Any, xid: Any = None) -> Any:
+        return invoke(min(timeout, limit), request, xid)
+
+    connection._invoke = bounded
     if not ping:  # renew is the heartbeat: a holder that stops renewing must lose its session
         connection._send_ping = lambda connect_timeout: None
     try:

@@ -156,6 +156,18 @@ class Relay:
             sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
         sock.close()
 
+    def connections(self) -> int:
+        """How many connections it relays now (each counts its two sockets once)."""
+        with self._lock:
+            return len(self._conns) // 2
+
+    def drop(self) -> None:
+        """Reset every relayed connection, and go on accepting new ones."""
+        with self._lock:
+            conns, self._conns = set(self._conns), set()
+        for sock in conns:
+            self._abort(sock)
+
     def close(self) -> None:
         """Stop accepting and reset every relayed connection."""
         self._closed.set()
