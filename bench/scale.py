@@ -11,8 +11,10 @@ scenario does (``bench/pool.py``). One run, in order:
 2. **steady state** — for ``--steady`` seconds: the server's CPU (its process's utime + stime per
    second, from ``/proc``) and, on Redis, the commands it processed per second (``INFO stats``),
    against the bound the renewals allow (every worker renews once per ttl/3: W x M x 3 / ttl);
-   the RSS and PSS of every worker (``/proc/PID/smaps_rollup``): RSS counts the pages a worker
-   shares with its supervisor (copy-on-write after the fork), PSS divides them among the sharers;
+   the RSS, PSS and USS of every worker, guard and supervisor (``/proc/PID/smaps_rollup``): RSS counts
+   the pages a worker shares with its supervisor (copy-on-write after the fork), PSS divides them among
+   the sharers, USS counts its private pages only (what ending it frees); and the machine's memory the
+   pool uses (``MemAvailable`` before the start less now), per worker;
 3. **status** — ``shardpreempt status CONFIG --json`` as a whole process, ``--runs`` times;
 4. **failover** — SIGKILL of one supervisor and everything under it: time until every slice is
    held by a live member again (the bound: the ttl, plus a poll);
@@ -62,16 +64,32 @@ def server_cpu(server: EphemeralServer | None) -> float | None:
     return total
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of a process."""
+    out = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def commands(pid: int) -> set[int]:
+    """A worker's children that run a command (not Python: its guard is a fork of the worker)."""
+    out = set()
+    for kid in children(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{kid}/comm") as f:
+            if not f.read().startswith("python"):
+                out.add(kid)
+    return out
+
+
 def descendants(root: int) -> list[int]:
     out, todo = [], [root]
     while todo:
-        pid = todo.pop()
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-                out += kids
-                todo += kids
+        kids = children(todo.pop())
+        out += kids
+        todo += kids
     return out
 
 
@@ -87,15 +105,21 @@ def redis_commands(url: str) -> int | None:
         client.close()
 
 
-def memory(pids: list[int]) -> tuple[list[float], list[float]]:
-    """RSS and PSS (MiB) of each process."""
-    rss, pss = [], []
+def memory(pids: list[int]) -> dict[str, list[float]]:
+    """RSS, PSS and USS (private pages: what ending the process frees) in MiB, of each process."""
+    out: dict[str, list[float]] = {"rss": [], "pss": [], "uss": []}
     for pid in pids:
         with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
-            values = {line.split(":")[0]: int(line.split()[1]) for line in f if line.split(":")[0] in ("Rss", "Pss")}
-            rss.append(values["Rss"] / 1024)
-            pss.append(values["Pss"] / 1024)
-    return rss, pss
+            values = {line.split(":")[0]: int(line.split()[1]) for line in f if ":" in line and line[0].isupper()}
+            out["rss"].append(values["Rss"] / 1024)
+            out["pss"].append(values["Pss"] / 1024)
+            out["uss"].append((values["Private_Clean"] + values["Private_Dirty"]) / 1024)
+    return out
+
+
+def mem_available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
 
 
 def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
@@ -113,6 +137,7 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
     pool = Pool(tmp, url, cfg, k, w, args.poll, f"scale-{unique()}")
     pool.slots = m * w * 2 + 64  # every member slot in use, and more
     try:
+        available0 = mem_available_mib()
         t0 = time.monotonic()
         for _ in range(m):
             pool.start()
@@ -138,11 +163,21 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
             print(f"steady state: Redis commands {figures['server_commands_per_s']:.0f}/s (renewal bound "
                   f"M x W x 3 / ttl = {bound:.0f}/s; the bench's own observations add {1 / args.poll:.0f}/s)")
         figures["renewal_bound_per_s"] = bound
-        rss, pss = memory(workers)
-        figures["worker_rss_mib_median"] = statistics.median(rss)
-        figures["worker_pss_mib_median"] = statistics.median(pss)
-        print(f"worker memory: RSS median {statistics.median(rss):.1f} MiB (max {max(rss):.1f}), PSS median "
-              f"{statistics.median(pss):.1f} MiB over {len(rss)} workers")
+        mem = memory(workers)
+        guards = [k for pid in workers for k in children(pid) if k not in commands(pid)]
+        gmem, smem = memory(guards), memory([p.pid for p in pool.procs])
+        for what, values in (("worker", mem), ("guard", gmem), ("supervisor", smem)):
+            for kind in ("rss", "pss", "uss"):
+                if values[kind]:
+                    figures[f"{what}_{kind}_mib_median"] = statistics.median(values[kind])
+        used = available0 - mem_available_mib()
+        figures["machine_mib_per_worker"] = used / (m * w)
+        print(f"worker memory: RSS median {statistics.median(mem['rss']):.1f} MiB (max {max(mem['rss']):.1f}), PSS "
+              f"{statistics.median(mem['pss']):.1f}, USS {statistics.median(mem['uss']):.1f} MiB over "
+              f"{len(mem['rss'])} workers; guard USS {statistics.median(gmem['uss'] or [0]):.1f} MiB; supervisor RSS "
+              f"{statistics.median(smem['rss']):.1f} MiB")
+        print(f"machine memory used by the pool (MemAvailable before the start - now): {used:.0f} MiB, "
+              f"{used / (m * w):.1f} MiB per worker (with its guard, command and share of the supervisor)")
 
         times = []
         for _ in range(args.runs):

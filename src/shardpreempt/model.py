@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -14,7 +14,7 @@ from typing import Any
 from .redact import redact_settings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     """One unit of work with a stable identity; ``settings`` may hold secrets and never print."""
 
@@ -33,6 +33,25 @@ class Shard:
     def public(self) -> dict[str, Any]:
         """Identity, name and redacted settings, safe for status and logs."""
         return {"identity": self.identity, "name": self.name, "settings": redact_settings(self.settings)}
+
+
+def clones(identities: Sequence[str], names: Iterable[str], settings: Iterable[Mapping[str, Any]]) -> list[Shard]:
+    """Shards made from values already checked, without the constructor's checks and settings copy.
+
+    For many shards at once (a shard set's members, a packed slice's copies): ``settings`` must be
+    read-only mappings (``MappingProxyType``), each shared or owned by its shard alone.
+    """
+    out = list(map(object.__new__, [Shard] * len(identities)))
+    list(map(_set_identity, out, identities))
+    list(map(_set_name, out, names))
+    list(map(_set_settings, out, settings))
+    return out
+
+
+# the slots' own descriptors: setting through them skips the frozen dataclass's __setattr__
+_set_identity = vars(Shard)["identity"].__set__
+_set_name = vars(Shard)["name"].__set__
+_set_settings = vars(Shard)["settings"].__set__
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,11 @@ class Slice:
     def keys(self) -> tuple[str, ...]:
         """The lock keys of the slice (the shard identities)."""
         return tuple(s.identity for s in self.shards)
+
+    @cached_property
+    def first_key(self) -> str:
+        """The key whose holder is the slice's holder (a slice's keys are granted and freed together)."""
+        return self.keys[0]
 
 
 @dataclass(frozen=True)

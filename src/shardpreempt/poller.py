@@ -19,7 +19,7 @@ from .model import Shard, Slice
 from .pool import Layout, begin_pass, default_identity, end_pass, pass_results, resolve_layout
 from .process import EXIT_INTERRUPTED, EXIT_JOB_FAILED, make_run_dir
 from .runner import Job, RunSettings
-from .slicing import make_slices
+from .slicing import make_slices, pack
 from .supervisor import Supervisor
 from .typing import Backend
 from .worker import WorkerOptions, run_worker
@@ -142,7 +142,7 @@ class Poller:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         self.layout = layout
-        slices = make_slices(shards, layout.slices, layout.strategy)
+        slices = pack(make_slices(shards, layout.slices, layout.strategy))  # before the fork: see pack
         if fd_per_key:
             check_fd_limit(max(len(s.shards) for s in slices), len(shards))
         if server_expiry and self.hang_timeout is not None and self.hang_timeout >= self.ttl:

@@ -201,7 +201,7 @@ def inspect_chunked(backend: Backend, keys: Sequence[str]) -> dict[str, Holder |
 def observe(backend: Backend, slices: Sequence[Slice], slots: int) -> Observation:
     """Who is a member (member slots ``0..slots-1``) and who holds each slice."""
     member_keys = [member_key(j) for j in range(slots)]
-    seen = inspect_chunked(backend, member_keys + [s.keys[0] for s in slices])
+    seen = inspect_chunked(backend, member_keys + [s.first_key for s in slices])
     members: dict[str, Member] = {}
     by_slot: dict[int, Member] = {}
     for j, key in enumerate(member_keys):
@@ -214,7 +214,7 @@ def observe(backend: Backend, slices: Sequence[Slice], slots: int) -> Observatio
     holders: dict[str, str | None] = {}
     owners: dict[str, Holder | None] = {}
     for s in slices:
-        h = seen.get(s.keys[0])
+        h = seen.get(s.first_key)
         holders[s.id] = identity_of(h.owner) if h is not None else None
         owners[s.id] = h
     return Observation(members, holders, owners, by_slot)

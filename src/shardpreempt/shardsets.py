@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
-from .model import Shard
+from .model import Shard, clones
 
 #: Longest identity accepted, in characters (lock files and keys are named after identities).
 MAX_IDENTITY = 4096
@@ -49,7 +49,7 @@ class ShardSet:
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector for a burst of allocations, restoring its previous state."""
     # Allocating a few hundred thousand containers sets off many full collections that find nothing to
     # free (nothing here is cyclic); pausing the collector cuts the load time by about a third.
@@ -72,16 +72,15 @@ def _shards_of(identities: Sequence[str], settings: Mapping[str, Any] | Sequence
     rest = len(identities) - 1
     proxies: Iterable[Mapping[str, Any]] = (repeat(proto.settings, rest) if isinstance(settings, Mapping)
                                             else map(MappingProxyType, settings[1:]))
-    if set(getattr(proto, "__dict__", ())) != {"identity", "name", "settings"}:
-        # Shard has grown a field or slots this shortcut does not know about: build every member the slow way.
+    if vars(Shard).get("__slots__") != ("identity", "name", "settings"):
+        # Shard has grown a field this shortcut does not know about: build every member the slow way.
         return [proto, *(Shard(i, i, s) for i, s in zip(identities[1:], proxies, strict=True))]
-    # A clone is a Shard whose instance dict is set directly: the same frozen dataclass, equal and hashed by
-    # identity and name, its repr still redacting secrets. Only the settings copy and the frozen per-field
-    # __setattr__ calls are skipped, which are most of the constructor's cost.
-    states = [{"identity": i, "name": i, "settings": p} for i, p in zip(identities[1:], proxies, strict=True)]
-    clones = list(map(object.__new__, repeat(Shard, rest)))
-    list(map(object.__setattr__, clones, repeat("__dict__", rest), states))
-    return [proto, *clones]
+    # A clone is a Shard whose slots are set directly: the same frozen dataclass, equal and hashed by
+    # identity and name, its repr still redacting secrets. Only the settings copy and the checks of the
+    # constructor are skipped, which are most of its cost. (Slots, not an instance dict: 100,000 shards
+    # take 6 MB less, in the supervisor and in every worker forked from it.)
+    rest_ids = identities[1:]
+    return [proto, *clones(rest_ids, rest_ids, proxies)]
 
 
 def read_sets(value: Any, *, source: str, base: Path, taken: int = 0) -> list[ShardSet]:
@@ -90,7 +89,7 @@ def read_sets(value: Any, *, source: str, base: Path, taken: int = 0) -> list[Sh
         raise ConfigError("expected an array of tables ([[shard_sets]] entries)", source=source, key="shard_sets")
     sets = []
     total = taken
-    with _collector_paused():
+    with collector_paused():
         for index, entry in enumerate(value):
             shard_set = _expand(entry, index, source=source, base=base, room=MAX_SHARDS - total)
             total += len(shard_set.identities)
@@ -110,7 +109,7 @@ def combine(tables: Sequence[Shard], sets: Sequence[ShardSet], *, source: str) -
     if len(seen) != expected:  # a duplicate somewhere: find the first, slowly, to name both places
         _raise_duplicate(tables, sets, source)
     shards = list(tables)
-    with _collector_paused():
+    with collector_paused():
         for shard_set in sets:
             shards.extend(shard_set.shards())
     return tuple(shards)

@@ -15,7 +15,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 from .errors import ConfigError
-from .model import Shard, Slice
+from .model import Shard, Slice, clones
+from .shardsets import collector_paused
 
 Strategy = Callable[[Sequence[Shard], int], list[list[Shard]]]
 
@@ -63,3 +64,45 @@ def make_slices(shards: Sequence[Shard], count: int, strategy: str = "round-robi
         raise ConfigError("no shards to slice", key="shards")
     groups = [g for g in STRATEGIES[strategy](list(shards), min(count, len(shards))) if g]
     return [Slice(i, tuple(g)) for i, g in enumerate(groups)]
+
+
+def pack(slices: Sequence[Slice]) -> list[Slice]:
+    """The same slices, with each slice's shards copied next to each other in memory.
+
+    For a process that forks workers (``shardpreempt run``). A forked worker shares its supervisor's
+    memory page by page until it writes to one, and merely using an object writes its reference count.
+    Round-robin slices take every K-th shard of the list, so one slice's shards sit on as many pages as
+    it has shards: at 100,000 shards a worker that acquired a few slices had copied most of the shard
+    list. Packed, each slice's shards and keys fill a few consecutive pages, and what every worker
+    reads on every look at the pool (each slice's id and first key, the slice objects) is allocated
+    first, together. Ids and keys are computed here, once, before the fork.
+    """
+    with collector_paused():
+        return _pack(slices)
+
+
+def _pack(slices: Sequence[Slice]) -> list[Slice]:
+    firsts = _copies([s.first_key for s in slices])  # the pool's look reads these: allocated together
+    ids = _copies([s.id for s in slices])
+    packed = []
+    for sl, first in zip(slices, firsts, strict=True):
+        keys = (first, *_copies(sl.keys[1:]))
+        names = [k if sh.name == sh.identity else sh.name for k, sh in zip(keys, sl.shards, strict=True)]
+        packed.append((keys, tuple(clones(keys, names, [sh.settings for sh in sl.shards]))))
+    out = []
+    for sl, sid, (keys, shards) in zip(slices, ids, packed, strict=True):
+        new = Slice(sl.index, shards)
+        new.__dict__.update(keys=keys, id=sid, first_key=keys[0])  # what the cached properties would compute
+        out.append(new)
+    return out
+
+
+def _copies(texts: Sequence[str]) -> list[str]:
+    """New string objects equal to ``texts``, allocated one after another."""
+    if not texts:
+        return []
+    joined = "\0".join(texts)
+    parts = joined.split("\0")
+    if len(parts) == len(texts):
+        return parts
+    return [t.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass") for t in texts]  # a key holds NUL

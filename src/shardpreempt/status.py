@@ -59,7 +59,7 @@ def snapshot(backend: Backend, slices: Sequence[Slice], layout: Layout | None = 
             add({"name": shard.name, "identity": shard.identity, "slice": slice_id, "slice_index": index,
                  "holder": row})
     owners = {row["owner"] for row in public.values()}
-    per_member = Counter(identity_of(h.owner) for s in slices if (h := holders.get(s.keys[0])) is not None)
+    per_member = Counter(identity_of(h.owner) for s in slices if (h := holders.get(s.first_key)) is not None)
     recorded = recorded_layout(backend)
     live = members(backend)
     return {"t": time.time(), "backend": backend.url,

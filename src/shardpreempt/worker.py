@@ -782,7 +782,7 @@ class Worker:
                     break
 
     def _watch_server(self, backend: Backend) -> None:
-        keys = [s.keys[0] for s in self.opts.slices]
+        keys = [s.first_key for s in self.opts.slices]
         while not self.stopping.is_set():
             start = time.monotonic()
             try:

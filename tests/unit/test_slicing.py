@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardpreempt import ConfigError, Shard, make_slices
-from shardpreempt.slicing import STRATEGIES
+from shardpreempt.slicing import STRATEGIES, pack
 
 SHARDS = [Shard(f"s{i}") for i in range(10)]
 
@@ -57,3 +57,20 @@ def test_bad_slicing_input_is_a_config_error(count: int, strategy: str) -> None:
     """A non-positive count or unknown strategy is rejected clearly."""
     with pytest.raises(ConfigError):
         make_slices(SHARDS, count, strategy)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_packed_slices_are_the_same_slices_made_of_fresh_objects(strategy: str) -> None:
+    """pack() changes where the shards live in memory, nothing a caller can compare."""
+    shards = [Shard(f"db{i}", settings={"password": "x"}) for i in range(50)]
+    shards += [Shard("named", "a name", {"host": "h"}), Shard("nul\0inside")]
+    plain = make_slices(shards, 7, strategy)
+    packed = pack(plain)
+    assert [(s.index, s.id, s.keys, s.first_key, s.shards) for s in packed] == \
+        [(s.index, s.id, s.keys, s.first_key, s.shards) for s in plain]
+    for p, s in zip(packed, plain, strict=True):
+        assert {"id", "keys", "first_key"} <= vars(p).keys()  # computed before the fork, not in each worker
+        assert all(a is not b and a.identity is not b.identity for a, b in zip(p.shards, s.shards, strict=True))
+        assert all(a.settings is b.settings and a.name == b.name for a, b in zip(p.shards, s.shards, strict=True))
+        assert p.keys[0] is p.first_key and all(k is sh.identity for k, sh in zip(p.keys, p.shards, strict=True))
+    assert "'x'" not in repr(packed[0].shards[0])
