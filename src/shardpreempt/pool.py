@@ -35,7 +35,7 @@ RESERVED = "shardpreempt:"
 LAYOUT_RECORD = "shardpreempt:layout"
 ONCE_RECORD = "shardpreempt:once"
 BELL_RECORD = "shardpreempt:bell"  # server backends: changed by every ring, read by members every period
-CHUNK = 64  # keys per inspect call: every backend answers this many in one round trip
+CHUNK = 64  # records per read_records call in once mode
 
 
 class LayoutConflict(ConfigError):
@@ -188,13 +188,17 @@ class Observation:
 
 
 def inspect_chunked(backend: Backend, keys: Sequence[str]) -> dict[str, Holder | None]:
-    """``inspect`` in chunks every backend answers in one round trip."""
+    """``inspect`` of every key a look reads. Most backends answer any number of keys in a few round
+    trips (Redis: one pipelined script call per 10,000; SQL: one query per batch; ZooKeeper: the claim
+    records), so all go in one call; one that would rather be asked in chunks (etcd, whose big inspect
+    scans the whole prefix) says how many keys at most with ``look_chunk``."""
     peek = getattr(backend, "peek", None)  # file://: a cheaper probe of cached descriptors
     if peek is not None:
         return dict(peek(keys))
+    chunk = getattr(backend, "look_chunk", None) or max(1, len(keys))
     out: dict[str, Holder | None] = {}
-    for i in range(0, len(keys), CHUNK):
-        out.update(backend.inspect(keys[i:i + CHUNK]))
+    for i in range(0, len(keys), chunk):
+        out.update(backend.inspect(keys[i:i + chunk]))
     return out
 
 

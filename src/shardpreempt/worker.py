@@ -39,7 +39,7 @@ from .claims import Claim, Ownership
 from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
 from .model import Lease, Shard, Slice
-from .pool import Layout, Observation, member_key, member_owner, observe, once_record, slots_to_watch
+from .pool import Layout, Observation, inspect_chunked, member_key, member_owner, observe, once_record, slots_to_watch
 from .pool import bell as read_bell
 from .pool import ring as ring_bell
 from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_parent, start_guard
@@ -465,7 +465,7 @@ class Worker:
         owner = member_owner(opts.identity)
         try:
             while True:  # look further while every slot looked at is taken (a pool of more members)
-                seen = backend.inspect([member_key(j) for j in range(self.slots)])
+                seen = inspect_chunked(backend, [member_key(j) for j in range(self.slots)])
                 free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
                 if free or self.slots >= MAX_SLOTS:
                     break

@@ -271,6 +271,10 @@ class EtcdBackend:
         self.txns.delete_ours([self._raw_key(k) for k in lease.keys], {"target": "LEASE", "lease": lease_id},
                               lambda kv: int(kv.get("lease", 0)) == lease_id)
 
+    #: a look at the pool asks inspect in chunks this size: up to it a key costs one read in one txn,
+    #: above it inspect scans the whole prefix (right for status, wasteful for a few thousand keys)
+    look_chunk = SMALL
+
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Up to 64 keys: one txn reading them. More: the prefix scanned in pages of keys only, then the value of
         one key per grant in one txn at the scan's revision (``etcd_read``). Then one LeaseTimeToLive per
