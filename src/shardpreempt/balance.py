@@ -82,12 +82,18 @@ class View:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do now: acquire these slices (in order), release those; look again at ``recheck``."""
+    """What to do now: acquire these slices (in order), release those; look again at ``recheck``.
+
+    ``assigned``: the slices of ``acquire`` assigned to this member (towards its share); the others are
+    free slices nobody took within ``grace``, which every member that sees them tries to take, in the
+    same order.
+    """
 
     acquire: tuple[str, ...] = ()
     release: tuple[str, ...] = ()
     target: int = 0
     recheck: float | None = None  # the earliest time the decision may change without news from the pool
+    assigned: tuple[str, ...] = ()
 
 
 def _held(view: View, members: frozenset[str]) -> dict[str, list[str]]:
@@ -111,6 +117,7 @@ def decide(view: View, params: Params = Params()) -> Decision:
     held_by = _held(view, takers)
     deficit = {m: share[m] - len(held_by[m]) for m in takers}
     acquire: list[str] = []
+    assigned: list[str] = []  # the free slices meant for view.me
     for slice_id, holder in view.holders.items():
         if holder is not None:
             continue
@@ -119,6 +126,8 @@ def decide(view: View, params: Params = Params()) -> Decision:
         if chosen is not None:
             deficit[chosen] -= 1
         seen = view.free_since.get(slice_id, now)
+        if chosen == view.me:
+            assigned.append(slice_id)
         if chosen == view.me or now - seen >= params.grace:
             acquire.append(slice_id)
         else:
@@ -150,7 +159,8 @@ def decide(view: View, params: Params = Params()) -> Decision:
             else:
                 wake.append(since + params.min_hold)
     future = [t for t in wake if t > now]
-    return Decision(tuple(acquire), tuple(release), share[view.me], min(future) if future else None)
+    return Decision(tuple(acquire), tuple(release), share[view.me], min(future) if future else None,
+                    tuple(assigned))
 
 
 class Members:

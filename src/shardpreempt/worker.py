@@ -130,7 +130,7 @@ class Worker:
         self.free_since: dict[str, float] = {}
         self.cooldown: dict[str, float] = {}
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
-        self.ticked = time.monotonic()  # the main loop's last round, for the heartbeat
+        self.ticked = time.monotonic()  # the main loop's last round (or slice taken), for the heartbeat
         self.outages = 0  # failed tries in a row to reach the backend
         self.linger_since: float | None = None
         self.linger = 0.0  # back-off for looking again at slices held by non-members
@@ -186,8 +186,8 @@ class Worker:
         """Beat for the supervisor's watchdog while the main loop makes progress.
 
         A thread, so a process stopped whole (SIGSTOP, a long pause) goes silent at once; it beats only
-        while the loop has gone round within ``STALL`` seconds, so a loop stuck for good goes silent too
-        (a backend call blocked up to its own timeout is not a stall).
+        while the loop has gone round (or taken a slice) within ``STALL`` seconds, so a loop stuck for good
+        goes silent too (a backend call blocked up to its own timeout is not a stall).
         """
         while True:
             if os.getppid() != parent:
@@ -434,11 +434,22 @@ class Worker:
                 if hold.runner is not None:
                     hold.runner.stop()
         retry: float | None = None
+        assigned, contended = set(decision.assigned), False
         for sid in decision.acquire:
             if self.stopping.is_set() or sid in self.holds or self.cooldown.get(sid, 0.0) > now:
                 continue
-            if not self._acquire(backend, self.by_id[sid]):
-                retry = now + min(0.05, self.period)  # raced with another member or a probe: look again soon
+            if contended and sid not in assigned:
+                continue
+            got = self._acquire(backend, self.by_id[sid])
+            if got:
+                self.ticked = time.monotonic()  # progress: a round that takes many slices is not a stall
+                continue
+            retry = now + min(0.05, self.period)  # raced with another member or a probe: look again soon
+            # A slice left over after the grace, taken since our look: every member that saw it free goes
+            # down the same leftovers in the same order, so the rest are most likely taken too. Try only
+            # our own share's slices now, then look again: one busy round trip each for hundreds of
+            # leftovers made a round longer than the heartbeat's STALL, and the worker was killed as hung.
+            contended = contended or (got is None and sid not in assigned)
         if starting:
             retry = min(x for x in (retry, self.started + window) if x is not None)
         # Slices still held by someone who is no longer a member (on file://, a dead worker's command
@@ -516,7 +527,9 @@ class Worker:
         except BackendError:
             self.orphans.append(lease)
 
-    def _acquire(self, backend: Backend, slice_: Slice) -> bool:
+    def _acquire(self, backend: Backend, slice_: Slice) -> bool | None:
+        """Take ``slice_`` and start its run: True when it is ours (or, in once mode, done already); None
+        when the backend says it is taken; False when the acquire failed otherwise."""
         assert self.member is not None
         try:
             lease = backend.try_acquire(slice_.keys, self.owner, self.opts.ttl)
@@ -527,7 +540,7 @@ class Worker:
                 self.unsure[slice_.id] = (time.monotonic() + self.opts.ttl, self._orphan(slice_.keys))
             return False
         if lease is None:
-            return False
+            return None
         if not self.member.covers(lease):  # our session expired and the backend started another
             self._give_back(backend, lease)
             self.member.lose(LossReason.EXPIRED, "liveness session replaced (it had expired)")

@@ -227,3 +227,66 @@ def test_a_restarted_workers_dead_incarnation_is_watched(setup: tuple[Worker, Fa
     backend.expire(dead)
     worker._step(backend)
     assert looks == [1]
+
+
+class Rivals(MemoryBackend):
+    """Every slice is taken by another member between the worker's look and its acquire (a lost race)."""
+
+    tried: list[str] = []
+
+    def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        if not keys[0].startswith("shardpreempt:"):
+            self.tried = [*self.tried, keys[0]]
+            super().try_acquire(keys, "rival:1:a", ttl)
+        return super().try_acquire(keys, owner, ttl)
+
+
+def test_a_round_stops_trying_leftovers_taken_since_its_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free slices left over after the grace are tried by every member that sees them, in the same order:
+    once one was taken since the look, the round tries only the slices of its own share, then looks
+    again. Regression: with 1,000 slices and 100 workers each round tried hundreds of leftovers, one busy
+    round trip each, for longer than the heartbeat's STALL, and the supervisor killed the worker as hung."""
+    shards = [Shard(f"s{i}") for i in range(20)]
+    backend = Rivals(f"memory://{uuid.uuid4().hex}")
+    slices = make_slices(shards, 20)
+    worker = Worker(WorkerOptions(backend.url, 10.0, slices, Layout.of(shards, "round-robin", 20), "host/t.0",
+                                  RunSettings(index=0, job=wait_job)))
+    worker.params, worker.period = pool_params(True, 10.0)
+    worker.members = Members(worker.params)
+    assert backend.try_acquire([member_key(15)], member_owner("host/t.1"), 30) is not None  # another member
+    worker.free_since = dict.fromkeys((s.id for s in slices), time.monotonic() - 1000)  # free for long
+    decisions = []
+    real = worker_module.decide
+    monkeypatch.setattr(worker_module, "decide", lambda *a: decisions.append(real(*a)) or decisions[-1])
+    try:
+        worker._step(backend)
+    finally:
+        if worker.member is not None:
+            worker.member.release()
+    (decision,) = decisions
+    mine = set(decision.assigned)
+    leftovers = [s for s in decision.acquire if s not in mine]
+    assert mine and len(leftovers) > 1 and mine <= set(decision.acquire)
+    sid_of = {s.keys[0]: s.id for s in slices}
+    tried = [sid_of[k] for k in backend.tried]
+    assert tried == [s for s in decision.acquire if s in mine or s == leftovers[0]]  # one leftover, all of its share
+    assert not worker.holds and worker.next_look <= time.monotonic() + worker.period  # and it looks again soon
+
+
+def test_each_slice_taken_counts_as_progress_for_the_heartbeat(setup: tuple[Worker, Faulty],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat stops when the loop has not gone round for STALL seconds; a round that takes many
+    slices (each a round trip and a run started) makes progress with each one, so it is not a stall."""
+    worker, backend = setup
+    ticks: list[float] = []
+    real = Faulty.try_acquire
+
+    def spy(self: Faulty, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        if not keys[0].startswith("shardpreempt:"):
+            ticks.append(worker.ticked)
+        return real(self, keys, owner, ttl)
+
+    monkeypatch.setattr(Faulty, "try_acquire", spy)
+    worker._step(backend)
+    assert len(worker.holds) == 2 and len(ticks) == 2
+    assert ticks[1] > ticks[0]  # the first slice taken moved the heartbeat's clock
