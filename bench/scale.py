@@ -164,7 +164,7 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
                   f"M x W x 3 / ttl = {bound:.0f}/s; the bench's own observations add {1 / args.poll:.0f}/s)")
         figures["renewal_bound_per_s"] = bound
         mem = memory(workers)
-        guards = [k for pid in workers for k in children(pid) if k not in commands(pid)]
+        guards = [k for pid in workers for k in set(children(pid)) - commands(pid)]  # each worker's guard
         gmem, smem = memory(guards), memory([p.pid for p in pool.procs])
         for what, values in (("worker", mem), ("guard", gmem), ("supervisor", smem)):
             for kind in ("rss", "pss", "uss"):
