@@ -41,6 +41,8 @@ def clones(identities: Sequence[str], names: Iterable[str], settings: Iterable[M
     For many shards at once (a shard set's members, a packed slice's copies): ``settings`` must be
     read-only mappings (``MappingProxyType``), each shared or owned by its shard alone.
     """
+    if vars(Shard).get("__slots__") != ("identity", "name", "settings"):  # a field this shortcut does not know
+        return [Shard(i, n, s) for i, n, s in zip(identities, names, settings, strict=True)]
     out = list(map(object.__new__, [Shard] * len(identities)))
     list(map(_set_identity, out, identities))
     list(map(_set_name, out, names))
