@@ -86,7 +86,8 @@ class Decision:
 
     ``assigned``: the slices of ``acquire`` assigned to this member (towards its share); the others are
     free slices nobody took within ``grace``, which every member that sees them tries to take, in the
-    same order.
+    same order. ``handoff``: for each slice of ``release``, the short member it is meant for (the one
+    that prefers it most), so the releaser can tell that member alone.
     """
 
     acquire: tuple[str, ...] = ()
@@ -94,6 +95,7 @@ class Decision:
     target: int = 0
     recheck: float | None = None  # the earliest time the decision may change without news from the pool
     assigned: tuple[str, ...] = ()
+    handoff: Mapping[str, str] = field(default_factory=dict)
 
 
 def _held(view: View, members: frozenset[str]) -> dict[str, list[str]]:
@@ -118,13 +120,25 @@ def decide(view: View, params: Params = Params()) -> Decision:
     deficit = {m: share[m] - len(held_by[m]) for m in takers}
     acquire: list[str] = []
     assigned: list[str] = []  # the free slices meant for view.me
+    wanting = sorted(m for m in takers if deficit[m] > 0)
+    prefix = {m: hashlib.blake2b(f"{m}\0".encode(), digest_size=8) for m in wanting}  # weight() from here
     for slice_id, holder in view.holders.items():
         if holder is not None:
             continue
-        wanting = [m for m in takers if deficit[m] > 0]
-        chosen = max(wanting, key=lambda m: (weight(m, slice_id), m)) if wanting else None
-        if chosen is not None:
+        chosen = None
+        if view.me in prefix:  # once view.me wants no more, who gets the rest does not matter to it
+            key = slice_id.encode()
+
+            def w(m: str) -> tuple[int, str]:
+                h = prefix[m].copy()
+                h.update(key)
+                return int.from_bytes(h.digest(), "big"), m
+
+            chosen = max(wanting, key=w)
             deficit[chosen] -= 1
+            if not deficit[chosen]:
+                wanting.remove(chosen)
+                del prefix[chosen]
         seen = view.free_since.get(slice_id, now)
         if chosen == view.me:
             assigned.append(slice_id)
@@ -136,6 +150,7 @@ def decide(view: View, params: Params = Params()) -> Decision:
     # Handing over: shares over settled members only (a newcomer counts once it has settled);
     # release the least-preferred slices held long enough, if a settled member lacks slices.
     release: list[str] = []
+    handoff: dict[str, str] = {}
     settled = view.settled | {view.me}
     share_settled = targets(k, sorted(settled))
     held_settled = _held(view, settled)
@@ -156,11 +171,12 @@ def decide(view: View, params: Params = Params()) -> Decision:
             since = view.held_since.get(slice_id, now - params.min_hold)
             if now - since >= params.min_hold:
                 release.append(slice_id)
+                handoff[slice_id] = max(short, key=lambda m: (weight(m, slice_id), m))
             else:
                 wake.append(since + params.min_hold)
     future = [t for t in wake if t > now]
     return Decision(tuple(acquire), tuple(release), share[view.me], min(future) if future else None,
-                    tuple(assigned))
+                    tuple(assigned), handoff)
 
 
 class Members:

@@ -224,27 +224,46 @@ def observe(backend: Backend, slices: Sequence[Slice], slots: int) -> Observatio
     return Observation(members, holders, owners, by_slot)
 
 
-def ring(backend: Backend) -> None:
-    """Tell every member to look at the pool again: a join, a release, a member seen dead. On
-    ``file://`` the bell file (inotify wakes members at once); on a server a new value of the bell
-    record, which members read every period while the pool is quiet (see ``docs/pool.md``)."""
+def member_bell(slot: int) -> str:
+    """Server backends: the bell of one member (by member slot), rung for news that concerns it alone."""
+    return f"{BELL_RECORD}:{slot}"
+
+
+def ring(backend: Backend, slots: Sequence[int] = ()) -> None:
+    """Tell members to look at the pool again. Without ``slots``, every member: a release nobody was
+    told of, a leave, a member seen dead. On ``file://`` the bell file (inotify wakes members at
+    once, and every ring is for everyone); on a server a new value of the bell record, which members
+    read every period while the pool is quiet. With ``slots`` (servers), only those members: each
+    has a bell of its own, read with the pool's in one round trip (see ``docs/pool.md``)."""
     file_ring = getattr(backend, "ring", None)
     if file_ring is not None:
         file_ring()
         return
-    current = backend.read_records([BELL_RECORD])[BELL_RECORD]
-    backend.swap_record(BELL_RECORD, current, os.urandom(8).hex())  # lost the race: someone rang anyway
+    names = [member_bell(j) for j in slots] if slots else [BELL_RECORD]
+    for name, current in backend.read_records(names).items():
+        backend.swap_record(name, current, os.urandom(8).hex())  # lost the race: someone rang anyway
 
 
-def bell(backend: Backend) -> object:
-    """The bell's current value: it differs from an earlier one after a ring."""
+def bell(backend: Backend, slot: int | None = None) -> object:
+    """The bell's current value (with ``slot``, on servers: the pool's and that member's bells): it
+    differs from an earlier one after a ring."""
     file_bell = getattr(backend, "bell", None)
-    return file_bell() if file_bell is not None else backend.read_records([BELL_RECORD])[BELL_RECORD]
+    if file_bell is not None:
+        return file_bell()
+    names = [BELL_RECORD] if slot is None else [BELL_RECORD, member_bell(slot)]
+    seen = backend.read_records(names)
+    return tuple(seen[n] for n in names)
 
 
-def slots_to_watch(top_slot: int) -> int:
-    """How many member slots an observation covers: all in use, with room for newcomers."""
-    return max(16, top_slot + 17)
+def slots_to_watch(top_slot: int, window: int = 16) -> int:
+    """How many member slots the next observation covers, after one over ``window`` slots saw
+    ``top_slot`` as the highest in use: all in use, with room for newcomers. When the highest came
+    within 16 slots of the window's end (more members may be beyond), twice as many as in use, so a
+    member catching up with a growing pool looks again a few times, not once per 16 joins; the
+    window shrinks no lower than twice what is in use."""
+    if top_slot + 16 >= window:
+        return max(16, top_slot + 17, 2 * (top_slot + 1))
+    return max(16, min(window, 2 * (top_slot + 17)))
 
 
 # -- once mode: one pass over every slice by the whole pool -------------------------------------------

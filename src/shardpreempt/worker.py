@@ -28,13 +28,14 @@ import select
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from . import logs, metrics
 from .backends import open_backend
 from .backends.inotify import drain
-from .balance import Members, Params, View, decide
+from .balance import Decision, Members, Params, View, decide, targets
 from .claims import Claim, Ownership
 from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
@@ -102,6 +103,7 @@ class Hold:
         self.since = time.monotonic()
         self.runner: SliceRunner | None = None
         self.handing_over = False
+        self.handoff_slot: int | None = None  # servers: the member slot of the member it is handed over to
         self.superseded = False  # another owner holds it now
         self._reported = threading.Lock()  # held once the loss has been written to the events
 
@@ -150,6 +152,12 @@ class Worker:
         # file: whether a ring wakes this member at once (see _watch_file); False only for a member
         # that would still hold its share if one member died
         self.eager = True
+        # servers: news goes only to the members it concerns (docs/pool.md, "How news travels")
+        self.hungry = True  # short of its share, or free slices in view: a release notification concerns it
+        self.announce = False  # joined since its last look: that look tells the members the join concerns
+        self.rung: dict[int, float] = {}  # member slot -> when this member last rang its bell
+        self.notified_at = 0.0  # when a release notification last woke the loop
+        self.crowd = 1  # members short of their share at the last look (this one counts if it is)
         self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
         self._watch_r, self._watch_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -271,7 +279,7 @@ class Worker:
         if self.outages:
             log.warning("worker %d: the backend answers again (after %d failed tries)", self.opts.index, self.outages)
             self.outages = 0
-        window, self.slots = self.slots, slots_to_watch(obs.top_slot)
+        window, self.slots = self.slots, slots_to_watch(obs.top_slot, self.slots)
         if self.opts.recorder is not None:
             self.opts.recorder.members(len(obs.members))
         self._update_watch(obs)
@@ -297,7 +305,7 @@ class Worker:
                 or self.opts.once_pass is not None):
             return True
         try:
-            bell = read_bell(backend)
+            bell = read_bell(backend, self.member_slot)
             if bell != self.last_bell:
                 self.last_bell = bell
                 return True
@@ -431,6 +439,8 @@ class Worker:
                 log.info("worker %d hands slice %s over (share %d)", opts.index, sid, decision.target,
                          extra={"slice": sid})
                 hold.handing_over = True
+                taker = obs.members.get(decision.handoff.get(sid, ""))
+                hold.handoff_slot = taker.slot if taker is not None else None
                 if hold.runner is not None:
                     hold.runner.stop()
         retry: float | None = None
@@ -465,8 +475,45 @@ class Worker:
             retry = min(x for x in (retry, now + step) if x is not None)
         else:
             self.linger, self.linger_since = 0.0, None
+        if backend.capabilities.server_expiry and self._tell(backend, obs, holders, present, decision, now):
+            # short of its share with nothing free: look again later in case a member it rang decided
+            # otherwise (views differ for a moment), less often in a big pool
+            retry = min(x for x in (retry, now + max(2 * self.params.settle, self.pool_size / 50)) if x is not None)
         times = [t for t in (decision.recheck, settles_at, retry) if t is not None]
         return min(times) if times else None
+
+    def _tell(self, backend: Backend, obs: Observation, holders: dict[str, str | None], present: frozenset[str],
+              decision: Decision, now: float) -> bool:
+        """Servers: ring the bells of the members this look shows have something to do, and only theirs.
+
+        A member short of its share rings the members above theirs (they hand over once it has
+        settled); a member that has just joined also rings the two members before it in slot order,
+        which watch it from now on. Everyone else learns nothing and reads nothing but two bells a
+        period: a join costs O(1) looks, not one per member (docs/pool.md, "How news travels").
+        True when it is short with nothing free to take."""
+        me = self.opts.identity
+        free = any(h is None for sid, h in holders.items() if sid not in self.holds)
+        short = len(self.holds) < decision.target
+        self.hungry = short or free
+        counts = Counter(h for h in holders.values() if h is not None)
+        share = targets(len(holders), sorted(present))
+        self.crowd = max(1, sum(1 for m in present if counts[m] < share[m]))
+        slots: list[int] = []
+        if short and not free:
+            slots += [obs.members[m].slot for m in present
+                      if m != me and m in obs.members and counts[m] > share[m]]
+        if self.announce:
+            self.announce = False
+            ring = sorted(obs.by_slot)
+            if self.member_slot in ring:
+                i = ring.index(self.member_slot)
+                slots += [ring[(i - d) % len(ring)] for d in (1, 2)]
+        again = max(2 * self.params.settle, self.period)  # a member rung lately is not rung again yet
+        slots = [j for j in dict.fromkeys(slots) if j != self.member_slot and self.rung.get(j, -again) <= now - again]
+        if slots:
+            self._ring(backend, slots)
+            self.rung.update(dict.fromkeys(slots, now))
+        return short and not free
 
     # -- joining, acquiring, releasing ----------------------------------------------------------------
     def _join(self, backend: Backend) -> bool | None:
@@ -480,10 +527,10 @@ class Worker:
                 free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
                 if free or self.slots >= MAX_SLOTS:
                     break
-                self.slots = min(MAX_SLOTS, slots_to_watch(self.slots - 1))
+                self.slots = min(MAX_SLOTS, slots_to_watch(self.slots - 1, self.slots))
             # The preferred slot first; then some of the 16 lowest free ones in random order: workers
             # joining at once would all race for the lowest and all but one lose every try. Only low
-            # slots: members look at the slots up to 16 past the highest they see (slots_to_watch).
+            # slots: members look at least 16 slots past the highest they see (slots_to_watch).
             preferred = [self.member_slot] if self.member_slot in free else []
             others = [j for j in free[:16] if j != self.member_slot]
             for j in [*preferred, *random.sample(others, min(8, len(others)))]:
@@ -504,7 +551,11 @@ class Worker:
                 if backend.capabilities.server_expiry and lease.ttl != opts.ttl:
                     self._report(f"t {lease.ttl}")  # the watchdog follows the ttl actually granted
                 self.started = time.monotonic()
-                self._ring(backend)
+                self.woken = True  # look at once
+                if backend.capabilities.server_expiry:
+                    self.announce = True  # the first look rings the members a join concerns, not everyone
+                else:
+                    self._ring(backend)
                 log.info("worker %d joined the pool as %s (member slot %d)", opts.index, opts.identity, j)
                 return True
         except BackendError as exc:
@@ -619,7 +670,10 @@ class Worker:
             log.warning("worker %d: release of slice %s failed (will retry): %s", self.opts.index, hold.slice.id, exc,
                         extra={"slice": hold.slice.id})
             self.orphans.append(hold.lease)
-        self._ring(backend)
+        if reason == "handoff" and hold.handoff_slot is not None and backend.capabilities.server_expiry:
+            self._ring(backend, [hold.handoff_slot])  # the member it is meant for; the others need not look
+        else:
+            self._ring(backend)
 
     def _lose_all(self, reason: LossReason, detail: str, *, emit: bool = True) -> None:
         """Every slice is lost (session gone, or exiting): stop each run within the grace, then forget them."""
@@ -688,9 +742,9 @@ class Worker:
 
     # -- news from the pool ----------------------------------------------------------------------------
     @staticmethod
-    def _ring(backend: Backend) -> None:
+    def _ring(backend: Backend, slots: Sequence[int] = ()) -> None:
         with contextlib.suppress(OSError, BackendError):
-            ring_bell(backend)
+            ring_bell(backend, slots)
 
     def _watch(self, main: Backend) -> None:
         """Wake the loop when the pool changes: the backend's notification, or on file:// the bell and
@@ -803,8 +857,17 @@ class Worker:
             except BackendError:
                 time.sleep(1.0)
                 continue
-            if time.monotonic() - start < 4.9:
-                self.wake()
+            if time.monotonic() - start >= 4.9 or not self.hungry:
+                continue  # a release concerns only members short of their share or waiting for a free slice
+            # Many members may be short at once (a supervisor of many workers joining a big pool): each
+            # looks on notifications at most once per 20 ms x the members short at its last look, so
+            # the pool's looks stay under about 50 a second however many wait (each reads every member
+            # and every slice); one short member alone looks at once.
+            gap = min(5.0, 0.02 * self.crowd)
+            if self.stopping.wait(max(0.0, self.notified_at + gap - time.monotonic())):
+                return
+            self.notified_at = time.monotonic()
+            self.wake()
 
 
 def _bell_ringer(url: str) -> Callable[[], None] | None:

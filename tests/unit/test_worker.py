@@ -11,7 +11,7 @@ import pytest
 from shardpreempt import BackendUnavailable, Shard
 from shardpreempt import worker as worker_module
 from shardpreempt.backends.memory import MemoryBackend
-from shardpreempt.balance import Members
+from shardpreempt.balance import Members, Params
 from shardpreempt.claims import Ownership
 from shardpreempt.errors import LossReason
 from shardpreempt.model import Lease
@@ -180,7 +180,8 @@ def test_a_quiet_pool_is_read_only_on_news(setup: tuple[Worker, Faulty], monkeyp
     assert looks == [1] and len(worker.holds) == 2
 
     def quiet() -> None:  # as after a look that left nothing pending
-        worker.woken, worker.next_look, worker.last_bell = False, time.monotonic() + 100, read_bell(backend)
+        worker.woken, worker.next_look, worker.last_bell = (False, time.monotonic() + 100,
+                                                               read_bell(backend, worker.member_slot))
 
     quiet()
     worker._step(backend)
@@ -220,7 +221,8 @@ def test_a_restarted_workers_dead_incarnation_is_watched(setup: tuple[Worker, Fa
     worker._sleep(0)
     worker._step(backend)
     assert worker.watch_keys == [member_key(dead_slot)]
-    worker.woken, worker.next_look, worker.last_bell = False, time.monotonic() + 100, read_bell(backend)
+    worker.woken, worker.next_look, worker.last_bell = (False, time.monotonic() + 100,
+                                                               read_bell(backend, worker.member_slot))
     looks.clear()
     worker._step(backend)
     assert looks == []  # quiet while the dead incarnation's session lasts
@@ -290,3 +292,54 @@ def test_each_slice_taken_counts_as_progress_for_the_heartbeat(setup: tuple[Work
     worker._step(backend)
     assert len(worker.holds) == 2 and len(ticks) == 2
     assert ticks[1] > ticks[0]  # the first slice taken moved the heartbeat's clock
+
+
+def test_a_join_and_its_handoffs_ring_only_the_members_they_concern() -> None:
+    """Servers: a newcomer short of its share rings the bells of the members above theirs (and of the
+    member before it, which watches it from now on), never the pool's bell; the handoff's release
+    rings the newcomer's bell alone. Regression: every join and every handoff rang the pool's bell, so
+    every member read the whole pool (300 workers over 1,000 slices on 2 cores: reading the pool took
+    most of the CPU and hundreds of workers were killed as hung)."""
+    url = f"memory://{uuid.uuid4().hex}"
+    backend = MemoryBackend(url)
+    k = 4
+    slices = make_slices(SHARDS, k)
+
+    def member(identity: str) -> Worker:
+        w = Worker(WorkerOptions(url, 10.0, slices, Layout.of(SHARDS, "round-robin", k), identity,
+                                 RunSettings(index=0, job=wait_job)))
+        w.params, w.period = Params(grace=0.0, settle=0.0, min_hold=0.0), 0.5
+        w.members = Members(w.params)
+        return w
+
+    def quiet(w: Worker) -> None:  # as after a look that left nothing pending
+        w.woken, w.next_look, w.last_bell = False, time.monotonic() + 100, read_bell(backend, w.member_slot)
+
+    a, b = member("host/a.0"), member("host/b.0")
+    try:
+        a._step(backend)
+        assert len(a.holds) == k and not a.hungry  # alone: its share is every slice
+        quiet(a)
+        pool_bell = read_bell(backend)
+        b._step(backend)  # joins, looks: short of its share (2), nothing free
+        assert not b.holds and b.hungry
+        assert read_bell(backend) == pool_bell  # nobody else was told
+        a._step(backend)  # its own bell rang: it looks and hands two slices over
+        handing = [h for h in a.holds.values() if h.handing_over]
+        assert len(handing) == 2 and all(h.handoff_slot == b.member_slot for h in handing)
+        for hold in handing:
+            assert hold.runner is not None
+            hold.runner.join(5)
+        quiet(b)
+        a._step(backend)  # the runs have ended: released, and b's bell rung
+        assert len(a.holds) == 2 and read_bell(backend) == pool_bell
+        b._step(backend)
+        assert len(b.holds) == 2 and not b.hungry
+    finally:
+        for w in (a, b):
+            for hold in list(w.holds.values()):
+                assert hold.runner is not None
+                hold.runner.stop()
+                hold.runner.join(5)
+            if w.member is not None:
+                w.member.release()

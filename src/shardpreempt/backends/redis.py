@@ -263,8 +263,8 @@ class RedisBackend:
             self._client.eval(PREPARE, 1, f"{self.prefix}boot")
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
-        """Holder of each key: one pipelined round trip of read-only scripts answering 10,000 values each as
-        one JSON string, one more for the live sessions (``redis_inspect``)."""
+        """Holder of each key: one pipelined round trip of read-only scripts answering 10,000 values and
+        their sessions each as one JSON string (``redis_inspect``)."""
         unique = list(dict.fromkeys(keys))
         with self._edge("inspect"):
             found = redis_inspect.holders(self._client, [self._shard_key(k) for k in unique], self._session_key,

@@ -103,13 +103,26 @@ return 1
 """
 
 INSPECT = """
--- ARGV[1] a JSON array of shard keys; returns a JSON array of their values (false where a key is missing): one
--- string the client parses at C speed, instead of a reply per key parsed in Python
+-- ARGV[1] a JSON array of shard keys, ARGV[2] the session key prefix. Returns one JSON string the client
+-- parses at C speed (redis-py parses a reply per value in Python): {"v": the keys' values, false where
+-- missing; "s": for each distinct session a held value names, [its PTTL, its info or false]}. A held
+-- value is "<token> <since us> <session>"; a released one is "<token>".
 local keys = cjson.decode(ARGV[1])
-if #keys == 0 then return '[]' end
-local values = {}
-for i = 1, #keys do values[i] = redis.call('GET', keys[i]) end
-return cjson.encode(values)
+if #keys == 0 then return '{"v":[],"s":null}' end
+local values, sessions, any = {}, {}, false
+for i = 1, #keys do
+  local v = redis.call('GET', keys[i])
+  values[i] = v
+  if v then
+    local sid = string.match(v, '^%S+ %S+ (.+)$')
+    if sid and not sessions[sid] then
+      local key = ARGV[2] .. sid
+      sessions[sid] = {redis.call('PTTL', key), redis.call('GET', key)}
+      any = true
+    end
+  end
+end
+return cjson.encode({v = values, s = any and sessions or cjson.null})  -- an empty table would be an array
 """
 
 PREPARE = """
