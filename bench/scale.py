@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pool import Pool, history
+from pool import Pool, PoolStuck, history
 from shardpreempt.testing.servers import EphemeralServer, server_for, unique
 
 
@@ -142,12 +142,21 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
         for _ in range(m):
             pool.start()
         t_cov, _ = pool.wait(pool.covered, args.timeout, "every slice held")
-        t_all, _ = pool.wait(lambda o: len(o.members) == m * w and pool.covered(o), args.timeout,
-                             "every worker a member")
-        t_bal, _ = pool.wait(lambda o: pool.balanced(o, m * w), args.timeout, "balanced")
-        figures["coverage_s"], figures["all_members_s"], figures["balanced_s"] = t_cov - t0, t_all - t0, t_bal - t0
-        print(f"coverage: every slice held {t_cov - t0:.2f} s after the first start; all {m * w} workers "
-              f"members after {t_all - t0:.2f} s; balanced (max - min <= 1) after {t_bal - t0:.2f} s")
+        figures["coverage_s"] = t_cov - t0
+        print(f"coverage: every slice held {t_cov - t0:.2f} s after the first start")
+        # A pool that never gets there within the timeout is a figure too: say so, and go on measuring
+        # the rest (steady state, memory, status, failover) on the pool as it is.
+        for key, what, done in (
+                ("all_members_s", f"every worker a member ({m * w})",
+                 lambda o: len(o.members) == m * w and pool.covered(o)),
+                ("balanced_s", "balanced (max - min <= 1)", lambda o: pool.balanced(o, m * w))):
+            try:
+                t, _ = pool.wait(done, max(1.0, args.timeout - (time.monotonic() - t0)), what)
+                figures[key] = t - t0
+                print(f"coverage: {what} after {t - t0:.2f} s")
+            except PoolStuck as exc:
+                figures[key] = None
+                print(f"coverage: {exc}"[:400])
 
         evs = kit.read_events(pool.events)
         workers = sorted({e["worker_pid"] for e in evs if e["event"] == "started"})

@@ -15,7 +15,7 @@ from shardpreempt.balance import Members, Params
 from shardpreempt.claims import Ownership
 from shardpreempt.errors import LossReason
 from shardpreempt.model import Lease
-from shardpreempt.pool import Layout, member_key, member_owner, ring
+from shardpreempt.pool import Layout, member_key, member_owner, ring, slots_to_watch
 from shardpreempt.pool import bell as read_bell
 from shardpreempt.runner import RunSettings
 from shardpreempt.slicing import make_slices
@@ -343,3 +343,20 @@ def test_a_join_and_its_handoffs_ring_only_the_members_they_concern() -> None:
                 hold.runner.join(5)
             if w.member is not None:
                 w.member.release()
+
+
+def test_the_member_window_doubles_as_the_pool_grows() -> None:
+    """A member catching up with a growing pool looks again a few times, not once per 16 joins: the
+    window doubles when the highest member slot in use comes within 16 of its end, and otherwise stays
+    at most twice what is in use (a pool that shrank reads fewer empty slots)."""
+    assert slots_to_watch(-1) == 16 and slots_to_watch(0) == 17
+    window, looks = 16, 0
+    while window <= 1000:  # a pool of 1,000 members, seen by a member that started alone
+        grown = slots_to_watch(min(999, window - 1), window)
+        looks += 1
+        if grown <= window:
+            break
+        window = grown
+    assert looks <= 8 and window >= 1000
+    assert slots_to_watch(100, 234) == 234  # far from the end: no growth, no look again
+    assert slots_to_watch(3, 1024) == 40  # a pool that shrank: twice what it needs
