@@ -27,12 +27,22 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 
 def weight(member: str, slice_id: str) -> int:
     """Rendezvous weight of (member identity, slice id): the highest weight is the preferred holder."""
     digest = hashlib.blake2b(f"{member}\0{slice_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def _weigh(prefix: Mapping[str, Any], slice_id: bytes, member: str) -> tuple[int, str]:
+    """``(weight(member, slice), member)`` from the member's hash of ``member + "\0"``: the same value,
+    without hashing the member's identity again for every slice."""
+    h = prefix[member].copy()
+    h.update(slice_id)
+    return int.from_bytes(h.digest(), "big"), member
 
 
 def _rank(member: str) -> bytes:
@@ -127,14 +137,7 @@ def decide(view: View, params: Params = Params()) -> Decision:
             continue
         chosen = None
         if view.me in prefix:  # once view.me wants no more, who gets the rest does not matter to it
-            key = slice_id.encode()
-
-            def w(m: str) -> tuple[int, str]:
-                h = prefix[m].copy()
-                h.update(key)
-                return int.from_bytes(h.digest(), "big"), m
-
-            chosen = max(wanting, key=w)
+            chosen = max(wanting, key=partial(_weigh, prefix, slice_id.encode()))
             deficit[chosen] -= 1
             if not deficit[chosen]:
                 wanting.remove(chosen)

@@ -1,7 +1,7 @@
 """The ``--events`` audit trail: one JSON object per line, appended atomically by every process.
 
-Fields (DESIGN §4): ``t`` (unix seconds), ``event`` (``acquired`` | ``released`` | ``lost`` from workers;
-``started`` | ``exited`` | ``killed`` from the supervisor), ``shard``, ``owner``, ``token``, ``worker``,
+Fields (the README's ``--events``): ``t`` (unix seconds), ``event`` (``acquired`` | ``released`` | ``lost``
+from workers; ``started`` | ``exited`` | ``killed`` from the supervisor), ``shard``, ``owner``, ``token``, ``worker``,
 plus ``pid`` and ``host`` so the history checker can end the holds of a process that died.
 Renewals are not logged. Secrets never appear: only identities, owner ids and tokens are written.
 """

@@ -22,7 +22,8 @@ class Capabilities:
 
 @runtime_checkable
 class Backend(Protocol):
-    """The lock store contract (DESIGN §3). Methods never start threads."""
+    """The lock store contract, tested rule by rule by ``shardpreempt.testing.contract``
+    (docs/testing.md). Methods never start threads."""
 
     url: str  # the URL with any password redacted: safe to print
     capabilities: Capabilities

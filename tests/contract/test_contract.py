@@ -6,4 +6,4 @@ from shardpreempt.testing.contract import BackendContract
 
 
 class TestContract(BackendContract):
-    """Every rule of DESIGN §3, for each backend in conftest.BACKENDS."""
+    """Every rule of the backend contract (docs/testing.md), for each backend in conftest.BACKENDS."""

@@ -7,6 +7,7 @@ time advancing in steps so that ``grace``, ``min_hold`` and ``settle`` matter.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import Counter
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import pytest
 
-from shardpreempt.balance import Decision, Members, Params, View, decide, targets, weight
+from shardpreempt.balance import Decision, Members, Params, View, _weigh, decide, targets, weight
 
 P = Params()  # grace 0.5, settle 0.5, max_settle 30, flap_window 60, min_hold 0.5
 STEP = 0.1  # seconds per simulated round: grace, settle and min_hold span several rounds, more than any lag
@@ -639,3 +640,13 @@ def test_sim_restart_after_takeover_gets_most_slices_back() -> None:
             got, lost, _ = restart_after_takeover(k, m, seed)
             back, total = back + got, total + lost
     assert back / total > 0.5, f"{back} of {total} came back"
+
+
+def test_decide_weighs_free_slices_as_weight_does() -> None:
+    """decide hashes each member's identity once per look (not once per free slice); the weights are
+    the same as weight() gives."""
+    members = ["host/a.0", "host/b.1", "ünï/c.2"]
+    prefix = {m: hashlib.blake2b(f"{m}\0".encode(), digest_size=8) for m in members}
+    for m in members:
+        for sid in ("s1", "0f3a9c", "slice-ü"):
+            assert _weigh(prefix, sid.encode(), m) == (weight(m, sid), m)

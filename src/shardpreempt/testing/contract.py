@@ -1,4 +1,5 @@
-"""The backend contract suite (DESIGN §3), public so third-party backends can run it too.
+"""The backend contract suite (the rules of ``shardpreempt.typing.Backend``; docs/testing.md), public so
+third-party backends can run it too.
 
 Use it from pytest: subclass :class:`BackendContract` in a test module and provide a fixture
 ``backend_url`` that returns a URL of a fresh, empty namespace on a running server, and optionally
