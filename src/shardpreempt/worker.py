@@ -489,7 +489,8 @@ class Worker:
         A member short of its share rings the members above theirs (they hand over once it has
         settled); a member that has just joined also rings the two members before it in slot order,
         which watch it from now on. Everyone else learns nothing and reads nothing but two bells a
-        period: a join costs O(1) looks, not one per member (docs/pool.md, "How news travels").
+        period: a join costs the looks of the members it concerns, not one per member (docs/pool.md,
+        "How news travels").
         True when it is short with nothing free to take."""
         me = self.opts.identity
         free = any(h is None for sid, h in holders.items() if sid not in self.holds)
@@ -517,7 +518,8 @@ class Worker:
 
     # -- joining, acquiring, releasing ----------------------------------------------------------------
     def _join(self, backend: Backend) -> bool | None:
-        """Take a member key (the preferred slot first) under a fresh owner id; ring the bell. False when
+        """Take a member key (the preferred slot first) under a fresh owner id; on file:// ring the bell (on
+        a server the first look tells the members the join concerns, see :meth:`_tell`). False when
         the backend failed, None when every slot tried was taken by others joining at the same time."""
         opts = self.opts
         owner = member_owner(opts.identity)
