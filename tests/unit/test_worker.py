@@ -66,6 +66,11 @@ def setup() -> Iterator[tuple[Worker, Faulty]]:
     worker.params, worker.period = pool_params(True, 10.0)
     worker.members = Members(worker.params)
     yield worker, backend
+    stop(worker)
+
+
+def stop(worker: Worker) -> None:
+    """End a test worker's runs and give up its member key."""
     for hold in list(worker.holds.values()):
         assert hold.runner is not None
         hold.runner.stop()
@@ -336,13 +341,8 @@ def test_a_join_and_its_handoffs_ring_only_the_members_they_concern() -> None:
         b._step(backend)
         assert len(b.holds) == 2 and not b.hungry
     finally:
-        for w in (a, b):
-            for hold in list(w.holds.values()):
-                assert hold.runner is not None
-                hold.runner.stop()
-                hold.runner.join(5)
-            if w.member is not None:
-                w.member.release()
+        stop(a)
+        stop(b)
 
 
 def test_the_member_window_doubles_as_the_pool_grows() -> None:
