@@ -324,6 +324,8 @@ def main() -> None:
     pool.add_argument("--poll", type=float, default=0.005, help="seconds between the bench's observations")
     pool.add_argument("--steady", type=float, default=1.0, help="seconds of steady-state observation")
     pool.add_argument("--timeout", type=float, default=120.0, help="seconds a pool may take to reach a state")
+    pool.add_argument("--claimers", action="store_true",
+                      help="scale: each supervisor is one process hosting its W members in threads (bench/claimers.py)")
     pool.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the coverage baseline")
     pool.add_argument("--evidence", default=None, help="where a failed run's events and logs are kept")
     pool.add_argument("--keep", action="store_true", help="keep every run's events and logs, not only failed ones")

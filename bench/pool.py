@@ -134,15 +134,20 @@ class Pool:
         self.observe_costs: list[float] = []
         self.last: Observation | None = None
         self.slots = SLOTS  # member slots observed: more than the pool's workers
+        self.claimers = False  # scale --claimers: each "supervisor" is a bench/claimers.py process
 
     # -- processes ---------------------------------------------------------------------------------
     def start(self) -> subprocess.Popen[bytes]:
         """One more supervisor, in its own session, as a user would start one per machine."""
+        if self.claimers:  # N members in threads of one process (bench/claimers.py), named c0, c1, ...
+            argv = [str(Path(__file__).resolve().parent / "claimers.py"), str(self.cfg), self.url, str(self.k),
+                    str(self.w), f"c{len(self.procs)}", str(self.events)]
+        else:
+            argv = ["-m", "shardpreempt", "run", str(self.cfg), "-w", str(self.w), "--slices", str(self.k),
+                    "--events", str(self.events), "--", *COMMAND]
         with open(self.logs / f"supervisor{len(self.procs)}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "shardpreempt", "run", str(self.cfg), "-w", str(self.w),
-                                     "--slices", str(self.k), "--events", str(self.events), "--", *COMMAND],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -150,8 +155,9 @@ class Pool:
         return [p for p in self.procs if p.poll() is None]
 
     def identities(self, proc: subprocess.Popen[bytes]) -> set[str]:
-        """The member identities of a supervisor's workers (``host/PID.INDEX``)."""
-        return {f"{HOST}/{proc.pid}.{i}" for i in range(self.w)}
+        """The member identities of a supervisor's workers (``host/PID.INDEX``; claimers: ``host/cN.INDEX``)."""
+        name = f"c{self.procs.index(proc)}" if self.claimers else proc.pid
+        return {f"{HOST}/{name}.{i}" for i in range(self.w)}
 
     def kill(self, proc: subprocess.Popen[bytes]) -> tuple[float, float]:
         """SIGKILL a supervisor's process group and everything under it; ``killed`` events first.
@@ -162,7 +168,7 @@ class Pool:
         # and the kill would hold for ever in the checker's eyes.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGSTOP)
-        workers = children(proc.pid)
+        workers = [proc.pid] if self.claimers else children(proc.pid)  # claimers: every member in one process
         wait_stopped([proc.pid, *workers])
         tree = descendants(proc.pid)
         log = EventLog(self.events)

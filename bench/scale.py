@@ -19,6 +19,12 @@ scenario does (``bench/pool.py``). One run, in order:
 4. **failover** — SIGKILL of one supervisor and everything under it: time until every slice is
    held by a live member again (the bound: the ttl, plus a poll);
 5. **history** — ``shardpreempt.history.check`` over the events: overlaps and token violations.
+
+With ``--claimers`` each "supervisor" is one ``bench/claimers.py`` process hosting its W members in
+threads (the product's own ``Worker``, each with its own backend connections): 1,000 forked workers
+(about 20 MiB of the machine each) do not fit on a small box beside the server, and the issue allows
+claimers sharing processes. Memory is then reported per process and per member; the failover step
+SIGKILLs one such process (a machine lost).
 """
 
 from __future__ import annotations
@@ -93,14 +99,17 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def redis_commands(url: str) -> int | None:
+def redis_commands(url: str) -> dict[str, int] | None:
+    """Redis: the commands it has processed (``total``) and the calls of each command (``INFO
+    commandstats``: a script's calls count as its own commands there, not in the total)."""
     if not url.startswith("redis"):
         return None
     import redis  # the redis extra: installed wherever this bench runs on Redis
 
     client = redis.Redis.from_url(url.split("?")[0])
     try:
-        return int(client.info("stats")["total_commands_processed"])
+        calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in client.info("commandstats").items()}
+        return {"total": int(client.info("stats")["total_commands_processed"]), **calls}
     finally:
         client.close()
 
@@ -136,6 +145,7 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
     cfg = write_config(tmp, args.shards, url, args.ttl)
     pool = Pool(tmp, url, cfg, k, w, args.poll, f"scale-{unique()}")
     pool.slots = m * w * 2 + 64  # every member slot in use, and more
+    pool.claimers = args.claimers
     try:
         available0 = mem_available_mib()
         t0 = time.monotonic()
@@ -159,7 +169,7 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
                 print(f"coverage: {exc}"[:400])
 
         evs = kit.read_events(pool.events)
-        workers = sorted({e["worker_pid"] for e in evs if e["event"] == "started"})
+        workers = sorted({e["worker_pid"] for e in evs if e["event"] == "started"})  # none with --claimers
         cpu0, cmd0, t = server_cpu(server), redis_commands(url), time.monotonic()
         time.sleep(args.steady)  # the measurement window itself (nothing waits for a state here)
         cpu1, cmd1, dt = server_cpu(server), redis_commands(url), time.monotonic() - t
@@ -168,23 +178,36 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
             figures["server_cpu_percent"] = (cpu1 - cpu0) / dt * 100
             print(f"steady state: server CPU {figures['server_cpu_percent']:.1f} % of a core")
         if cmd0 is not None and cmd1 is not None:
-            figures["server_commands_per_s"] = (cmd1 - cmd0) / dt
+            rates = {name: (n - cmd0.get(name, 0)) / dt for name, n in cmd1.items()}
+            figures["server_commands_per_s"] = rates.pop("total")
+            figures["server_calls_per_s"] = {name: round(r, 1) for name, r in sorted(rates.items()) if r >= 0.5}
+            top = ", ".join(f"{name} {r:.0f}" for name, r in sorted(rates.items(), key=lambda x: -x[1])[:6] if r >= 0.5)
             print(f"steady state: Redis commands {figures['server_commands_per_s']:.0f}/s (renewal bound "
-                  f"M x W x 3 / ttl = {bound:.0f}/s; the bench's own observations add {1 / args.poll:.0f}/s)")
+                  f"M x W x 3 / ttl = {bound:.0f}/s; the bench's own observations add {1 / args.poll:.0f}/s); "
+                  f"calls/s by command: {top}")
         figures["renewal_bound_per_s"] = bound
-        mem = memory(workers)
-        guards = [k for pid in workers for k in set(children(pid)) - commands(pid)]  # each worker's guard
-        gmem, smem = memory(guards), memory([p.pid for p in pool.procs])
-        for what, values in (("worker", mem), ("guard", gmem), ("supervisor", smem)):
+        if args.claimers:  # every member a thread: memory per process, and per member
+            mem = memory([p.pid for p in pool.procs])
             for kind in ("rss", "pss", "uss"):
-                if values[kind]:
-                    figures[f"{what}_{kind}_mib_median"] = statistics.median(values[kind])
+                figures[f"claimers_process_{kind}_mib_median"] = statistics.median(mem[kind])
+                figures[f"member_{kind}_mib"] = statistics.median(mem[kind]) / w
+            print(f"claimer process memory ({w} members each): RSS median {statistics.median(mem['rss']):.1f} MiB, "
+                  f"USS {statistics.median(mem['uss']):.1f} MiB: {statistics.median(mem['rss']) / w:.2f} MiB RSS "
+                  f"per member")
+        else:
+            mem = memory(workers)
+            guards = [k for pid in workers for k in set(children(pid)) - commands(pid)]  # each worker's guard
+            gmem, smem = memory(guards), memory([p.pid for p in pool.procs])
+            for what, values in (("worker", mem), ("guard", gmem), ("supervisor", smem)):
+                for kind in ("rss", "pss", "uss"):
+                    if values[kind]:
+                        figures[f"{what}_{kind}_mib_median"] = statistics.median(values[kind])
+            print(f"worker memory: RSS median {statistics.median(mem['rss']):.1f} MiB (max {max(mem['rss']):.1f}), "
+                  f"PSS {statistics.median(mem['pss']):.1f}, USS {statistics.median(mem['uss']):.1f} MiB over "
+                  f"{len(mem['rss'])} workers; guard USS {statistics.median(gmem['uss'] or [0]):.1f} MiB; "
+                  f"supervisor RSS {statistics.median(smem['rss']):.1f} MiB")
         used = available0 - mem_available_mib()
         figures["machine_mib_per_worker"] = used / (m * w)
-        print(f"worker memory: RSS median {statistics.median(mem['rss']):.1f} MiB (max {max(mem['rss']):.1f}), PSS "
-              f"{statistics.median(mem['pss']):.1f}, USS {statistics.median(mem['uss']):.1f} MiB over "
-              f"{len(mem['rss'])} workers; guard USS {statistics.median(gmem['uss'] or [0]):.1f} MiB; supervisor RSS "
-              f"{statistics.median(smem['rss']):.1f} MiB")
         print(f"machine memory used by the pool (MemAvailable before the start - now): {used:.0f} MiB, "
               f"{used / (m * w):.1f} MiB per worker (with its guard, command and share of the supervisor)")
 
