@@ -142,7 +142,7 @@ class Worker:
         # until a ttl has passed, unless the slice is ours by then
         self.unsure: dict[str, tuple[float, Lease]] = {}
         self.slots = 16
-        self.join_view: tuple[int, list[int]] | None = None  # joining: the highest slot in use, free ones to try
+        self.join_view: tuple[int, list[int]] | None = None  # joining: the highest slot in use, the free ones below
         self.join_races = 0  # joins lost in a row (every slot tried was taken by others joining)
         self.started = time.monotonic()
         self.watch_keys: list[str] = []  # member keys of the two members it watches (after it in slot order)
@@ -159,11 +159,6 @@ class Worker:
         self.announce = False  # joined since its last look: that look tells the members the join concerns
         self.rung: dict[int, float] = {}  # member slot -> when this member last rang its bell
         self.mourning = False  # servers: a watched member's session ended; its next look tells the takers
-        # servers: the last look (observation, member key -> identity, holders, members) and the member
-        # slots rung since for a death, so the look after it does not ring them again
-        self.last_seen: tuple[Observation | None, dict[str, str], dict[str, str | None], frozenset[str]] = (
-            None, {}, {}, frozenset())
-        self.told: set[int] = set()
         self.notified_at = 0.0  # when a release notification last woke the loop
         self.crowd = 1  # members short of their share at the last look (this one counts if it is)
         self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
@@ -320,14 +315,11 @@ class Worker:
             watched = list(self.watch_keys)
             if watched:
                 seen = backend.inspect(watched)
-                dead = [k for k in watched if seen.get(k) is None]
-                if dead:
-                    # a neighbour's session ended: its slices are free. Tell the members the policy
-                    # gives them to, not everyone (in a big pool, every member looking at every death
-                    # kept the server from renewing anyone's session): now, from the last look, so
-                    # they look while this member does; after its look, any others (see _tell).
+                if any(seen.get(k) is None for k in watched):
+                    # a neighbour's session ended: its slices are free. Look, and tell the members the
+                    # policy gives them to (see _tell), not everyone: in a big pool, every member
+                    # looking at every death kept the server from renewing anyone's session.
                     self.mourning = True
-                    self._tell_takers(backend, {self.last_seen[1].get(k) for k in dead})
                     return True
         except BackendError:
             return True  # the look reports the outage
@@ -341,16 +333,14 @@ class Worker:
     def _outage(self, what: str) -> float:
         """Try again soon (liveness after the backend comes back), but back off: a server too busy to
         answer in time still does the work of every request that timed out, so members retrying at
-        a fixed pace keep it from catching up. The delay doubles from two periods up to ttl / 4
-        (at most 4 s), at random in its upper half; never above two periods at a short ttl, where
-        recovery after an outage must stay within the ttl (docs/decisions.md, 17). Log with a growing
-        back-off too: one line at tries 1, 2, 4, 8, ... so an outage of any length stays a handful of
-        lines."""
+        a fixed pace keep it from catching up. The delay doubles from two periods up to
+        max(1, min(4, ttl / 4)) seconds, at random in its upper half. Log with a growing back-off
+        too: one line at tries 1, 2, 4, 8, ... so an outage of any length stays a handful of lines."""
         self.outages += 1
         if self.outages & (self.outages - 1) == 0:
             log.warning("worker %d: %s (try %d; next lines at try %d)", self.opts.index, what, self.outages,
                         self.outages * 2)
-        cap = max(2 * self.period, min(4.0, self.opts.ttl / 4))
+        cap = max(1.0, min(4.0, self.opts.ttl / 4))
         return min(cap, 2 * self.period * 2.0 ** min(self.outages - 1, 10)) * random.uniform(0.5, 1.0)
 
     def _update_watch(self, obs: Observation) -> None:
@@ -536,39 +526,14 @@ class Worker:
                 slots += [ring[(i - d) % len(ring)] for d in (1, 2)]
         again = max(2 * self.params.settle, self.period)  # a member rung lately is not rung again yet
         slots = [j for j in dict.fromkeys(slots) if j != self.member_slot and self.rung.get(j, -again) <= now - again]
-        if self.mourning:  # a watched member died: the members its free slices are meant for, unless told
+        if self.mourning:  # a watched member died: the members its free slices are meant for
             self.mourning = False
             meant = meant_for(View(me, now, present, frozenset(), holders))
-            slots += [j for m in set(meant.values()) if m != me and m in obs.members
-                      and (j := obs.members[m].slot) not in self.told]
-        self.last_seen = (obs, {member_key(j): m.identity for j, m in obs.by_slot.items()}, holders, present)
-        self.told = set()
+            slots += [obs.members[m].slot for m in set(meant.values()) if m != me and m in obs.members]
         if slots:
             self._ring(backend, slots)
             self.rung.update(dict.fromkeys(slots, now))
-        # Coverage first: a slice left free past the grace (the member it was meant for did not take
-        # it: busy, or its look failed) is anyone's, so everyone hears of it (at most once a grace).
-        grace = self.params.grace
-        if now - self.rung.get(-1, -grace) >= grace and any(
-                h is None and now - self.free_since.get(sid, now) >= grace for sid, h in holders.items()):
-            self._ring(backend)
-            self.rung[-1] = now  # -1: the pool's bell
         return short and not free
-
-    def _tell_takers(self, backend: Backend, dead: set[str | None]) -> None:
-        """Servers, when watched members died: ring the members their slices are meant for, as the
-        last look saw the pool (the same assignment every member computes; this member's next look
-        tells any others)."""
-        obs, _, holders, present = self.last_seen
-        if obs is None or not dead - {None}:
-            return
-        me = self.opts.identity
-        alive = frozenset(m for m in present if m not in dead)
-        freed = {sid: (None if h in dead else h) for sid, h in holders.items()}
-        meant = meant_for(View(me, time.monotonic(), alive, frozenset(), freed))
-        self.told = {obs.members[m].slot for m in set(meant.values()) if m != me and m in obs.members}
-        if self.told:
-            self._ring(backend, sorted(self.told))
 
     # -- joining, acquiring, releasing ----------------------------------------------------------------
     def _join(self, backend: Backend) -> bool | None:
@@ -580,28 +545,26 @@ class Worker:
         try:
             if self.join_view is None:
                 self.join_view = self._member_slots(backend)
-            top, free = self.join_view
+            top, holes = self.join_view
             # Take a free slot no further than 16 past one in use: members read that far
-            # (slots_to_watch). The preferred slot first; then one the read found free; then one just
-            # above the highest slot in use; each time one of the lowest four at random (low slots
-            # keep the pool dense: members that joined before read only a little past the highest
-            # they saw). A slot found taken is in use, so the next try goes above it: workers joining
-            # at once climb past each other one cheap acquire at a time, instead of all racing for the
-            # same 16 slots and reading every member slot again after each lost race (a thousand
-            # joining at once kept the server busy with nothing else).
+            # (slots_to_watch). The preferred slot first; then a hole below the highest slot in use;
+            # then a slot just above it. A slot found taken is in use, so the next try goes above
+            # it: workers joining at once climb past each other one cheap acquire at a time,
+            # instead of all racing for the same 16 slots and reading every member slot again after
+            # each lost race (a thousand joining at once kept the server busy with nothing else).
             above: list[int] = []  # free slots just above the highest in use, from a read of 64 slots
             for attempt in range(16):
                 if attempt == 0 and self.member_slot is not None and (
-                        self.member_slot in free or top < self.member_slot <= top + 16):
+                        self.member_slot in holes or top < self.member_slot <= top + 16):
                     j = self.member_slot
-                elif free:
-                    j = free.pop(random.randrange(min(4, len(free))))
+                elif holes:
+                    j = holes.pop(random.randrange(len(holes)))
                 else:
                     if not above:
                         top, above = self._slots_above(backend, top)
-                    j = above.pop(random.randrange(min(4, len(above))))
-                if j in free:
-                    free.remove(j)
+                    j = above.pop(random.randrange(len(above)))
+                if j in holes:
+                    holes.remove(j)
                 if j >= MAX_SLOTS:
                     break
                 key = member_key(j)
@@ -635,7 +598,7 @@ class Worker:
             return False
         self.join_races += 1
         # read the slots again now and then: the pool may have shrunk, or holes opened below
-        self.join_view = (top, free) if self.join_races % 8 else None
+        self.join_view = (top, holes) if self.join_races % 8 else None
         return None
 
     @staticmethod
@@ -652,8 +615,7 @@ class Worker:
             top = span[-1]
 
     def _member_slots(self, backend: Backend) -> tuple[int, list[int]]:
-        """The highest member slot in use and the free ones a joining worker may take (below it, and up to
-        16 above it). Reads the member window, then
+        """The highest member slot in use and the free ones below it. Reads the member window, then
         twice as many slots while the highest in use is within 16 of the end (only the slots not
         read yet: a worker joining a pool of 1,000 read 16, 32, ..., 2,048 slots, each from 0)."""
         seen: dict[str, object] = {}
@@ -663,7 +625,7 @@ class Worker:
             read = self.slots
             top = max((j for j in range(read) if seen.get(member_key(j)) is not None), default=-1)
             if top + 16 < read or read >= MAX_SLOTS:
-                return top, [j for j in range(min(read, top + 17)) if seen.get(member_key(j)) is None]
+                return top, [j for j in range(top) if seen.get(member_key(j)) is None]
             self.slots = min(MAX_SLOTS, slots_to_watch(read - 1, read))
 
     def _session_lost(self, claim: Claim) -> None:
