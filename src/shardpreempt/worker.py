@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from . import logs, metrics
 from .backends import open_backend
 from .backends.inotify import drain
-from .balance import Decision, Members, Params, View, decide, meant_for, targets
+from .balance import Decision, Members, Params, View, decide, targets
 from .claims import Claim, Ownership
 from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
@@ -142,8 +142,6 @@ class Worker:
         # until a ttl has passed, unless the slice is ours by then
         self.unsure: dict[str, tuple[float, Lease]] = {}
         self.slots = 16
-        self.join_view: tuple[int, list[int]] | None = None  # joining: the highest slot in use, the free ones below
-        self.join_races = 0  # joins lost in a row (every slot tried was taken by others joining)
         self.started = time.monotonic()
         self.watch_keys: list[str] = []  # member keys of the two members it watches (after it in slot order)
         self.death_bell: bytes | None = None  # file: the bell when a watched member died, until the next step
@@ -158,7 +156,6 @@ class Worker:
         self.hungry = True  # short of its share, or free slices in view: a release notification concerns it
         self.announce = False  # joined since its last look: that look tells the members the join concerns
         self.rung: dict[int, float] = {}  # member slot -> when this member last rang its bell
-        self.mourning = False  # servers: a watched member's session ended; its next look tells the takers
         self.notified_at = 0.0  # when a release notification last woke the loop
         self.crowd = 1  # members short of their share at the last look (this one counts if it is)
         self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
@@ -266,7 +263,7 @@ class Worker:
                 self._lose_all(self.member.reason or LossReason.EXPIRED, self.member.detail or "session lost")
             joined = self._join(backend)
             if joined is None:  # every slot it tried was taken a moment before: not an outage
-                return random.uniform(0.005, min(0.5, 0.025 * self.join_races))
+                return random.uniform(0.005, 0.05)
             if not joined:
                 return self._outage("cannot join the pool")
         self._release_orphans(backend)
@@ -316,10 +313,7 @@ class Worker:
             if watched:
                 seen = backend.inspect(watched)
                 if any(seen.get(k) is None for k in watched):
-                    # a neighbour's session ended: its slices are free. Look, and tell the members the
-                    # policy gives them to (see _tell), not everyone: in a big pool, every member
-                    # looking at every death kept the server from renewing anyone's session.
-                    self.mourning = True
+                    self._ring(backend)  # a neighbour's session ended: its slices are free, tell everyone
                     return True
         except BackendError:
             return True  # the look reports the outage
@@ -331,17 +325,13 @@ class Worker:
         return max(4 * self.opts.ttl, self.pool_size / 50) * random.uniform(0.8, 1.2)
 
     def _outage(self, what: str) -> float:
-        """Try again soon (liveness after the backend comes back), but back off: a server too busy to
-        answer in time still does the work of every request that timed out, so members retrying at
-        a fixed pace keep it from catching up. The delay doubles from two periods up to
-        max(1, min(4, ttl / 4)) seconds, at random in its upper half. Log with a growing back-off
-        too: one line at tries 1, 2, 4, 8, ... so an outage of any length stays a handful of lines."""
+        """Try again soon (liveness after the backend comes back), but log with a growing back-off:
+        one line at tries 1, 2, 4, 8, ... so an outage of any length stays a handful of lines."""
         self.outages += 1
         if self.outages & (self.outages - 1) == 0:
             log.warning("worker %d: %s (try %d; next lines at try %d)", self.opts.index, what, self.outages,
                         self.outages * 2)
-        cap = max(1.0, min(4.0, self.opts.ttl / 4))
-        return min(cap, 2 * self.period * 2.0 ** min(self.outages - 1, 10)) * random.uniform(0.5, 1.0)
+        return min(1.0, self.period * 2)
 
     def _update_watch(self, obs: Observation) -> None:
         """Watch the next two members after this one (in slot order): each death is seen by two. Every
@@ -489,11 +479,6 @@ class Worker:
             # short of its share with nothing free: look again later in case a member it rang decided
             # otherwise (views differ for a moment), less often in a big pool
             retry = min(x for x in (retry, now + max(2 * self.params.settle, self.pool_size / 50)) if x is not None)
-        # A member settling changes only what members above their share hand over: the others need
-        # not look again when it does (in a pool that a thousand workers join, every member looked
-        # again as each newcomer settled).
-        if len(self.holds) <= decision.target:
-            settles_at = None
         times = [t for t in (decision.recheck, settles_at, retry) if t is not None]
         return min(times) if times else None
 
@@ -526,10 +511,6 @@ class Worker:
                 slots += [ring[(i - d) % len(ring)] for d in (1, 2)]
         again = max(2 * self.params.settle, self.period)  # a member rung lately is not rung again yet
         slots = [j for j in dict.fromkeys(slots) if j != self.member_slot and self.rung.get(j, -again) <= now - again]
-        if self.mourning:  # a watched member died: the members its free slices are meant for
-            self.mourning = False
-            meant = meant_for(View(me, now, present, frozenset(), holders))
-            slots += [obs.members[m].slot for m in set(meant.values()) if m != me and m in obs.members]
         if slots:
             self._ring(backend, slots)
             self.rung.update(dict.fromkeys(slots, now))
@@ -543,34 +524,21 @@ class Worker:
         opts = self.opts
         owner = member_owner(opts.identity)
         try:
-            if self.join_view is None:
-                self.join_view = self._member_slots(backend)
-            top, holes = self.join_view
-            # Take a free slot no further than 16 past one in use: members read that far
-            # (slots_to_watch). The preferred slot first; then a hole below the highest slot in use;
-            # then a slot just above it. A slot found taken is in use, so the next try goes above
-            # it: workers joining at once climb past each other one cheap acquire at a time,
-            # instead of all racing for the same 16 slots and reading every member slot again after
-            # each lost race (a thousand joining at once kept the server busy with nothing else).
-            above: list[int] = []  # free slots just above the highest in use, from a read of 64 slots
-            for attempt in range(16):
-                if attempt == 0 and self.member_slot is not None and (
-                        self.member_slot in holes or top < self.member_slot <= top + 16):
-                    j = self.member_slot
-                elif holes:
-                    j = holes.pop(random.randrange(len(holes)))
-                else:
-                    if not above:
-                        top, above = self._slots_above(backend, top)
-                    j = above.pop(random.randrange(len(above)))
-                if j in holes:
-                    holes.remove(j)
-                if j >= MAX_SLOTS:
+            while True:  # look further while every slot looked at is taken (a pool of more members)
+                seen = inspect_chunked(backend, [member_key(j) for j in range(self.slots)])
+                free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
+                if free or self.slots >= MAX_SLOTS:
                     break
+                self.slots = min(MAX_SLOTS, slots_to_watch(self.slots - 1, self.slots))
+            # The preferred slot first; then some of the 16 lowest free ones in random order: workers
+            # joining at once would all race for the lowest and all but one lose every try. Only low
+            # slots: members look at least 16 slots past the highest they see (slots_to_watch).
+            preferred = [self.member_slot] if self.member_slot in free else []
+            others = [j for j in free[:16] if j != self.member_slot]
+            for j in [*preferred, *random.sample(others, min(8, len(others)))]:
                 key = member_key(j)
                 lease = backend.try_acquire([key], owner, opts.ttl)
                 if lease is None:
-                    top = max(top, j)
                     continue
                 # the session's renewals are timed for /metrics around the calls it makes anyway
                 session = backend if opts.recorder is None else metrics.MeteredBackend(backend, opts.recorder)
@@ -582,7 +550,6 @@ class Worker:
                 claim.on_lost(self._session_lost)
                 claim.start()
                 self.member, self.member_slot, self.owner = claim, j, owner
-                self.join_view, self.join_races = None, 0
                 if backend.capabilities.server_expiry and lease.ttl != opts.ttl:
                     self._report(f"t {lease.ttl}")  # the watchdog follows the ttl actually granted
                 self.started = time.monotonic()
@@ -596,37 +563,7 @@ class Worker:
         except BackendError as exc:
             log.debug("worker %d: cannot join the pool: %s", opts.index, exc)  # _outage() says it once
             return False
-        self.join_races += 1
-        # read the slots again now and then: the pool may have shrunk, or holes opened below
-        self.join_view = (top, holes) if self.join_races % 8 else None
         return None
-
-    @staticmethod
-    def _slots_above(backend: Backend, top: int) -> tuple[int, list[int]]:
-        """Joining: from the highest member slot known in use, the highest in use now and the free
-        slots a worker may take above it (up to 16 past it), read 64 slots at a time."""
-        while True:
-            span = range(top + 1, top + 65)
-            seen = backend.inspect([member_key(j) for j in span])
-            used = [j for j in span if seen.get(member_key(j)) is not None]
-            if len(used) < len(span):
-                high = max(used, default=top)
-                return high, [j for j in range(top + 1, high + 17) if j not in used]
-            top = span[-1]
-
-    def _member_slots(self, backend: Backend) -> tuple[int, list[int]]:
-        """The highest member slot in use and the free ones below it. Reads the member window, then
-        twice as many slots while the highest in use is within 16 of the end (only the slots not
-        read yet: a worker joining a pool of 1,000 read 16, 32, ..., 2,048 slots, each from 0)."""
-        seen: dict[str, object] = {}
-        read = 0
-        while True:
-            seen.update(inspect_chunked(backend, [member_key(j) for j in range(read, self.slots)]))
-            read = self.slots
-            top = max((j for j in range(read) if seen.get(member_key(j)) is not None), default=-1)
-            if top + 16 < read or read >= MAX_SLOTS:
-                return top, [j for j in range(top) if seen.get(member_key(j)) is None]
-            self.slots = min(MAX_SLOTS, slots_to_watch(read - 1, read))
 
     def _session_lost(self, claim: Claim) -> None:
         """Called from the fence or renewal thread: every slice under the session is lost now."""
