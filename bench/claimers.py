@@ -12,6 +12,7 @@ SIGTERM is a warm stop of every member; SIGKILL of the process is a machine lost
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -62,6 +63,9 @@ def main() -> int:
         w.on_signal(signal.SIGTERM, None)
     for t in threads:
         t.join(60)
+    # The members still running end with the process: say so, as a supervisor does for a worker that
+    # exits (the history would otherwise keep their holds open and count a later holder as an overlap).
+    events.emit("exited", pid=os.getpid(), worker_pid=os.getpid(), reason="bench claimers: process ends")
     events.close()
     return 0
 

@@ -193,8 +193,7 @@ class Pool:
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                self.kill(proc)  # with its ``killed`` events first
         with contextlib.suppress(Exception):
             self.backend.close()
 
