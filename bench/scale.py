@@ -101,7 +101,7 @@ def descendants(root: int) -> list[int]:
 
 def redis_commands(url: str) -> dict[str, int] | None:
     """Redis: the commands it has processed (``total``) and the calls of each command (``INFO
-    commandstats``: a script's calls count as its own commands there, not in the total)."""
+    commandstats``); both count the calls a script makes inside as commands of their own."""
     if not url.startswith("redis"):
         return None
     import redis  # the redis extra: installed wherever this bench runs on Redis
