@@ -168,8 +168,6 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
                 figures[key] = None
                 print(f"coverage: {exc}"[:400])
 
-        evs = kit.read_events(pool.events)
-        workers = sorted({e["worker_pid"] for e in evs if e["event"] == "started"})  # none with --claimers
         cpu0, cmd0, t = server_cpu(server), redis_commands(url), time.monotonic()
         time.sleep(args.steady)  # the measurement window itself (nothing waits for a state here)
         cpu1, cmd1, dt = server_cpu(server), redis_commands(url), time.monotonic() - t
@@ -195,6 +193,7 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
                   f"USS {statistics.median(mem['uss']):.1f} MiB: {statistics.median(mem['rss']) / w:.2f} MiB RSS "
                   f"per member")
         else:
+            workers = sorted({e["worker_pid"] for e in kit.read_events(pool.events) if e["event"] == "started"})
             mem = memory(workers)
             guards = [k for pid in workers for k in set(children(pid)) - commands(pid)]  # each worker's guard
             gmem, smem = memory(guards), memory([p.pid for p in pool.procs])
