@@ -191,7 +191,10 @@ def test_partitions_and_a_slow_backend_keep_every_guarantee(made: list[NetHost],
     assert figures.passed, report
     net = figures.network
     assert net is not None and net.holds_cut > 0, report  # the partitions did cut holders off
-    assert net.self_fenced == net.holds_cut, report
+    # every cut hold ended by its holder: fenced, or released because a handoff or stop was under way at
+    # the cut (CI once cut a worker while it handed a slice over); none waited to hear of it from the server
+    assert net.self_fenced + net.released_cut == net.holds_cut, report
+    assert net.self_fenced > 0, report
     assert net.min_fence_lead_s is not None and net.min_fence_lead_s > 0, report
 
 

@@ -14,7 +14,8 @@ Two fault kinds:
 :class:`NetFaults` knows nothing of the run: the stress harness chooses whom to cut and records each
 fault's window (which :meth:`NetFaults.partition` and :meth:`NetFaults.slow` return) itself.
 :meth:`NetFaults.figures` reports (:class:`NetworkFigures`), for the partitions: shards held by the cut
-supervisor at the cut, how many of those holds ended by self-fencing, the smallest lead of a hold's end
+supervisor at the cut, how many of those holds ended by self-fencing and how many by the holder's own
+release before its fence (a handoff or a stop that was under way when the link went), the smallest lead of a hold's end
 over the next holder's acquisition (positive: the fence came first), and the longest time from a cut
 until another worker owned the shard.
 """
@@ -54,6 +55,7 @@ class NetworkFigures:
     slowdowns: int
     holds_cut: int  # holds of the cut supervisor's workers open at the cut
     self_fenced: int  # of those, ended by the holder's own fence
+    released_cut: int  # of those, released by the holder before its fence (a handoff or stop under way)
     min_fence_lead_s: float | None  # least time from a hold's end to the next holder's acquisition
     max_takeover_s: float | None  # longest time from a cut until another worker owned the shard
 
@@ -116,38 +118,49 @@ class NetFaults:
 
     def figures(self, history: Sequence[Mapping[str, Any]]) -> NetworkFigures:
         """What the partitions did to the holds (see the module docstring)."""
-        holds = holds_of(history)
-        pid_of = {e["owner"]: e["pid"] for e in history if e["event"] == "acquired"}
-        fenced_holds = {(e["shard"], e["owner"]) for e in history  # the claimer's words for a self-fence
-                        if e["event"] == "lost" and e.get("reason") == SELF_FENCED}
-        by_shard = defaultdict(list)
-        for h in holds:
-            by_shard[h.shard].append(h)
-        held = fenced = 0
-        leads: list[float] = []
-        takeovers: list[float] = []
-        for p in self.partitions:
-            for h in holds:
-                if pid_of.get(h.owner) not in p.workers or not h.start < p.start < h.end:
-                    continue
-                held += 1
-                fenced += (h.shard, h.owner) in fenced_holds
-                after = [n for n in by_shard[h.shard] if n.owner != h.owner and n.start >= h.start]
-                if after:
-                    leads.append(after[0].start - h.end)
-                    takeovers.append(after[0].start - p.start)
         return NetworkFigures(
             namespaces=list(self.names),
             delay_by=next((h.delay_by for h in self.hosts if h.delay_by), None),
             partitions=len(self.partitions),
             slowdowns=self.slowdowns,
-            holds_cut=held,
-            self_fenced=fenced,
-            min_fence_lead_s=round(min(leads), 3) if leads else None,
-            max_takeover_s=round(max(takeovers), 3) if takeovers else None,
+            **cut_holds(self.partitions, history),
         )
 
     def close(self) -> None:
         """Remove every namespace, link and relay (the supervisors inside must have stopped)."""
         for host in self.hosts:
             host.close()
+
+
+def cut_holds(partitions: Sequence[Partition], history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The holds the ``partitions`` cut off and how each ended (the hold fields of :class:`NetworkFigures`)."""
+    holds = holds_of(history)
+    pid_of = {e["owner"]: e["pid"] for e in history if e["event"] == "acquired"}
+    # how each hold ended: the claimer's words for a self-fence, or the holder's own release
+    ends = {(e["shard"], e["owner"], float(e["t"])): "fenced" if e.get("reason") == SELF_FENCED else e["event"]
+            for e in history if e["event"] in ("lost", "released")}
+    by_shard = defaultdict(list)
+    for h in holds:
+        by_shard[h.shard].append(h)
+    held = fenced = released = 0
+    leads: list[float] = []
+    takeovers: list[float] = []
+    for p in partitions:
+        for h in holds:
+            if pid_of.get(h.owner) not in p.workers or not h.start < p.start < h.end:
+                continue
+            held += 1
+            end = ends.get((h.shard, h.owner, h.end))
+            fenced += end == "fenced"
+            released += end == "released"
+            after = [n for n in by_shard[h.shard] if n.owner != h.owner and n.start >= h.start]
+            if after:
+                leads.append(after[0].start - h.end)
+                takeovers.append(after[0].start - p.start)
+    return {
+        "holds_cut": held,
+        "self_fenced": fenced,
+        "released_cut": released,
+        "min_fence_lead_s": round(min(leads), 3) if leads else None,
+        "max_takeover_s": round(max(takeovers), 3) if takeovers else None,
+    }
