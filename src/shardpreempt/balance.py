@@ -126,26 +126,16 @@ def decide(view: View, params: Params = Params()) -> Decision:
     # member with a deficit that prefers each one most. Others wait ``grace`` (coverage first).
     takers = view.members | {view.me}
     share = targets(k, sorted(takers))
-    held_by = _held(view, takers)
-    deficit = {m: share[m] - len(held_by[m]) for m in takers}
+    meant = _assign(view, takers, share, until=view.me)
     acquire: list[str] = []
     assigned: list[str] = []  # the free slices meant for view.me
-    wanting = sorted(m for m in takers if deficit[m] > 0)
-    prefix = {m: hashlib.blake2b(f"{m}\0".encode(), digest_size=8) for m in wanting}  # weight() from here
     for slice_id, holder in view.holders.items():
         if holder is not None:
             continue
-        chosen = None
-        if view.me in prefix:  # once view.me wants no more, who gets the rest does not matter to it
-            chosen = max(wanting, key=partial(_weigh, prefix, slice_id.encode()))
-            deficit[chosen] -= 1
-            if not deficit[chosen]:
-                wanting.remove(chosen)
-                del prefix[chosen]
         seen = view.free_since.get(slice_id, now)
-        if chosen == view.me:
+        if meant.get(slice_id) == view.me:
             assigned.append(slice_id)
-        if chosen == view.me or now - seen >= params.grace:
+        if meant.get(slice_id) == view.me or now - seen >= params.grace:
             acquire.append(slice_id)
         else:
             wake.append(seen + params.grace)
@@ -180,6 +170,34 @@ def decide(view: View, params: Params = Params()) -> Decision:
     future = [t for t in wake if t > now]
     return Decision(tuple(acquire), tuple(release), share[view.me], min(future) if future else None,
                     tuple(assigned), handoff)
+
+
+def _assign(view: View, takers: frozenset[str], share: Mapping[str, int], until: str | None = None) -> dict[str, str]:
+    """Free slice id -> the member it is meant for: in slice order, the member short of its share
+    that prefers it most. With ``until``, only as far as it concerns that member: once it wants no
+    more, who gets the rest does not matter to it."""
+    held_by = _held(view, takers)
+    deficit = {m: share[m] - len(held_by[m]) for m in takers}
+    wanting = sorted(m for m in takers if deficit[m] > 0)
+    prefix = {m: hashlib.blake2b(f"{m}\0".encode(), digest_size=8) for m in wanting}  # weight() from here
+    out: dict[str, str] = {}
+    for slice_id, holder in view.holders.items():
+        if holder is not None or not wanting or (until is not None and until not in prefix):
+            continue
+        chosen = max(wanting, key=partial(_weigh, prefix, slice_id.encode()))
+        out[slice_id] = chosen
+        deficit[chosen] -= 1
+        if not deficit[chosen]:
+            wanting.remove(chosen)
+            del prefix[chosen]
+    return out
+
+
+def meant_for(view: View) -> dict[str, str]:
+    """Free slice id -> the member short of its share that the policy gives it to (every member
+    computes the same from the same view): who must hear of a slice that became free."""
+    takers = view.members | {view.me}
+    return _assign(view, takers, targets(len(view.holders), sorted(takers)))
 
 
 class Members:

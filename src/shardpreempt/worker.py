@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from . import logs, metrics
 from .backends import open_backend
 from .backends.inotify import drain
-from .balance import Decision, Members, Params, View, decide, targets
+from .balance import Decision, Members, Params, View, decide, meant_for, targets
 from .claims import Claim, Ownership
 from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
@@ -134,6 +134,9 @@ class Worker:
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
         self.ticked = time.monotonic()  # the main loop's last round (or slice taken), for the heartbeat
         self.outages = 0  # failed tries in a row to reach the backend
+        # servers: the last full look, and how long the next waits at least (its cost x members / 2)
+        self.looked_at = -math.inf
+        self.look_gap = 0.0
         self.linger_since: float | None = None
         self.linger = 0.0  # back-off for looking again at slices held by non-members
         self.orphans: list[Lease] = []  # keys that may still point at our session: released before anything else
@@ -142,6 +145,8 @@ class Worker:
         # until a ttl has passed, unless the slice is ours by then
         self.unsure: dict[str, tuple[float, Lease]] = {}
         self.slots = 16
+        self.join_view: tuple[int, list[int]] | None = None  # joining: the highest slot in use, free ones to try
+        self.join_races = 0  # joins lost in a row (every slot tried was taken by others joining)
         self.started = time.monotonic()
         self.watch_keys: list[str] = []  # member keys of the two members it watches (after it in slot order)
         self.death_bell: bytes | None = None  # file: the bell when a watched member died, until the next step
@@ -156,6 +161,12 @@ class Worker:
         self.hungry = True  # short of its share, or free slices in view: a release notification concerns it
         self.announce = False  # joined since its last look: that look tells the members the join concerns
         self.rung: dict[int, float] = {}  # member slot -> when this member last rang its bell
+        self.mourning = False  # servers: a watched member's session ended; its next look tells the takers
+        # servers: the last look (observation, member key -> identity, holders, members) and the member
+        # slots rung since for a death, so the look after it does not ring them again
+        self.last_seen: tuple[Observation | None, dict[str, str], dict[str, str | None], frozenset[str]] = (
+            None, {}, {}, frozenset())
+        self.told: set[int] = set()
         self.notified_at = 0.0  # when a release notification last woke the loop
         self.crowd = 1  # members short of their share at the last look (this one counts if it is)
         self.watch_pids: list[int] = []  # file: pids of the members the watcher waits on
@@ -263,19 +274,25 @@ class Worker:
                 self._lose_all(self.member.reason or LossReason.EXPIRED, self.member.detail or "session lost")
             joined = self._join(backend)
             if joined is None:  # every slot it tried was taken a moment before: not an outage
-                return random.uniform(0.005, 0.05)
+                return self._backoff(self.join_races, 0.01)
             if not joined:
                 return self._outage("cannot join the pool")
         self._release_orphans(backend)
+        wait = self.looked_at + self.look_gap - time.monotonic()
+        if wait > 0:  # a look waits its turn on a shared server; what woke it is kept for then
+            return min(wait, self.period)
         if not self._must_look(backend):
-            return max(0.0, min(self.period, self.next_look - time.monotonic()))
+            return max(0.0, min(self._quiet_round(), self.next_look - time.monotonic()))
         self.woken = False
+        began = time.monotonic()
         try:
             obs = observe(backend, self.opts.slices, self.slots)
             if self.opts.once_pass is not None:
                 self._read_done(backend)
         except BackendError as exc:
+            self._space_looks(backend, began, self.pool_size)  # a look that timed out cost the server as much
             return self._outage(f"cannot observe the pool: {exc}")
+        self._space_looks(backend, began, len(obs.members))
         if self.outages:
             log.warning("worker %d: the backend answers again (after %d failed tries)", self.opts.index, self.outages)
             self.outages = 0
@@ -294,7 +311,7 @@ class Worker:
         self.pool_size = max(1, len(obs.members))
         self.eager = len(self.holds) < math.ceil(len(self.opts.slices) / max(1, self.pool_size - 1))
         self.next_look = recheck if recheck is not None else now + self._quiet_look_every()
-        return max(0.0, min(self.period, self.next_look - now))
+        return max(0.0, min(self._quiet_round(), self.next_look - now))
 
     def _must_look(self, backend: Backend) -> bool:
         """Whether this round reads the whole pool (every member and every slice's holder). While the
@@ -312,26 +329,61 @@ class Worker:
             watched = list(self.watch_keys)
             if watched:
                 seen = backend.inspect(watched)
-                if any(seen.get(k) is None for k in watched):
-                    self._ring(backend)  # a neighbour's session ended: its slices are free, tell everyone
+                dead = [k for k in watched if seen.get(k) is None]
+                if dead:
+                    # a neighbour's session ended: its slices are free. Tell the members the policy
+                    # gives them to, not everyone (in a big pool, every member looking at every death
+                    # kept the server from renewing anyone's session): now, from the last look, so
+                    # they look while this member does; after its look, any others (see _tell).
+                    self.mourning = True
+                    self._tell_takers(backend, {self.last_seen[1].get(k) for k in dead})
                     return True
         except BackendError:
             return True  # the look reports the outage
         return False
+
+    def _quiet_round(self) -> float:
+        """How often a quiet member reads its bell and its watched members' keys: every period, and in a
+        pool of more than 100 members every pool size / 200 seconds (1,000 members: 5 s), so the quiet
+        rounds of the whole pool stay near 400 reads a second however big it grows."""
+        return max(self.period, self.pool_size / 200)
 
     def _quiet_look_every(self) -> float:
         """How long a quiet pool goes without a full look (a safety net for a lost notification): longer
         in bigger pools, where each look reads every member and every slice."""
         return max(4 * self.opts.ttl, self.pool_size / 50) * random.uniform(0.8, 1.2)
 
+    def _space_looks(self, backend: Backend, began: float, members: int) -> None:
+        """Servers: the next full look waits at least this one's duration x members / 2. Every member
+        reads the whole pool, so a server that answers slower, or a bigger pool, spaces the looks out:
+        the looks of M members keep a shared server at most about two thirds busy however big M grows,
+        instead of timing out and being sent again (docs/pool.md, "Looks on a busy server"). In a pool of
+        ten a look costs a few milliseconds and the gap is a few more. The gap is never above a quarter
+        ttl or, in a big pool, a second per 25 members (40 s for 1,000: the quiet look's pace at ttl 10)."""
+        now = time.monotonic()
+        self.looked_at = now
+        if backend.capabilities.server_expiry:
+            self.look_gap = min(max(self.opts.ttl / 4, members / 25), (now - began) * members / 2)
+
+    def _backoff(self, tries: int, first: float) -> float:
+        """How long to wait before try ``tries + 1``: ``first`` doubling per try, up to the larger of two
+        periods and a quarter ttl (at most 4 s), each wait drawn from its upper half so members that
+        failed together do not come back together."""
+        cap = max(2 * self.period, min(4.0, self.opts.ttl / 4))
+        return min(cap, first * 2.0 ** min(tries - 1, 30)) * random.uniform(0.5, 1.0)
+
     def _outage(self, what: str) -> float:
-        """Try again soon (liveness after the backend comes back), but log with a growing back-off:
-        one line at tries 1, 2, 4, 8, ... so an outage of any length stays a handful of lines."""
+        """Try again after a back-off: a server too busy to answer in time still does the work of every
+        request that timed out, so members retrying at a fixed pace keep it from catching up. The delay
+        starts at a period and doubles up to max(2 periods, ttl / 4) (at most 4 s), at random in its
+        upper half: never above two periods at a short ttl, where recovery after an outage must stay
+        within the ttl (docs/decisions.md, 17). Log with a growing back-off too: one line at tries 1, 2,
+        4, 8, ... so an outage of any length stays a handful of lines."""
         self.outages += 1
         if self.outages & (self.outages - 1) == 0:
             log.warning("worker %d: %s (try %d; next lines at try %d)", self.opts.index, what, self.outages,
                         self.outages * 2)
-        return min(1.0, self.period * 2)
+        return self._backoff(self.outages, self.period)
 
     def _update_watch(self, obs: Observation) -> None:
         """Watch the next two members after this one (in slot order): each death is seen by two. Every
@@ -479,6 +531,11 @@ class Worker:
             # short of its share with nothing free: look again later in case a member it rang decided
             # otherwise (views differ for a moment), less often in a big pool
             retry = min(x for x in (retry, now + max(2 * self.params.settle, self.pool_size / 50)) if x is not None)
+        # A member settling changes only what members above their share hand over: the others need
+        # not look again when it does (in a pool that a thousand workers join, every member looked
+        # again as each newcomer settled).
+        if len(self.holds) <= decision.target:
+            settles_at = None
         times = [t for t in (decision.recheck, settles_at, retry) if t is not None]
         return min(times) if times else None
 
@@ -511,10 +568,32 @@ class Worker:
                 slots += [ring[(i - d) % len(ring)] for d in (1, 2)]
         again = max(2 * self.params.settle, self.period)  # a member rung lately is not rung again yet
         slots = [j for j in dict.fromkeys(slots) if j != self.member_slot and self.rung.get(j, -again) <= now - again]
+        if self.mourning:  # a watched member died: the members its free slices are meant for, unless told
+            self.mourning = False
+            meant = meant_for(View(me, now, present, frozenset(), holders))
+            slots += [j for m in set(meant.values()) if m != me and m in obs.members
+                      and (j := obs.members[m].slot) not in self.told]
+        self.last_seen = (obs, {member_key(j): m.identity for j, m in obs.by_slot.items()}, holders, present)
+        self.told = set()
         if slots:
             self._ring(backend, slots)
             self.rung.update(dict.fromkeys(slots, now))
         return short and not free
+
+    def _tell_takers(self, backend: Backend, dead: set[str | None]) -> None:
+        """Servers, when watched members died: ring the members their slices are meant for, as the
+        last look saw the pool (the same assignment every member computes; this member's next look
+        tells any others)."""
+        obs, _, holders, present = self.last_seen
+        if obs is None or not dead - {None}:
+            return
+        me = self.opts.identity
+        alive = frozenset(m for m in present if m not in dead)
+        freed = {sid: (None if h in dead else h) for sid, h in holders.items()}
+        meant = meant_for(View(me, time.monotonic(), alive, frozenset(), freed))
+        self.told = {obs.members[m].slot for m in set(meant.values()) if m != me and m in obs.members}
+        if self.told:
+            self._ring(backend, sorted(self.told))
 
     # -- joining, acquiring, releasing ----------------------------------------------------------------
     def _join(self, backend: Backend) -> bool | None:
@@ -524,21 +603,39 @@ class Worker:
         opts = self.opts
         owner = member_owner(opts.identity)
         try:
-            while True:  # look further while every slot looked at is taken (a pool of more members)
-                seen = inspect_chunked(backend, [member_key(j) for j in range(self.slots)])
-                free = [j for j in range(self.slots) if seen.get(member_key(j)) is None]
-                if free or self.slots >= MAX_SLOTS:
+            if self.join_view is None:
+                self.join_view = self._member_slots(backend)
+            top, free = self.join_view
+            # Take a free slot no further than 16 past one in use: members read that far
+            # (slots_to_watch). The preferred slot first; then one the read found free; then one just
+            # above the highest slot in use; each time one of the lowest few at random (low slots
+            # keep the pool dense: members that joined before read only a little past the highest
+            # they saw). A slot found taken is in use, so the next try goes above it: workers joining
+            # at once climb past each other one cheap acquire at a time, instead of all racing for the
+            # same 16 slots and reading every member slot again after each lost race (a thousand
+            # joining at once kept the server busy with nothing else). "Few" is 4, doubling with each
+            # lost round up to 64: hundreds joining at once spread out instead of all trying the same
+            # four slots above the highest, where each round let only four of them in.
+            width = 4 << min(self.join_races, 4)
+            above: list[int] = []  # free slots just above the highest in use, from a read of 64 slots
+            for attempt in range(16):
+                if attempt == 0 and self.member_slot is not None and (
+                        self.member_slot in free or top < self.member_slot <= top + 16):
+                    j = self.member_slot
+                elif free:
+                    j = free.pop(random.randrange(min(width, len(free))))
+                else:
+                    if not above:
+                        top, above = self._slots_above(backend, top, width)
+                    j = above.pop(random.randrange(min(width, len(above))))
+                if j in free:
+                    free.remove(j)
+                if j >= MAX_SLOTS:
                     break
-                self.slots = min(MAX_SLOTS, slots_to_watch(self.slots - 1, self.slots))
-            # The preferred slot first; then some of the 16 lowest free ones in random order: workers
-            # joining at once would all race for the lowest and all but one lose every try. Only low
-            # slots: members look at least 16 slots past the highest they see (slots_to_watch).
-            preferred = [self.member_slot] if self.member_slot in free else []
-            others = [j for j in free[:16] if j != self.member_slot]
-            for j in [*preferred, *random.sample(others, min(8, len(others)))]:
                 key = member_key(j)
                 lease = backend.try_acquire([key], owner, opts.ttl)
                 if lease is None:
+                    top = max(top, j)
                     continue
                 # the session's renewals are timed for /metrics around the calls it makes anyway
                 session = backend if opts.recorder is None else metrics.MeteredBackend(backend, opts.recorder)
@@ -550,6 +647,7 @@ class Worker:
                 claim.on_lost(self._session_lost)
                 claim.start()
                 self.member, self.member_slot, self.owner = claim, j, owner
+                self.join_view, self.join_races = None, 0
                 if backend.capabilities.server_expiry and lease.ttl != opts.ttl:
                     self._report(f"t {lease.ttl}")  # the watchdog follows the ttl actually granted
                 self.started = time.monotonic()
@@ -563,7 +661,38 @@ class Worker:
         except BackendError as exc:
             log.debug("worker %d: cannot join the pool: %s", opts.index, exc)  # _outage() says it once
             return False
+        self.join_races += 1
+        # read the slots again now and then: the pool may have shrunk, or holes opened below
+        self.join_view = (top, free) if self.join_races % 8 else None
         return None
+
+    @staticmethod
+    def _slots_above(backend: Backend, top: int, width: int) -> tuple[int, list[int]]:
+        """Joining: from the highest member slot known in use, the highest in use now and the slots a
+        worker may take above it (free where read, up to ``width`` past it), read 64 slots at a time."""
+        while True:
+            span = range(top + 1, top + 65)
+            seen = backend.inspect([member_key(j) for j in span])
+            used = {j for j in span if seen.get(member_key(j)) is not None}
+            if len(used) < len(span):
+                high = max(used, default=top)
+                return high, [j for j in range(top + 1, high + 1 + max(16, width)) if j not in used]
+            top = span[-1]
+
+    def _member_slots(self, backend: Backend) -> tuple[int, list[int]]:
+        """The highest member slot in use and the free ones a joining worker may take (below it, and up to
+        16 above it). Reads the member window, then
+        twice as many slots while the highest in use is within 16 of the end (only the slots not
+        read yet: a worker joining a pool of 1,000 read 16, 32, ..., 2,048 slots, each from 0)."""
+        seen: dict[str, object] = {}
+        read = 0
+        while True:
+            seen.update(inspect_chunked(backend, [member_key(j) for j in range(read, self.slots)]))
+            read = self.slots
+            top = max((j for j in range(read) if seen.get(member_key(j)) is not None), default=-1)
+            if top + 16 < read or read >= MAX_SLOTS:
+                return top, [j for j in range(min(read, top + 17)) if seen.get(member_key(j)) is None]
+            self.slots = min(MAX_SLOTS, slots_to_watch(read - 1, read))
 
     def _session_lost(self, claim: Claim) -> None:
         """Called from the fence or renewal thread: every slice under the session is lost now."""

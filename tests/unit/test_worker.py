@@ -14,7 +14,7 @@ from shardpreempt.backends.memory import MemoryBackend
 from shardpreempt.balance import Members, Params
 from shardpreempt.claims import Ownership
 from shardpreempt.errors import LossReason
-from shardpreempt.model import Lease
+from shardpreempt.model import Holder, Lease
 from shardpreempt.pool import Layout, member_key, member_owner, ring, slots_to_watch
 from shardpreempt.pool import bell as read_bell
 from shardpreempt.runner import RunSettings
@@ -205,7 +205,7 @@ def test_a_quiet_pool_is_read_only_on_news(setup: tuple[Worker, Faulty], monkeyp
     gone = next(j for j in range(16) if j != worker.member_slot)  # (its own slot is picked at random)
     worker.watch_keys = [member_key(gone)]  # a watched member whose key is gone: it died
     worker._step(backend)
-    assert looks == [1, 1, 1, 1] and read_bell(backend) != bell  # and it told everyone
+    assert looks == [1, 1, 1, 1] and read_bell(backend) == bell  # it looked; the pool's bell stays (see below)
 
 
 def test_a_restarted_workers_dead_incarnation_is_watched(setup: tuple[Worker, Faulty],
@@ -299,6 +299,103 @@ def test_each_slice_taken_counts_as_progress_for_the_heartbeat(setup: tuple[Work
     assert ticks[1] > ticks[0]  # the first slice taken moved the heartbeat's clock
 
 
+def test_only_members_above_their_share_look_again_when_a_newcomer_settles(
+        setup: tuple[Worker, Faulty], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member settling changes only what members above their share hand over: one at its share
+    does not look again when it does. Regression: in a pool that a thousand workers joined, every
+    member looked again as each newcomer settled."""
+    worker, backend = setup
+    worker._step(backend)
+    assert len(worker.holds) == 2  # alone: its share is both slices
+    worker.started -= 100  # past its own start-up window
+    soon = time.monotonic() + 5  # when a newcomer settles
+    me = frozenset({worker.opts.identity})
+    monkeypatch.setattr(worker.members, "update", lambda present, now, established=None: (me, soon))
+    worker.woken = True
+    worker._step(backend)
+    assert worker.next_look > soon + 10  # at its share: the quiet pool's safety net only
+    backend.try_acquire([member_key(15 if worker.member_slot != 15 else 14)], "host/x.0:1:ab", 10.0)
+    worker.woken = True
+    worker._step(backend)  # a member not settled yet: its share falls to one, so it looks at the settling
+    assert len(worker.holds) == 2 and worker.next_look <= soon
+
+
+def test_a_join_reads_each_member_slot_once_and_climbs_past_taken_ones(
+        setup: tuple[Worker, Faulty], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker joining a pool reads the member slots once, each slot once, and takes a free slot at
+    most 16 past the highest in use (members read that far); a slot it finds taken sends the next try
+    above it, with no second read of the pool. Regression: each lost race read every member slot
+    again, and the window grew 16, 32, 64 ... each read from slot 0 (1,000 workers joining at once
+    kept Redis busy with nothing else)."""
+    worker, backend = setup
+    for j in range(40):  # a pool of 40 members in slots 0..39
+        backend.try_acquire([member_key(j)], f"host/m.{j}:1:ab", 10.0)
+    read: list[str] = []
+    real_inspect, real_acquire = Faulty.inspect, Faulty.try_acquire
+
+    def inspect(self: Faulty, keys: Sequence[str]) -> dict[str, Holder | None]:
+        read.extend(keys)
+        return real_inspect(self, keys)
+
+    def racing(self: Faulty, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        if keys[0].startswith("shardpreempt:member:") and int(keys[0].rsplit(":", 1)[1]) < 44:
+            real_acquire(self, keys, "host/rival.0:1:ab", ttl)  # another joiner got there first
+            return None
+        return real_acquire(self, keys, owner, ttl)
+
+    monkeypatch.setattr(Faulty, "inspect", inspect)
+    monkeypatch.setattr(Faulty, "try_acquire", racing)
+    assert worker._join(backend)
+    assert len(read) == len(set(read)) and len(read) <= 64 + 64
+    assert worker.member_slot is not None and 44 <= worker.member_slot <= 43 + 16
+
+
+def test_a_death_rings_only_the_members_its_slices_are_meant_for() -> None:
+    """Servers: a member that sees a watched member's session end looks, takes what the policy gives
+    it, and rings the bells of the members the other free slices are meant for, not the pool's bell.
+    Regression: every death rang the pool's bell, so every member read the whole pool at once (1,000
+    members on one Redis: the looks starved the server, renewals missed their deadlines, members
+    self-fenced, and each of their deaths rang everyone again)."""
+    url = f"memory://{uuid.uuid4().hex}"
+    backend = MemoryBackend(url)
+    k = 6
+    slices = make_slices([Shard(f"s{i}") for i in range(k)], k)
+    shards = [s for sl in slices for s in sl.shards]
+
+    def member(identity: str) -> Worker:
+        w = Worker(WorkerOptions(url, 10.0, slices, Layout.of(shards, "round-robin", k), identity,
+                                 RunSettings(index=0, job=wait_job)))
+        # a long grace: a member takes only the free slices meant for it, so news must reach the others
+        w.params, w.period = Params(grace=100.0, settle=0.0, min_hold=0.0), 0.5
+        w.members = Members(w.params)
+        return w
+
+    def quiet(w: Worker) -> None:  # as after a look that left nothing pending
+        w.woken, w.next_look, w.last_bell = False, time.monotonic() + 100, read_bell(backend, w.member_slot)
+
+    a, b, c = member("host/a.0"), member("host/b.0"), member("host/c.0")
+    try:
+        for w in (a, b, c):
+            assert w._join(backend)
+        for w in (a, b, c):
+            w._step(backend)
+        assert [len(w.holds) for w in (a, b, c)] == [2, 2, 2]
+        for w in (a, b):
+            w._step(backend)  # a look that sees every member: each watches the two others
+            quiet(w)
+        assert c.member is not None and member_key(c.member_slot) in a.watch_keys
+        pool_bell, b_bell = read_bell(backend), read_bell(backend, b.member_slot)
+        backend._store.sessions[c.member.lease.session] = 0.0  # c's session expires: its slices are free
+        a._step(backend)  # sees its neighbour gone: looks, takes its one, rings b
+        assert len(a.holds) == 3 and read_bell(backend) == pool_bell
+        assert read_bell(backend, b.member_slot) != b_bell
+        b._step(backend)  # its own bell rang: it looks and takes the other
+        assert len(b.holds) == 3
+    finally:
+        for w in (a, b, c):
+            stop(w)
+
+
 def test_a_join_and_its_handoffs_ring_only_the_members_they_concern() -> None:
     """Servers: a newcomer short of its share rings the bells of the members above theirs (and of the
     member before it, which watches it from now on), never the pool's bell; the handoff's release
@@ -360,3 +457,73 @@ def test_the_member_window_doubles_as_the_pool_grows() -> None:
     assert looks <= 8 and window >= 1000
     assert slots_to_watch(100, 234) == 234  # far from the end: no growth, no look again
     assert slots_to_watch(3, 1024) == 40  # a pool that shrank: twice what it needs
+
+
+def test_looks_on_a_shared_server_wait_their_turn(setup: tuple[Worker, Faulty],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers: the next full look waits the last one's duration x members / 2, even when something woke
+    the member (the news is kept for then); a look that failed counts too; the wait is capped at a
+    quarter ttl or members / 25 seconds. Regression: 1,000 members on one Redis looked whenever woken;
+    looks took longer than the client's timeout, were sent again, and the server, busy with them,
+    answered renewals too late: members self-fenced by the hundred."""
+    worker, backend = setup
+    looks: list[int] = []
+    real = worker_module.observe
+    monkeypatch.setattr(worker_module, "observe", lambda *a: (looks.append(1), real(*a))[1])
+    worker._step(backend)  # joins and looks
+    assert looks == [1]
+    worker._space_looks(backend, time.monotonic() - 0.04, 1000)  # as if it took 40 ms in a pool of 1,000
+    assert worker.look_gap == pytest.approx(20.0, rel=0.01)
+    worker.wake()
+    worker._sleep(0)
+    assert 0 < worker._step(backend) <= worker.period and looks == [1] and worker.woken
+    worker.looked_at -= 20.0  # its turn has come
+    worker._step(backend)
+    assert looks == [1, 1]
+    worker._space_looks(backend, time.monotonic() - 2.0, 1000)  # a look that took 2 s
+    assert worker.look_gap == 40.0  # capped: 1,000 / 25
+    worker._space_looks(backend, time.monotonic() - 2.0, 4)
+    assert worker.look_gap == 2.5  # a small pool: a quarter ttl at most
+
+    def unreachable(*_: object) -> None:
+        raise BackendUnavailable("timed out")
+
+    monkeypatch.setattr(worker_module, "observe", unreachable)
+    worker.looked_at, worker.look_gap, worker.woken = -1e9, 0.0, True
+    worker._step(backend)
+    assert worker.looked_at > 0  # a failed look spaces the next one too
+
+
+def test_retries_back_off_within_bounds(setup: tuple[Worker, Faulty]) -> None:
+    """Failed looks and joins lost to others back off: doubling from the first wait, drawn from the upper
+    half, never above max(2 periods, ttl / 4) (at most 4 s), so at a short ttl recovery after an outage
+    stays within the ttl (docs/decisions.md, 17)."""
+    worker, _ = setup
+    for tries in range(1, 12):
+        wait = worker._backoff(tries, worker.period)
+        bound = min(2.5, worker.period * 2 ** (tries - 1))  # ttl 10: a quarter ttl
+        assert bound / 2 <= wait <= bound
+    worker.opts.ttl, worker.period = 1.0, pool_params(True, 1.0)[1]
+    assert max(worker._backoff(t, worker.period) for t in range(1, 20)) <= 2 * worker.period
+
+
+def test_joins_spread_out_after_lost_rounds(setup: tuple[Worker, Faulty]) -> None:
+    """A worker joining takes one of the four lowest slots free above the highest in use; after rounds
+    lost to other joiners it picks among more (up to 64), so hundreds joining at once do not all try the
+    same four slots each round. Regression: 1,000 joining workers let in about four per round."""
+    worker, backend = setup
+    for j in range(40):  # a pool of 40 members in slots 0..39
+        backend.try_acquire([member_key(j)], f"host/m.{j}:1:ab", 10.0)
+
+    def slots_taken(races: int) -> set[int]:
+        taken = set()
+        for _ in range(20):
+            worker.member_slot, worker.join_view, worker.join_races = None, None, races
+            assert worker._join(backend) and worker.member is not None
+            taken.add(worker.member_slot)
+            worker.member.release()
+            worker.member = None
+        return taken
+
+    assert slots_taken(0) <= {40, 41, 42, 43}
+    assert max(slots_taken(4)) > 47  # 20 picks among the 64 slots above: not all in the lowest eight
