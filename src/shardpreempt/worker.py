@@ -610,13 +610,15 @@ class Worker:
             # (slots_to_watch). The preferred slot first; then one the read found free; then one just
             # above the highest slot in use; each time one of the lowest few at random (low slots
             # keep the pool dense: members that joined before read only a little past the highest
-            # they saw). A slot found taken is in use, so the next try goes above it: workers joining
-            # at once climb past each other one cheap acquire at a time, instead of all racing for the
-            # same 16 slots and reading every member slot again after each lost race (a thousand
-            # joining at once kept the server busy with nothing else). "Few" is 4, doubling with each
-            # lost round up to 64: hundreds joining at once spread out instead of all trying the same
-            # four slots above the highest, where each round let only four of them in.
-            width = 4 << min(self.join_races, 4)
+            # they saw). When the slots read free are all tried, the slots above are read again (64
+            # at a time): those that others joining took since are in use now, so the next tries go
+            # above them. Workers joining at once climb past each other with cheap acquires and small
+            # reads, instead of all racing for the same 16 slots and reading every member slot again
+            # after each lost race (a thousand joining at once kept the server busy with nothing
+            # else). "Few" is 4, doubling with each lost round up to 16. Only a read moves the
+            # highest slot in use: an acquire refused for another reason (a server's restart grace)
+            # must not send joiners further and further out, where members would not see them.
+            width = 4 << min(self.join_races, 2)
             above: list[int] = []  # free slots just above the highest in use, from a read of 64 slots
             for attempt in range(16):
                 if attempt == 0 and self.member_slot is not None and (
@@ -626,7 +628,7 @@ class Worker:
                     j = free.pop(random.randrange(min(width, len(free))))
                 else:
                     if not above:
-                        top, above = self._slots_above(backend, top, width)
+                        top, above = self._slots_above(backend, top)
                     j = above.pop(random.randrange(min(width, len(above))))
                 if j in free:
                     free.remove(j)
@@ -635,7 +637,6 @@ class Worker:
                 key = member_key(j)
                 lease = backend.try_acquire([key], owner, opts.ttl)
                 if lease is None:
-                    top = max(top, j)
                     continue
                 # the session's renewals are timed for /metrics around the calls it makes anyway
                 session = backend if opts.recorder is None else metrics.MeteredBackend(backend, opts.recorder)
@@ -667,16 +668,16 @@ class Worker:
         return None
 
     @staticmethod
-    def _slots_above(backend: Backend, top: int, width: int) -> tuple[int, list[int]]:
-        """Joining: from the highest member slot known in use, the highest in use now and the slots a
-        worker may take above it (free where read, up to ``width`` past it), read 64 slots at a time."""
+    def _slots_above(backend: Backend, top: int) -> tuple[int, list[int]]:
+        """Joining: from the highest member slot known in use, the highest in use now and the free slots a
+        worker may take above it (up to 16 past it), read 64 slots at a time."""
         while True:
             span = range(top + 1, top + 65)
             seen = backend.inspect([member_key(j) for j in span])
             used = {j for j in span if seen.get(member_key(j)) is not None}
             if len(used) < len(span):
                 high = max(used, default=top)
-                return high, [j for j in range(top + 1, high + 1 + max(16, width)) if j not in used]
+                return high, [j for j in range(top + 1, high + 17) if j not in used]
             top = span[-1]
 
     def _member_slots(self, backend: Backend) -> tuple[int, list[int]]:

@@ -477,7 +477,7 @@ def test_looks_on_a_shared_server_wait_their_turn(setup: tuple[Worker, Faulty],
     worker.wake()
     worker._sleep(0)
     assert 0 < worker._step(backend) <= worker.period and looks == [1] and worker.woken
-    worker.looked_at -= 20.0  # its turn has come
+    worker.looked_at -= worker.look_gap  # its turn has come
     worker._step(backend)
     assert looks == [1, 1]
     worker._space_looks(backend, time.monotonic() - 2.0, 1000)  # a look that took 2 s
@@ -507,10 +507,14 @@ def test_retries_back_off_within_bounds(setup: tuple[Worker, Faulty]) -> None:
     assert max(worker._backoff(t, worker.period) for t in range(1, 20)) <= 2 * worker.period
 
 
-def test_joins_spread_out_after_lost_rounds(setup: tuple[Worker, Faulty]) -> None:
+def test_joins_spread_out_after_lost_rounds_but_stay_in_sight(setup: tuple[Worker, Faulty],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker joining takes one of the four lowest slots free above the highest in use; after rounds
-    lost to other joiners it picks among more (up to 64), so hundreds joining at once do not all try the
-    same four slots each round. Regression: 1,000 joining workers let in about four per round."""
+    lost to other joiners it picks among more (up to 16), so hundreds joining at once do not all try the
+    same four slots each round; never more than 16 past the highest slot in use, where members look.
+    Acquires refused while nobody holds the slots (a server's restart grace) do not send it further out.
+    Regressions: 1,000 joining workers let in about four per round; after a restart grace a joiner had
+    climbed to slot 53 above members in slots 0..3, and nobody saw it."""
     worker, backend = setup
     for j in range(40):  # a pool of 40 members in slots 0..39
         backend.try_acquire([member_key(j)], f"host/m.{j}:1:ab", 10.0)
@@ -526,4 +530,22 @@ def test_joins_spread_out_after_lost_rounds(setup: tuple[Worker, Faulty]) -> Non
         return taken
 
     assert slots_taken(0) <= {40, 41, 42, 43}
-    assert max(slots_taken(4)) > 47  # 20 picks among the 64 slots above: not all in the lowest eight
+    wider = slots_taken(2)
+    assert max(wider) > 43 and max(wider) <= 39 + 16
+
+    refused = 0
+    real_acquire = Faulty.try_acquire
+
+    def grace(self: Faulty, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        nonlocal refused
+        if keys[0].startswith("shardpreempt:member:") and refused < 200:
+            refused += 1
+            return None  # nothing is granted yet
+        return real_acquire(self, keys, owner, ttl)
+
+    monkeypatch.setattr(Faulty, "try_acquire", grace)
+    worker.member_slot, worker.join_view, worker.join_races = None, None, 0
+    rounds = 0
+    while not worker._join(backend):
+        rounds += 1
+    assert rounds >= 10 and worker.member_slot is not None and 40 <= worker.member_slot <= 39 + 16
