@@ -255,15 +255,24 @@ def bell(backend: Backend, slot: int | None = None) -> object:
     return tuple(seen[n] for n in names)
 
 
+def join_margin(top_slot: int) -> int:
+    """How far past the highest member slot in use a worker may join, and so how far past it every look
+    and ``status`` read: 16 slots, or an eighth of the slots in use in a pool of more than 128 (so that
+    hundreds of workers joining at once have room beside each other: with 16, about 16 got in per
+    round of tries)."""
+    return max(16, (top_slot + 1) // 8)
+
+
 def slots_to_watch(top_slot: int, window: int = 16) -> int:
     """How many member slots the next observation covers, after one over ``window`` slots saw
-    ``top_slot`` as the highest in use: all in use, with room for newcomers. When the highest came
-    within 16 slots of the window's end (more members may be beyond), twice as many as in use, so a
-    member catching up with a growing pool looks again a few times, not once per 16 joins; the
-    window shrinks no lower than twice what is in use."""
-    if top_slot + 16 >= window:
-        return max(16, top_slot + 17, 2 * (top_slot + 1))
-    return max(16, min(window, 2 * (top_slot + 17)))
+    ``top_slot`` as the highest in use: all in use, with room for newcomers (:func:`join_margin`). When
+    the highest came within the margin of the window's end (more members may be beyond), twice as many
+    as in use, so a member catching up with a growing pool looks again a few times, not once per 16
+    joins; the window shrinks no lower than twice what is in use."""
+    margin = join_margin(top_slot)
+    if top_slot + margin >= window:
+        return max(16, top_slot + margin + 1, 2 * (top_slot + 1))
+    return max(16, top_slot + margin + 1, min(window, 2 * (top_slot + 17)))
 
 
 # -- once mode: one pass over every slice by the whole pool -------------------------------------------

@@ -13,24 +13,24 @@ from rich.table import Table
 from rich.text import Text
 
 from .model import Slice
-from .pool import Layout, Member, identity_of, inspect_chunked, member_key, recorded_layout
+from .pool import Layout, Member, identity_of, inspect_chunked, join_margin, member_key, recorded_layout
 from .typing import Backend
 
 
 def members(backend: Backend) -> list[Member]:
-    """Every live member, found by reading member slots until 16 in a row are free."""
+    """Every live member, found by reading member slots until as many in a row are free as a worker may
+    join past the highest in use (:func:`~shardpreempt.pool.join_margin`)."""
     found: list[Member] = []
-    start, step = 0, 64
+    start, step, last = 0, 64, -1
     while True:
         keys = [member_key(j) for j in range(start, start + step)]
         seen = inspect_chunked(backend, keys)
-        last = -1
         for j, key in enumerate(keys, start):
             h = seen.get(key)
             if h is not None:
                 found.append(Member(identity_of(h.owner), j, h.owner, h.pid, h.host, h.since))
                 last = j
-        if last < start + step - 16:
+        if last + join_margin(last) < start + step:
             return found
         start += step
 

@@ -40,7 +40,17 @@ from .claims import Claim, Ownership
 from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
 from .model import Lease, Shard, Slice
-from .pool import Layout, Observation, inspect_chunked, member_key, member_owner, observe, once_record, slots_to_watch
+from .pool import (
+    Layout,
+    Observation,
+    inspect_chunked,
+    join_margin,
+    member_key,
+    member_owner,
+    observe,
+    once_record,
+    slots_to_watch,
+)
 from .pool import bell as read_bell
 from .pool import ring as ring_bell
 from .process import EXIT_CONFIG, EXIT_FENCED, EXIT_INTERNAL, EXIT_OK, die_with_parent, start_guard
@@ -279,8 +289,8 @@ class Worker:
                 return self._outage("cannot join the pool")
         self._release_orphans(backend)
         wait = self.looked_at + self.look_gap - time.monotonic()
-        if wait > 0:  # a look waits its turn on a shared server; what woke it is kept for then
-            return min(wait, self.period)
+        if wait > 0 and not self._called(backend):  # a look waits its turn; what woke it is kept for then
+            return min(wait, self._quiet_round())
         if not self._must_look(backend):
             return max(0.0, min(self._quiet_round(), self.next_look - time.monotonic()))
         self.woken = False
@@ -341,6 +351,23 @@ class Worker:
         except BackendError:
             return True  # the look reports the outage
         return False
+
+    def _called(self, backend: Backend) -> bool:
+        """While a look waits its turn (servers): whether this member's own bell rang. That is news for it
+        alone — a slice handed over to it, a dead member's slice meant for it — and never comes to a
+        crowd at once, so it looks now: a handoff does not wait out the gap. Other news (the pool's bell)
+        waits for the member's turn."""
+        if self.member_slot is None:
+            return False
+        try:
+            bell = read_bell(backend, self.member_slot)
+        except BackendError:
+            return False
+        last = self.last_bell if isinstance(self.last_bell, tuple) else (None, None)
+        if not isinstance(bell, tuple) or bell == last:
+            return False
+        self.last_bell, self.woken = bell, True
+        return bell[1:] != last[1:]
 
     def _quiet_round(self) -> float:
         """How often a quiet member reads its bell and its watched members' keys: every period, and in a
@@ -606,7 +633,7 @@ class Worker:
             if self.join_view is None:
                 self.join_view = self._member_slots(backend)
             top, free = self.join_view
-            # Take a free slot no further than 16 past one in use: members read that far
+            # Take a free slot no further than the join margin past one in use: members read that far
             # (slots_to_watch). The preferred slot first; then one the read found free; then one just
             # above the highest slot in use; each time one of the lowest few at random (low slots
             # keep the pool dense: members that joined before read only a little past the highest
@@ -615,14 +642,15 @@ class Worker:
             # above them. Workers joining at once climb past each other with cheap acquires and small
             # reads, instead of all racing for the same 16 slots and reading every member slot again
             # after each lost race (a thousand joining at once kept the server busy with nothing
-            # else). "Few" is 4, doubling with each lost round up to 16. Only a read moves the
+            # else). "Few" is 4, doubling with each lost round (up to the join margin: 16, or an eighth
+            # of the slots in use in a big pool, see pool.join_margin). Only a read moves the
             # highest slot in use: an acquire refused for another reason (a server's restart grace)
             # must not send joiners further and further out, where members would not see them.
-            width = 4 << min(self.join_races, 2)
+            width = 4 << min(self.join_races, 5)
             above: list[int] = []  # free slots just above the highest in use, from a read of 64 slots
             for attempt in range(16):
                 if attempt == 0 and self.member_slot is not None and (
-                        self.member_slot in free or top < self.member_slot <= top + 16):
+                        self.member_slot in free or top < self.member_slot <= top + join_margin(top)):
                     j = self.member_slot
                 elif free:
                     j = free.pop(random.randrange(min(width, len(free))))
@@ -670,29 +698,31 @@ class Worker:
     @staticmethod
     def _slots_above(backend: Backend, top: int) -> tuple[int, list[int]]:
         """Joining: from the highest member slot known in use, the highest in use now and the free slots a
-        worker may take above it (up to 16 past it), read 64 slots at a time."""
+        worker may take above it (up to :func:`join_margin` past it), read 64 slots at a time (or the
+        margin, if more)."""
         while True:
-            span = range(top + 1, top + 65)
+            span = range(top + 1, top + 1 + max(64, join_margin(top)))
             seen = backend.inspect([member_key(j) for j in span])
             used = {j for j in span if seen.get(member_key(j)) is not None}
             if len(used) < len(span):
                 high = max(used, default=top)
-                return high, [j for j in range(top + 1, high + 17) if j not in used]
+                return high, [j for j in range(top + 1, high + join_margin(high) + 1) if j not in used]
             top = span[-1]
 
     def _member_slots(self, backend: Backend) -> tuple[int, list[int]]:
         """The highest member slot in use and the free ones a joining worker may take (below it, and up to
-        16 above it). Reads the member window, then
-        twice as many slots while the highest in use is within 16 of the end (only the slots not
-        read yet: a worker joining a pool of 1,000 read 16, 32, ..., 2,048 slots, each from 0)."""
+        :func:`join_margin` above it). Reads the member window, then twice as many slots while the
+        highest in use is within the margin of the end (only the slots not read yet: a worker joining a
+        pool of 1,000 read 16, 32, ..., 2,048 slots, each from 0)."""
         seen: dict[str, object] = {}
         read = 0
         while True:
             seen.update(inspect_chunked(backend, [member_key(j) for j in range(read, self.slots)]))
             read = self.slots
             top = max((j for j in range(read) if seen.get(member_key(j)) is not None), default=-1)
-            if top + 16 < read or read >= MAX_SLOTS:
-                return top, [j for j in range(min(read, top + 17)) if seen.get(member_key(j)) is None]
+            if top + join_margin(top) < read or read >= MAX_SLOTS:
+                return top, [j for j in range(min(read, top + join_margin(top) + 1))
+                             if seen.get(member_key(j)) is None]
             self.slots = min(MAX_SLOTS, slots_to_watch(read - 1, read))
 
     def _session_lost(self, claim: Claim) -> None:

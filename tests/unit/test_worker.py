@@ -15,10 +15,11 @@ from shardpreempt.balance import Members, Params
 from shardpreempt.claims import Ownership
 from shardpreempt.errors import LossReason
 from shardpreempt.model import Holder, Lease
-from shardpreempt.pool import Layout, member_key, member_owner, ring, slots_to_watch
+from shardpreempt.pool import Layout, join_margin, member_key, member_owner, ring, slots_to_watch
 from shardpreempt.pool import bell as read_bell
 from shardpreempt.runner import RunSettings
 from shardpreempt.slicing import make_slices
+from shardpreempt.status import members
 from shardpreempt.worker import Worker, WorkerOptions, pool_params
 
 SHARDS = [Shard(f"s{i}") for i in range(6)]
@@ -462,9 +463,9 @@ def test_the_member_window_doubles_as_the_pool_grows() -> None:
 def test_looks_on_a_shared_server_wait_their_turn(setup: tuple[Worker, Faulty],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Servers: the next full look waits the last one's duration x members / 2, even when something woke
-    the member (the news is kept for then); a look that failed counts too; the wait is capped at a
-    quarter ttl or members / 25 seconds. Regression: 1,000 members on one Redis looked whenever woken;
-    looks took longer than the client's timeout, were sent again, and the server, busy with them,
+    the member (the news is kept for then), unless its own bell rang; a look that failed counts too; the
+    wait is capped at a quarter ttl or members / 25 seconds. Regression: 1,000 members on one Redis looked
+    whenever woken; looks took longer than the client's timeout, were sent again, and the server, busy with them,
     answered renewals too late: members self-fenced by the hundred."""
     worker, backend = setup
     looks: list[int] = []
@@ -484,6 +485,17 @@ def test_looks_on_a_shared_server_wait_their_turn(setup: tuple[Worker, Faulty],
     assert worker.look_gap == 40.0  # capped: 1,000 / 25
     worker._space_looks(backend, time.monotonic() - 2.0, 4)
     assert worker.look_gap == 2.5  # a small pool: a quarter ttl at most
+
+    # while it waits its turn, only its own bell (news for it alone, say a slice handed to it) makes it look
+    worker._space_looks(backend, time.monotonic() - 0.04, 1000)
+    worker.woken = False
+    ring(MemoryBackend(backend.url))  # the pool's bell: waits for its turn
+    worker._step(backend)
+    assert looks == [1, 1] and worker.woken
+    assert worker.member_slot is not None
+    ring(MemoryBackend(backend.url), [worker.member_slot])
+    worker._step(backend)
+    assert looks == [1, 1, 1]
 
     def unreachable(*_: object) -> None:
         raise BackendUnavailable("timed out")
@@ -549,3 +561,18 @@ def test_joins_spread_out_after_lost_rounds_but_stay_in_sight(setup: tuple[Worke
     while not worker._join(backend):
         rounds += 1
     assert rounds >= 10 and worker.member_slot is not None and 40 <= worker.member_slot <= 39 + 16
+
+
+def test_a_big_pool_leaves_joiners_more_room_and_every_reader_sees_them() -> None:
+    """Workers may join up to 16 slots past the highest in use, or an eighth of the slots in use in a pool
+    of more than 128; every look (slots_to_watch) and ``status`` (members) reads that far, so a member
+    that joined at the edge is seen. Regression: with 16 for any pool, 1,000 workers joining at once got
+    in about 16 per round of tries."""
+    assert join_margin(-1) == join_margin(15) == join_margin(127) == 16 and join_margin(999) == 125
+    for top in (0, 15, 100, 500, 999, 4000):
+        for window in (16, top + 17, top + 100, 2 * top + 40):
+            assert slots_to_watch(top, window) > top + join_margin(top)
+    backend = MemoryBackend(f"memory://{uuid.uuid4().hex}")
+    for j in [*range(1000), 1000 + 120]:
+        backend.try_acquire([member_key(j)], f"host/m.{j}:1:ab", 10.0)
+    assert len(members(backend)) == 1001
