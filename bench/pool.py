@@ -135,6 +135,8 @@ class Pool:
         self.last: Observation | None = None
         self.slots = SLOTS  # member slots observed: more than the pool's workers
         self.claimers = False  # scale --claimers: each "supervisor" is a bench/claimers.py process
+        self.ended: dict[int, int] = {}  # claimers: pid -> exit status of a process that ended by itself
+        self.killing: set[int] = set()  # pids the bench itself is stopping or killing
 
     # -- processes ---------------------------------------------------------------------------------
     def start(self) -> subprocess.Popen[bytes]:
@@ -166,6 +168,7 @@ class Pool:
         """
         # Stopped before the killed events (as stress does): a worker that acquired between the events
         # and the kill would hold for ever in the checker's eyes.
+        self.killing.add(proc.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGSTOP)
         workers = [proc.pid] if self.claimers else children(proc.pid)  # claimers: every member in one process
@@ -186,6 +189,8 @@ class Pool:
 
     def stop(self) -> None:
         """Warm stop of every supervisor at once, then close the bench's connection."""
+        self.notice_ended()
+        self.killing.update(p.pid for p in self.procs)
         for proc in self.live():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -197,9 +202,25 @@ class Pool:
         with contextlib.suppress(Exception):
             self.backend.close()
 
+    def notice_ended(self) -> None:
+        """Claimers: a process that ended by itself (a member's fatal exit takes its 99 neighbours with
+        it) gets an ``exited`` event now, as a supervisor writes one for a worker, so the history ends its
+        members' holds there (others can take them only after the ttl); it is reported in the figures."""
+        if not self.claimers:
+            return
+        for proc in self.procs:
+            code = proc.poll()
+            if code is None or proc.pid in self.killing or proc.pid in self.ended:
+                continue
+            self.ended[proc.pid] = code
+            log = EventLog(self.events)
+            log.emit("exited", pid=proc.pid, host=HOST, worker_pid=proc.pid, reason=f"bench: claimers exited {code}")
+            log.close()
+
     # -- observing ---------------------------------------------------------------------------------
     def look(self) -> tuple[float, Observation | None]:
         """One observation; the monotonic time it ended (None while the namespace is not set up)."""
+        self.notice_ended()
         t = time.monotonic()
         try:
             obs = observe(self.backend, self.slices, self.slots)

@@ -138,6 +138,8 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
         url = f"file://{tmp}/locks-{unique()}"
     else:
         server = server_for(args.backend)
+        if hasattr(server, "max_connections"):  # PostgreSQL: a main and a watcher connection per member
+            server.max_connections = max(server.max_connections, 2 * m * w + 100)
         server.start()
         url = server.url(unique("scale"))
     figures: dict[str, Any] = {"backend": args.backend, "shards": args.shards, "supervisors": m,
@@ -238,4 +240,11 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
             server.close()
     figures.update(history(pool))
     print(f"history: {figures.get('overlaps')} overlaps, {figures.get('token_violations')} token violations")
+    if pool.ended:  # claimers processes that ended by themselves (their log says why)
+        figures["ended_by_themselves"] = dict(pool.ended)
+        for i, proc in enumerate(pool.procs):
+            if proc.pid in pool.ended:
+                lines = (pool.logs / f"supervisor{i}.log").read_text(errors="replace").strip().splitlines()
+                last = lines[-1] if lines else ""
+                print(f"claimers process {i} ended by itself (exit {pool.ended[proc.pid]}): {last}"[:300])
     kit.FIGURES.append({"name": f"scale {args.backend} S={args.shards} M={m} W={w} K={k}", **figures})

@@ -35,6 +35,7 @@ class PostgresServer(EphemeralServer):
     """PostgreSQL on a free loopback port; ``url(ns)`` names schema ``ns`` of database ``postgres``."""
 
     name = "postgres"
+    max_connections = 200  # bench/scale.py raises it before start: two connections per pool member
 
     def __init__(self) -> None:
         self.postgres = find_binary("postgres", *BIN_DIRS)
@@ -66,7 +67,7 @@ class PostgresServer(EphemeralServer):
         """The postmaster in the foreground; fsync off, yet commits reach the OS, so a SIGKILL loses none."""
         return [*self._as_postgres(), self.postgres, "-D", str(self.tmp / "data"), "-p", str(self.port),
                 "-h", "127.0.0.1", "-k", str(self.tmp), "-c", "fsync=off",
-                "-c", "full_page_writes=off", "-c", "max_connections=200"]
+                "-c", "full_page_writes=off", "-c", f"max_connections={self.max_connections}"]
 
     def ready(self) -> bool:
         """A real connection answers a query."""
