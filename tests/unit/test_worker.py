@@ -14,7 +14,7 @@ from shardpreempt.backends.memory import MemoryBackend
 from shardpreempt.balance import Members, Params
 from shardpreempt.claims import Ownership
 from shardpreempt.errors import LossReason
-from shardpreempt.model import Holder, Lease
+from shardpreempt.model import Holder, Lease, Slice
 from shardpreempt.pool import Layout, join_margin, member_key, member_owner, ring, slots_to_watch
 from shardpreempt.pool import bell as read_bell
 from shardpreempt.runner import RunSettings
@@ -68,6 +68,20 @@ def setup() -> Iterator[tuple[Worker, Faulty]]:
     worker.members = Members(worker.params)
     yield worker, backend
     stop(worker)
+
+
+def pool_member(url: str, slices: Sequence[Slice], shards: Sequence[Shard], identity: str, params: Params) -> Worker:
+    """A worker of a test pool on ``url`` (memory), stepped by hand."""
+    w = Worker(WorkerOptions(url, 10.0, slices, Layout.of(shards, "round-robin", len(slices)), identity,
+                             RunSettings(index=0, job=wait_job)))
+    w.params, w.period = params, 0.5
+    w.members = Members(w.params)
+    return w
+
+
+def quiet(w: Worker, backend: MemoryBackend) -> None:
+    """As after a look that left nothing pending."""
+    w.woken, w.next_look, w.last_bell = False, time.monotonic() + 100, read_bell(backend, w.member_slot)
 
 
 def stop(worker: Worker) -> None:
@@ -185,23 +199,19 @@ def test_a_quiet_pool_is_read_only_on_news(setup: tuple[Worker, Faulty], monkeyp
     worker._step(backend)
     assert looks == [1] and len(worker.holds) == 2
 
-    def quiet() -> None:  # as after a look that left nothing pending
-        worker.woken, worker.next_look, worker.last_bell = (False, time.monotonic() + 100,
-                                                               read_bell(backend, worker.member_slot))
-
-    quiet()
+    quiet(worker, backend)
     worker._step(backend)
     worker._step(backend)
     assert looks == [1]  # nothing happened: no look
     ring(MemoryBackend(backend.url))  # another member joined, released or saw a death
     worker._step(backend)
     assert looks == [1, 1]
-    quiet()
+    quiet(worker, backend)
     worker.wake()
     worker._sleep(0)
     worker._step(backend)
     assert looks == [1, 1, 1]
-    quiet()
+    quiet(worker, backend)
     bell = read_bell(backend)
     gone = next(j for j in range(16) if j != worker.member_slot)  # (its own slot is picked at random)
     worker.watch_keys = [member_key(gone)]  # a watched member whose key is gone: it died
@@ -363,18 +373,9 @@ def test_a_death_rings_only_the_members_its_slices_are_meant_for() -> None:
     slices = make_slices([Shard(f"s{i}") for i in range(k)], k)
     shards = [s for sl in slices for s in sl.shards]
 
-    def member(identity: str) -> Worker:
-        w = Worker(WorkerOptions(url, 10.0, slices, Layout.of(shards, "round-robin", k), identity,
-                                 RunSettings(index=0, job=wait_job)))
-        # a long grace: a member takes only the free slices meant for it, so news must reach the others
-        w.params, w.period = Params(grace=100.0, settle=0.0, min_hold=0.0), 0.5
-        w.members = Members(w.params)
-        return w
-
-    def quiet(w: Worker) -> None:  # as after a look that left nothing pending
-        w.woken, w.next_look, w.last_bell = False, time.monotonic() + 100, read_bell(backend, w.member_slot)
-
-    a, b, c = member("host/a.0"), member("host/b.0"), member("host/c.0")
+    # a long grace: a member takes only the free slices meant for it, so news must reach the others
+    params = Params(grace=100.0, settle=0.0, min_hold=0.0)
+    a, b, c = (pool_member(url, slices, shards, f"host/{x}.0", params) for x in "abc")
     try:
         for w in (a, b, c):
             assert w._join(backend)
@@ -383,7 +384,7 @@ def test_a_death_rings_only_the_members_its_slices_are_meant_for() -> None:
         assert [len(w.holds) for w in (a, b, c)] == [2, 2, 2]
         for w in (a, b):
             w._step(backend)  # a look that sees every member: each watches the two others
-            quiet(w)
+            quiet(w, backend)
         assert c.member is not None and member_key(c.member_slot) in a.watch_keys
         pool_bell, b_bell = read_bell(backend), read_bell(backend, b.member_slot)
         backend._store.sessions[c.member.lease.session] = 0.0  # c's session expires: its slices are free
@@ -408,21 +409,12 @@ def test_a_join_and_its_handoffs_ring_only_the_members_they_concern() -> None:
     k = 4
     slices = make_slices(SHARDS, k)
 
-    def member(identity: str) -> Worker:
-        w = Worker(WorkerOptions(url, 10.0, slices, Layout.of(SHARDS, "round-robin", k), identity,
-                                 RunSettings(index=0, job=wait_job)))
-        w.params, w.period = Params(grace=0.0, settle=0.0, min_hold=0.0), 0.5
-        w.members = Members(w.params)
-        return w
-
-    def quiet(w: Worker) -> None:  # as after a look that left nothing pending
-        w.woken, w.next_look, w.last_bell = False, time.monotonic() + 100, read_bell(backend, w.member_slot)
-
-    a, b = member("host/a.0"), member("host/b.0")
+    params = Params(grace=0.0, settle=0.0, min_hold=0.0)
+    a, b = (pool_member(url, slices, SHARDS, f"host/{x}.0", params) for x in "ab")
     try:
         a._step(backend)
         assert len(a.holds) == k and not a.hungry  # alone: its share is every slice
-        quiet(a)
+        quiet(a, backend)
         pool_bell = read_bell(backend)
         b._step(backend)  # joins, looks: short of its share (2), nothing free
         assert not b.holds and b.hungry
@@ -433,7 +425,7 @@ def test_a_join_and_its_handoffs_ring_only_the_members_they_concern() -> None:
         for hold in handing:
             assert hold.runner is not None
             hold.runner.join(5)
-        quiet(b)
+        quiet(b, backend)
         a._step(backend)  # the runs have ended: released, and b's bell rung
         assert len(a.holds) == 2 and read_bell(backend) == pool_bell
         b._step(backend)

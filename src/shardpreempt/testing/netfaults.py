@@ -15,9 +15,9 @@ Two fault kinds:
 fault's window (which :meth:`NetFaults.partition` and :meth:`NetFaults.slow` return) itself.
 :meth:`NetFaults.figures` reports (:class:`NetworkFigures`), for the partitions: shards held by the cut
 supervisor at the cut, how many of those holds ended by self-fencing and how many by the holder's own
-release before its fence (a handoff or a stop that was under way when the link went), the smallest lead of a hold's end
-over the next holder's acquisition (positive: the fence came first), and the longest time from a cut
-until another worker owned the shard.
+release before its fence (a handoff or a stop that was under way when the link went), the smallest
+lead of a hold's end over the next holder's acquisition (positive: the fence came first), and the
+longest time from a cut until another worker owned the shard.
 """
 
 from __future__ import annotations
