@@ -172,10 +172,9 @@ class Worker:
         self.announce = False  # joined since its last look: that look tells the members the join concerns
         self.rung: dict[int, float] = {}  # member slot -> when this member last rang its bell
         self.mourning = False  # servers: a watched member's session ended; its next look tells the takers
-        # servers: the last look (observation, member key -> identity, holders, members) and the member
-        # slots rung since for a death, so the look after it does not ring them again
-        self.last_seen: tuple[Observation | None, dict[str, str], dict[str, str | None], frozenset[str]] = (
-            None, {}, {}, frozenset())
+        # servers: the last look (its observation and each slice's holder) and the member slots rung
+        # since for a death, so the look after it does not ring them again
+        self.last_seen: tuple[Observation, dict[str, str | None]] | None = None
         self.told: set[int] = set()
         self.notified_at = 0.0  # when a release notification last woke the loop
         self.crowd = 1  # members short of their share at the last look (this one counts if it is)
@@ -346,7 +345,7 @@ class Worker:
                     # kept the server from renewing anyone's session): now, from the last look, so
                     # they look while this member does; after its look, any others (see _tell).
                     self.mourning = True
-                    self._tell_takers(backend, {self.last_seen[1].get(k) for k in dead})
+                    self._tell_takers(backend, set(dead))
                     return True
         except BackendError:
             return True  # the look reports the outage
@@ -600,22 +599,25 @@ class Worker:
             meant = meant_for(View(me, now, present, frozenset(), holders))
             slots += [j for m in set(meant.values()) if m != me and m in obs.members
                       and (j := obs.members[m].slot) not in self.told]
-        self.last_seen = (obs, {member_key(j): m.identity for j, m in obs.by_slot.items()}, holders, present)
+        self.last_seen = (obs, holders)
         self.told = set()
         if slots:
             self._ring(backend, slots)
             self.rung.update(dict.fromkeys(slots, now))
         return short and not free
 
-    def _tell_takers(self, backend: Backend, dead: set[str | None]) -> None:
-        """Servers, when watched members died: ring the members their slices are meant for, as the
-        last look saw the pool (the same assignment every member computes; this member's next look
-        tells any others)."""
-        obs, _, holders, present = self.last_seen
-        if obs is None or not dead - {None}:
+    def _tell_takers(self, backend: Backend, dead_keys: set[str]) -> None:
+        """Servers, when watched members died (their member keys): ring the members their slices are
+        meant for, as the last look saw the pool (the same assignment every member computes; this
+        member's next look tells any others)."""
+        if self.last_seen is None:
+            return
+        obs, holders = self.last_seen
+        dead = {m.identity for j, m in obs.by_slot.items() if member_key(j) in dead_keys}
+        if not dead:
             return
         me = self.opts.identity
-        alive = frozenset(m for m in present if m not in dead)
+        alive = frozenset(obs.members) - dead | {me}
         freed = {sid: (None if h in dead else h) for sid, h in holders.items()}
         meant = meant_for(View(me, time.monotonic(), alive, frozenset(), freed))
         self.told = {obs.members[m].slot for m in set(meant.values()) if m != me and m in obs.members}
