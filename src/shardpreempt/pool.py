@@ -187,25 +187,18 @@ class Observation:
         return max(self.by_slot, default=-1)
 
 
-def inspect_chunked(backend: Backend, keys: Sequence[str]) -> dict[str, Holder | None]:
-    """``inspect`` of every key a look reads. Most backends answer any number of keys in a few round
-    trips (Redis: one pipelined script call per 10,000; SQL: one query per batch; ZooKeeper: the claim
-    records), so all go in one call; one that would rather be asked in chunks (etcd, whose big inspect
-    scans the whole prefix) says how many keys at most with ``look_chunk``."""
-    peek = getattr(backend, "peek", None)  # file://: a cheaper probe of cached descriptors
-    if peek is not None:
-        return dict(peek(keys))
-    chunk = getattr(backend, "look_chunk", None) or max(1, len(keys))
-    out: dict[str, Holder | None] = {}
-    for i in range(0, len(keys), chunk):
-        out.update(backend.inspect(keys[i:i + chunk]))
-    return out
+def look_at(backend: Backend, keys: Sequence[str]) -> dict[str, Holder | None]:
+    """Who holds each key a look reads: ``inspect``, or the backend's cheaper ``peek`` where it has one
+    (file://: a probe of cached descriptors; etcd: the keys without each holder's time left, which a
+    look does not use). Redis, SQL and ZooKeeper answer any number of keys in a few round trips."""
+    peek = getattr(backend, "peek", None)
+    return dict(peek(keys) if peek is not None else backend.inspect(keys))
 
 
 def observe(backend: Backend, slices: Sequence[Slice], slots: int) -> Observation:
     """Who is a member (member slots ``0..slots-1``) and who holds each slice."""
     member_keys = [member_key(j) for j in range(slots)]
-    seen = inspect_chunked(backend, member_keys + [s.first_key for s in slices])
+    seen = look_at(backend, member_keys + [s.first_key for s in slices])
     members: dict[str, Member] = {}
     by_slot: dict[int, Member] = {}
     for j, key in enumerate(member_keys):

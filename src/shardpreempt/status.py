@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .model import Slice
-from .pool import Layout, Member, identity_of, inspect_chunked, join_margin, member_key, recorded_layout
+from .pool import Layout, Member, identity_of, join_margin, look_at, member_key, recorded_layout
 from .typing import Backend
 
 
@@ -24,7 +24,7 @@ def members(backend: Backend) -> list[Member]:
     start, step, last = 0, 64, -1
     while True:
         keys = [member_key(j) for j in range(start, start + step)]
-        seen = inspect_chunked(backend, keys)
+        seen = look_at(backend, keys)
         for j, key in enumerate(keys, start):
             h = seen.get(key)
             if h is not None:

@@ -43,8 +43,8 @@ from .model import Lease, Shard, Slice
 from .pool import (
     Layout,
     Observation,
-    inspect_chunked,
     join_margin,
+    look_at,
     member_key,
     member_owner,
     observe,
@@ -337,7 +337,7 @@ class Worker:
                 return True
             watched = list(self.watch_keys)
             if watched:
-                seen = backend.inspect(watched)
+                seen = look_at(backend, watched)
                 dead = [k for k in watched if seen.get(k) is None]
                 if dead:
                     # a neighbour's session ended: its slices are free. Tell the members the policy
@@ -704,7 +704,7 @@ class Worker:
         margin, if more)."""
         while True:
             span = range(top + 1, top + 1 + max(64, join_margin(top)))
-            seen = backend.inspect([member_key(j) for j in span])
+            seen = look_at(backend, [member_key(j) for j in span])
             used = {j for j in span if seen.get(member_key(j)) is not None}
             if len(used) < len(span):
                 high = max(used, default=top)
@@ -719,7 +719,7 @@ class Worker:
         seen: dict[str, object] = {}
         read = 0
         while True:
-            seen.update(inspect_chunked(backend, [member_key(j) for j in range(read, self.slots)]))
+            seen.update(look_at(backend, [member_key(j) for j in range(read, self.slots)]))
             read = self.slots
             top = max((j for j in range(read) if seen.get(member_key(j)) is not None), default=-1)
             if top + join_margin(top) < read or read >= MAX_SLOTS:

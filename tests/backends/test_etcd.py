@@ -521,3 +521,46 @@ def _quiet(call: Callable[[], Any]) -> Any:
         return call()
     except BackendUnavailable:
         return None
+
+
+def test_a_look_reads_holders_in_one_round_trip_without_time_left(open_: Callable[..., EtcdBackend],
+                                                                   round_trips: list[int]) -> None:
+    """``peek`` (the pool's look) says who holds each key as ``inspect`` does, in one txn, and asks no
+    holder's time left (a LeaseTimeToLive per holder made a look of N members N round trips more)."""
+    a, b, c = open_(), open_(), open_()
+    held = {"p1": a.try_acquire(["p1", "p2"], "a", 30), "p3": b.try_acquire(["p3"], "b", 30)}
+    assert all(lease is not None for lease in held.values())
+    keys = ["p1", "p2", "p3", "free"]
+    full = c.inspect(keys)
+    round_trips[0] = 0
+    seen = c.peek(keys)
+    assert round_trips[0] == 1
+    assert {k: (h.owner, h.token) if h else None for k, h in seen.items()} == {
+        k: (h.owner, h.token) if h else None for k, h in full.items()}
+    assert seen["free"] is None and all(h.expires_in is None for h in seen.values() if h is not None)
+
+
+def test_any_release_wakes_a_waiter_and_a_roll_back_does_not(open_: Callable[..., EtcdBackend]) -> None:
+    """Waiters watch one news key that every release puts, so a release is one event for each waiter
+    whatever its size (a watch of the lock keys sent one per deleted key); as on Redis, any release
+    wakes them, and an acquire's roll-back does not."""
+    a, b = open_(), open_(poll=30)
+    big = a.try_acquire([f"big-{i}" for i in range(500)], "a", 30)
+    mine = a.try_acquire(["x"], "a", 30)
+    assert big is not None and mine is not None
+    assert b.try_acquire(["x"], "b", 30) is None
+    b.wait(["x"], 0.01)  # the watch is open from the failed acquire on
+    chunked = open_(max_txn_ops=1)  # one key per txn
+    assert chunked.try_acquire(["y", "big-0"], "c", 30) is None  # took "y", then rolled it back
+    assert chunked.inspect(["y"]) == {"y": None}
+    start = time.monotonic()
+    b.wait(["x"], 0.5)
+    assert time.monotonic() - start >= 0.45  # nothing was released yet
+    timer = threading.Timer(0.2, a.release, [big])
+    timer.start()
+    start = time.monotonic()
+    b.wait(["x"], 10)
+    timer.join()
+    assert time.monotonic() - start < 5
+    assert b._watch is not None
+    assert b._watch.read(0.3) == []  # the 500 deleted keys were one event

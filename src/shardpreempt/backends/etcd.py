@@ -25,9 +25,11 @@ number of keys (slices are all or nothing, so the first key tells), one for a le
 ``release`` is one txn per chunk: compare every key's lease with ours and delete them all; if some key
 is no longer ours the failure branch reads the keys back and a second txn deletes the ones still ours.
 ``inspect`` reads the keys (one txn for up to 64 keys, else the prefix in pages of keys only and one
-value per grant: ``etcd_read``) plus one LeaseTimeToLive per distinct holder session. ``wait`` reads an
-etcd watch (see ``etcd_watch``) from the revision of the last failed acquire, kept open across calls
-until an acquire succeeds. Records live under ``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so
+value per grant: ``etcd_read``) plus one LeaseTimeToLive per distinct holder session; ``peek``, the
+pool's look, reads the keys by txns and asks no time left. Every release txn also puts the news key
+``/PREFIX/\\xffnews``; ``wait`` reads an etcd watch of it (see ``etcd_watch``) from the revision of the
+last failed acquire, kept open across calls until an acquire succeeds: one event per release for each
+waiter (a watch of the lock keys sent every deleted shard key to every waiter). Records live under ``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so
 no lock key can collide with them.
 
 Token source: the key's ``create_revision`` (the revision of the txn that created it), strictly
@@ -77,6 +79,7 @@ log = logging.getLogger("shardpreempt.backends.etcd")
 SMALL = 64  # inspect reads up to this many keys in one txn, more by scanning the prefix
 SPLITS = 8  # sub-ranges a big inspect scans side by side: the gateway marshals each on its own
 RECORDS = b"\xffrecords/"  # after the prefix; 0xff is never part of UTF-8, so never of a lock key
+NEWS = b"\xffnews"  # after the prefix: a release puts it in its txn; waiters watch it (one event a release)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class EtcdBackend:
         path = unquote(parts.path).strip("/") or "shardpreempt"
         self.prefix = f"/{path}/".encode()
         self.locks_end = self.prefix + b"\xff"  # every lock key sorts below it, the records above
+        self.news = self.prefix + NEWS
         self.txns = Txns(self._post, self.url, max_txn_ops)
         self._sessions: dict[str, _Session] = {}  # owner -> its etcd lease
         self._limbo: dict[str, tuple[list[str], bytes]] = {}  # owner -> keys/value of an unsure acquire
@@ -266,14 +270,26 @@ class EtcdBackend:
 
     def release(self, lease: Lease) -> None:
         """Delete the keys still attached to this lease's etcd lease (one txn per chunk; two if some were
-        lost)."""
+        lost); each txn also puts the news key, which wakes waiters."""
         lease_id = int(lease.session)
         self.txns.delete_ours([self._raw_key(k) for k in lease.keys], {"target": "LEASE", "lease": lease_id},
-                              lambda kv: int(kv.get("lease", 0)) == lease_id)
+                              lambda kv: int(kv.get("lease", 0)) == lease_id,
+                              also=({"request_put": {"key": b64(self.news), "value": ""}},))
 
-    #: a look at the pool asks inspect in chunks this size: up to it a key costs one read in one txn,
-    #: above it inspect scans the whole prefix (right for status, wasteful for a few thousand keys)
-    look_chunk = SMALL
+    def peek(self, keys: Sequence[str]) -> dict[str, Holder | None]:
+        """:meth:`inspect` for the pool's looks: the keys read by txns of range reads, all at one revision,
+        and no LeaseTimeToLive. Every member holds under a session of its own, so asking each holder's
+        time left made a look of N members N round trips more (and N LeaseTimeToLive at the leader);
+        a look needs only who holds what. A lease that expired but is not yet revoked (the leader
+        revokes expired leases within about half a second) still shows as held: the next look sees it."""
+        found = self.txns.read([self._raw_key(k) for k in keys])
+        out: dict[str, Holder | None] = dict.fromkeys(keys)
+        for key in keys:
+            kv = found.get(self._raw_key(key))
+            if kv is not None:
+                grant = (int(kv.get("lease", 0)), int(kv["create_revision"]))
+                out[key] = etcd_read.holder(key, grant, kv.get("value", ""), None, self.url)
+        return out
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Up to 64 keys: one txn reading them. More: the prefix scanned in pages of keys only, then the value of
@@ -312,17 +328,18 @@ class EtcdBackend:
             return etcd_read.scan(self._post, self.prefix, self.locks_end, self.page)
 
     def wait(self, keys: Sequence[str], timeout: float) -> None:
-        """Block on the etcd watch until one of ``keys`` is deleted after the acquire that found it held."""
+        """Block on the etcd watch of the news key until a release after the earliest acquire of ``keys``
+        that found one held (any release, as on Redis: a release writes the news key in its txn)."""
         deadline = time.monotonic() + timeout
-        wanted = {raw: self._failed.get(raw, 0) for raw in map(self._raw_key, keys)}
-        need = min((r for r in wanted.values() if r), default=0) + 1  # report every delete from here on
+        failed = [r for raw in map(self._raw_key, keys) if (r := self._failed.get(raw, 0))]
+        need = min(failed, default=0) + 1  # report every release from here on
         try:
             if self._watch is not None and need > 1 and not self._watch.covers(need):
                 self._watch.close()  # it may have passed a delete we care about: reopen from there
                 self._watch = None
             if self._watch is None:
                 self._watch = self._open_watch(need if need > 1 else 0)
-            self._watch.wait_for_delete(wanted, deadline)
+            self._watch.wait_for_event(need - 1, deadline)
         except (OSError, ValueError, BackendUnavailable) as exc:
             log.debug("watch on %s unusable (%s); polling", self.url, exc)
             if self._watch is not None:
@@ -332,8 +349,7 @@ class EtcdBackend:
 
     def _open_watch(self, start: int) -> WatchStream:
         host, port, context, auth = self.gateway.watch_target()
-        return WatchStream.open(host, port, self.prefix, self.locks_end, start, timeout=self.connect_timeout,
-                                tls=context, auth=auth)
+        return WatchStream.open(host, port, self.news, start, timeout=self.connect_timeout, tls=context, auth=auth)
 
     # -- records ---------------------------------------------------------------------------------
     def _record_key(self, name: str) -> bytes:

@@ -80,17 +80,19 @@ def grants(kvs: Iterable[dict[str, Any]], prefix: bytes, wanted: set[str]) -> di
     return {(int(lease), int(revision)): keys for (lease, revision), keys in raw.items()}
 
 
-def holder(key: str, grant: Grant, value: str | None, ttls: dict[int, int], url: str) -> Holder | None:
+def holder(key: str, grant: Grant, value: str | None, ttls: dict[int, int] | None, url: str) -> Holder | None:
     """The Holder of a grant whose lease is live (no lease: held while the key exists), from the base64
     ``value`` of one of its keys (``key``); None when it was released after the scan, or its lease just
-    expired (its keys are being deleted)."""
+    expired (its keys are being deleted). ``ttls`` None: the leases' time left was not asked (a pool's
+    look), so the Holder has no ``expires_in`` and a lease expired but not yet revoked still holds."""
     lease_id, token = grant
-    if value is None or (lease_id and ttls.get(lease_id, -1) < 0):
+    if value is None or (ttls is not None and lease_id and ttls.get(lease_id, -1) < 0):
         return None
     try:
         info = json.loads(binascii.a2b_base64(value))
         owner = str(info["owner"])
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise BackendProtocolError(f"etcd key {key!r} at {url} has an unreadable value") from exc
-    return Holder(owner, token, float(ttls[lease_id]) if lease_id else None, pid=info.get("pid"),
+    left = float(ttls[lease_id]) if ttls is not None and lease_id else None
+    return Holder(owner, token, left, pid=info.get("pid"),
                   host=info.get("host"), since=info.get("since"))

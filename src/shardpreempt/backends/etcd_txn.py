@@ -29,12 +29,12 @@ class Txns:
         """One txn, as it is."""
         return self.post("/kv/txn", {"compare": compare, "success": success, "failure": failure})
 
-    def in_chunks(self, items: list[Any], run: Callable[[list[Any]], bool]) -> bool:
-        """Call ``run`` on consecutive chunks of ``items`` that fit one txn until it returns False (then
-        False); a chunk the server refuses is run again smaller."""
+    def in_chunks(self, items: list[Any], run: Callable[[list[Any]], bool], reserve: int = 0) -> bool:
+        """Call ``run`` on consecutive chunks of ``items`` that fit one txn beside ``reserve`` more operations
+        until it returns False (then False); a chunk the server refuses is run again smaller."""
         pos = 0
         while pos < len(items):
-            chunk = items[pos:pos + self.max_ops] if self.max_ops else items[pos:]
+            chunk = items[pos:pos + max(1, self.max_ops - reserve)] if self.max_ops else items[pos:]
             try:
                 if not run(chunk):
                     return False
@@ -65,11 +65,12 @@ class Txns:
         self.in_chunks(keys, read)
         return found
 
-    def delete_ours(self, keys: list[bytes], test: dict[str, Any], ours: Callable[[dict[str, Any]], bool]) -> int:
+    def delete_ours(self, keys: list[bytes], test: dict[str, Any], ours: Callable[[dict[str, Any]], bool],
+                    also: tuple[dict[str, Any], ...] = ()) -> int:
         """Delete the keys that pass ``test`` (a compare target: our lease or our value). Per chunk, one txn
-        compares and deletes them all; if one fails the compare, its failure branch reads the chunk back
-        in the same round trip and a second txn deletes those still ``ours`` (etcd 3.4 has no nested
-        txn). Returns the revision of the last txn."""
+        compares and deletes them all (and does ``also``, more operations); if one fails the compare, its
+        failure branch reads the chunk back in the same round trip and a second txn deletes those still
+        ``ours`` (etcd 3.4 has no nested txn). Returns the revision of the last txn."""
         revision = 0
         keys_only = test["target"] == "LEASE"  # a lease compare needs no values read back
 
@@ -79,7 +80,7 @@ class Txns:
                 if not chunk:
                     return True
                 reply = self.txn([{"key": b64(k), "result": "EQUAL", **test} for k in chunk],
-                                 [{"request_delete_range": {"key": b64(k)}} for k in chunk],
+                                 [*({"request_delete_range": {"key": b64(k)}} for k in chunk), *also],
                                  [{"request_range": {"key": b64(k), "keys_only": keys_only}} for k in chunk])
                 revision = int(reply["header"]["revision"])
                 if reply.get("succeeded"):
@@ -89,7 +90,7 @@ class Txns:
             log.warning("deleting %d keys kept failing its comparison; lease expiry will free them", len(chunk))
             return True
 
-        self.in_chunks(keys, delete)
+        self.in_chunks(keys, delete, reserve=len(also))
         return revision
 
     def delete_valued(self, keys: list[bytes], value: bytes) -> int:

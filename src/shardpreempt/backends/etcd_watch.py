@@ -15,11 +15,11 @@ import ssl
 import time
 from typing import Any
 
-from .etcd_wire import b64, unb64
+from .etcd_wire import b64
 
 
 class WatchStream:
-    """One watch (DELETE events of a key range) on its own connection, reported from revision ``start``."""
+    """One watch (PUT events of one key) on its own connection, reported from revision ``start``."""
 
     def __init__(self, sock: socket.socket, start: int) -> None:
         self.sock = sock
@@ -30,15 +30,15 @@ class WatchStream:
         self.headers_done = False
 
     @classmethod
-    def open(cls, host: str, port: int, key: bytes, end: bytes, start: int, *, timeout: float,
+    def open(cls, host: str, port: int, key: bytes, start: int, *, timeout: float,
              tls: ssl.SSLContext | None = None, auth: str | None = None) -> WatchStream:
-        """Connect and ask for the DELETE events on ``[key, end)`` from revision ``start`` (0: from now)."""
+        """Connect and ask for the PUT events of ``key`` from revision ``start`` (0: from now)."""
         sock = socket.create_connection((host, port), timeout=timeout)
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname=host)
-        create: dict[str, Any] = {"key": b64(key), "range_end": b64(end), "filters": ["NOPUT"]}
+        create: dict[str, Any] = {"key": b64(key), "filters": ["NODELETE"]}
         if start:
-            create["start_revision"] = start  # so no delete after a failed acquire is missed
+            create["start_revision"] = start  # so no release after a failed acquire is missed
         body = json.dumps({"create_request": create}).encode()
         head = (f"POST /v3/watch HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n" + (f"Authorization: {auth}\r\n" if auth else "") + "\r\n")
@@ -83,8 +83,8 @@ class WatchStream:
                 messages.append(json.loads(line))
         return messages
 
-    def wait_for_delete(self, wanted: dict[bytes, int], deadline: float) -> bool:
-        """Consume events until one deletes a key of ``wanted`` after its revision (True) or ``deadline``."""
+    def wait_for_event(self, after: int, deadline: float) -> bool:
+        """Consume events until one from after revision ``after`` (True) or ``deadline``."""
         while (left := deadline - time.monotonic()) > 0:
             woken = False
             for message in self.read(left):  # consume the whole batch, so ``seen`` stays exact
@@ -94,10 +94,9 @@ class WatchStream:
                 if result.get("created") and not self.start:
                     self.start = int(result.get("header", {}).get("revision", 0)) + 1
                 for event in result.get("events", []):
-                    kv = event.get("kv", {})
-                    key, revision = unb64(kv.get("key", "")), int(kv.get("mod_revision", 0))
+                    revision = int(event.get("kv", {}).get("mod_revision", 0))
                     self.seen = max(self.seen, revision)
-                    woken |= event.get("type") == "DELETE" and key in wanted and revision > wanted[key]
+                    woken |= revision > after
             if woken:
                 return True
         return False
