@@ -17,7 +17,9 @@ scenario does (``bench/pool.py``). One run, in order:
    pool uses (``MemAvailable`` before the start less now), per worker;
 3. **status** — ``shardpreempt status CONFIG --json`` as a whole process, ``--runs`` times;
 4. **failover** — SIGKILL of one supervisor and everything under it: time until every slice is
-   held by a live member again (the bound: the ttl, plus a poll);
+   held by a live member again (the bound: the ttl, plus a poll), and, from the events, until each
+   slice the killed members held was acquired by a live member (in a big pool a moment with every
+   slice held comes only between handoffs to newcomers);
 5. **history** — ``shardpreempt.history.check`` over the events: overlaps and token violations.
 
 With ``--claimers`` each "supervisor" is one ``bench/claimers.py`` process hosting its W members in
@@ -40,7 +42,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pool import Pool, PoolStuck, history
+from pool import Pool, PoolStuck, history, slice_events
 from shardpreempt.testing.servers import EphemeralServer, server_for, unique
 
 
@@ -129,6 +131,17 @@ def memory(pids: list[int]) -> dict[str, list[float]]:
 def mem_available_mib() -> float:
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 1024
+
+
+def taken_again(pool: Pool, theirs: set[str], gone: set[str], since: float) -> list[float]:
+    """For each of ``theirs`` (slices the killed members held), seconds from ``since`` (unix time) until a
+    live member acquired it, from the events. In a big pool the moment with every slice held at once
+    comes only between handoffs to newcomers; this is when the dead members' own slices were taken."""
+    first: dict[str, float] = {}
+    for e in slice_events(pool, since, float("inf")):
+        if e["event"] == "acquired" and e["slice"] in theirs and e["owner"].rsplit(":", 2)[0] not in gone:
+            first.setdefault(e["slice"], e["t"] - since)
+    return sorted(first.values())
 
 
 def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
@@ -229,11 +242,24 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
             raise SystemExit("scale: the failover step needs at least 2 supervisors")
         victim = pool.procs[0]
         gone = pool.identities(victim)
-        t_kill, _ = pool.kill(victim)
-        t_back, _ = pool.wait(lambda o: pool.covered(o, gone), args.timeout, "every slice held again")
-        figures["failover_s"] = t_back - t_kill
-        print(f"failover: SIGKILL of a supervisor ({w} workers) -> every slice held by a live member "
-              f"{t_back - t_kill:.2f} s later (bound: ttl {args.ttl} s + a poll)")
+        _, before = pool.wait(lambda o: True, args.timeout, "observed")
+        theirs = {sid for sid, holder in before.holders.items() if holder in gone}
+        t_kill, unix_kill = pool.kill(victim)
+        try:
+            t_back, _ = pool.wait(lambda o: pool.covered(o, gone), args.timeout, "every slice held again")
+            figures["failover_s"] = t_back - t_kill
+            print(f"failover: SIGKILL of a supervisor ({w} workers) -> every slice held by a live member "
+                  f"{t_back - t_kill:.2f} s later (bound: ttl {args.ttl} s + a poll)")
+        except PoolStuck as exc:
+            figures["failover_s"] = None
+            print(f"failover: {exc}"[:400])
+        taken = taken_again(pool, theirs, gone, unix_kill)
+        figures["failover_victims_slices"] = len(theirs)
+        figures["failover_taken_again_s"] = max(taken) if len(taken) == len(theirs) and taken else None
+        if taken:
+            print(f"failover: the killed members' {len(theirs)} slices taken by live members: "
+                  f"{len(taken)} of them, the last {max(taken):.2f} s after the kill (median "
+                  f"{statistics.median(taken):.2f} s; from the events)")
     finally:
         pool.stop()
         if server is not None:
