@@ -29,8 +29,8 @@ value per grant: ``etcd_read``) plus one LeaseTimeToLive per distinct holder ses
 pool's look, reads the keys by txns and asks no time left. Every release txn also puts the news key
 ``/PREFIX/\\xffnews``; ``wait`` reads an etcd watch of it (see ``etcd_watch``) from the revision of the
 last failed acquire, kept open across calls until an acquire succeeds: one event per release for each
-waiter (a watch of the lock keys sent every deleted shard key to every waiter). Records live under ``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so
-no lock key can collide with them.
+waiter (a watch of the lock keys sent every deleted shard key to every waiter). Records live under
+``/PREFIX/\\xffrecords/``: 0xff never occurs in UTF-8, so no lock key can collide with them.
 
 Token source: the key's ``create_revision`` (the revision of the txn that created it), strictly
 increasing cluster-wide and durable; keys taken in different chunks get different tokens. Round trips
