@@ -42,7 +42,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pool import Pool, PoolStuck, history, slice_events
+from pool import Pool, PoolStuck, history, keep_evidence, slice_events
 from shardpreempt.testing.servers import EphemeralServer, server_for, unique
 
 
@@ -161,6 +161,7 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
     pool = Pool(tmp, url, cfg, k, w, args.poll, f"scale-{unique()}")
     pool.slots = m * w * 2 + 64  # every member slot in use, and more
     pool.claimers = args.claimers
+    failed = True
     try:
         available0 = mem_available_mib()
         t0 = time.monotonic()
@@ -260,11 +261,17 @@ def cmd_scale(args: argparse.Namespace, tmp: Path, kit: ModuleType) -> None:
             print(f"failover: the killed members' {len(theirs)} slices taken by live members: "
                   f"{len(taken)} of them, the last {max(taken):.2f} s after the kill (median "
                   f"{statistics.median(taken):.2f} s; from the events)")
+        failed = figures["failover_s"] is None
+    except PoolStuck as exc:  # the pool never got there: what it looked like, and the evidence below
+        print(f"scale: {exc}"[:600])
     finally:
         pool.stop()
         if server is not None:
             server.close()
     figures.update(history(pool))
+    if failed or figures["overlaps"] or figures["token_violations"] or args.keep:
+        figures["evidence"] = str(keep_evidence(pool, args))  # the events and every process's log
+        print(f"evidence kept in {figures['evidence']}")
     print(f"history: {figures.get('overlaps')} overlaps, {figures.get('token_violations')} token violations")
     if pool.ended:  # claimers processes that ended by themselves (their log says why)
         figures["ended_by_themselves"] = dict(pool.ended)

@@ -32,6 +32,7 @@ from .model import Holder, Shard, Slice
 from .typing import Backend
 
 RESERVED = "shardpreempt:"
+MEMBERS = f"{RESERVED}member:"  # every member key starts with it
 LAYOUT_RECORD = "shardpreempt:layout"
 ONCE_RECORD = "shardpreempt:once"
 BELL_RECORD = "shardpreempt:bell"  # server backends: changed by every ring, read by members every period
@@ -44,7 +45,7 @@ class LayoutConflict(ConfigError):
 
 def member_key(slot: int) -> str:
     """The lock key a member holds while it lives."""
-    return f"{RESERVED}member:{slot}"
+    return f"{MEMBERS}{slot}"
 
 
 def identity_of(owner: str) -> str:
@@ -187,10 +188,15 @@ class Observation:
         return max(self.by_slot, default=-1)
 
 
-def look_at(backend: Backend, keys: Sequence[str]) -> dict[str, Holder | None]:
+def look_at(backend: Backend, keys: Sequence[str], under: str | None = None) -> dict[str, Holder | None]:
     """Who holds each key a look reads: ``inspect``, or the backend's cheaper ``peek`` where it has one
     (file://: a probe of cached descriptors; etcd: the keys without each holder's time left, which a
-    look does not use). Redis, SQL and ZooKeeper answer any number of keys in a few round trips."""
+    look does not use). Redis, SQL and ZooKeeper answer any number of keys in a few round trips. With
+    ``under`` (the member keys' prefix), a backend with ``peek_under`` (etcd) reads every key under it
+    with one range instead of one read per key."""
+    peek_under = getattr(backend, "peek_under", None) if under is not None else None
+    if peek_under is not None:
+        return dict(peek_under(keys, under))
     peek = getattr(backend, "peek", None)
     return dict(peek(keys) if peek is not None else backend.inspect(keys))
 
@@ -198,7 +204,7 @@ def look_at(backend: Backend, keys: Sequence[str]) -> dict[str, Holder | None]:
 def observe(backend: Backend, slices: Sequence[Slice], slots: int) -> Observation:
     """Who is a member (member slots ``0..slots-1``) and who holds each slice."""
     member_keys = [member_key(j) for j in range(slots)]
-    seen = look_at(backend, member_keys + [s.first_key for s in slices])
+    seen = look_at(backend, member_keys + [s.first_key for s in slices], under=MEMBERS)
     members: dict[str, Member] = {}
     by_slot: dict[int, Member] = {}
     for j, key in enumerate(member_keys):

@@ -41,6 +41,7 @@ from .errors import BackendError, ConfigError, LossReason, Shutdown
 from .events import EventLog
 from .model import Lease, Shard, Slice
 from .pool import (
+    MEMBERS,
     Layout,
     Observation,
     join_margin,
@@ -139,6 +140,7 @@ class Worker:
         self.member: Claim | None = None
         self.member_slot: int | None = opts.preferred_slot
         self.owner = ""
+        self.join_owner: str | None = None  # the owner id a join tries under, until one succeeds
         self.free_since: dict[str, float] = {}
         self.cooldown: dict[str, float] = {}
         self.done: dict[str, str] = {}  # once mode: slice id -> "ok" | "failed"
@@ -628,9 +630,11 @@ class Worker:
     def _join(self, backend: Backend) -> bool | None:
         """Take a member key (the preferred slot first) under a fresh owner id; on file:// ring the bell (on
         a server the first look tells the members the join concerns, see :meth:`_tell`). False when
-        the backend failed, None when every slot tried was taken by others joining at the same time."""
+        the backend failed, None when every slot tried was taken by others joining at the same time.
+        The owner id is kept across lost rounds until a join succeeds: on etcd each new owner is a new
+        lease granted (and later revoked) through the cluster's log."""
         opts = self.opts
-        owner = member_owner(opts.identity)
+        owner = self.join_owner = self.join_owner or member_owner(opts.identity)
         try:
             if self.join_view is None:
                 self.join_view = self._member_slots(backend)
@@ -678,7 +682,7 @@ class Worker:
                 claim.on_lost(self._session_lost)
                 claim.start()
                 self.member, self.member_slot, self.owner = claim, j, owner
-                self.join_view, self.join_races = None, 0
+                self.join_view, self.join_races, self.join_owner = None, 0, None
                 if backend.capabilities.server_expiry and lease.ttl != opts.ttl:
                     self._report(f"t {lease.ttl}")  # the watchdog follows the ttl actually granted
                 self.started = time.monotonic()
@@ -719,7 +723,7 @@ class Worker:
         seen: dict[str, object] = {}
         read = 0
         while True:
-            seen.update(look_at(backend, [member_key(j) for j in range(read, self.slots)]))
+            seen.update(look_at(backend, [member_key(j) for j in range(read, self.slots)], under=MEMBERS))
             read = self.slots
             top = max((j for j in range(read) if seen.get(member_key(j)) is not None), default=-1)
             if top + join_margin(top) < read or read >= MAX_SLOTS:

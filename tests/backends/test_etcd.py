@@ -564,3 +564,20 @@ def test_any_release_wakes_a_waiter_and_a_roll_back_does_not(open_: Callable[...
     assert time.monotonic() - start < 5
     assert b._watch is not None
     assert b._watch.read(0.3) == []  # the 500 deleted keys were one event
+
+
+def test_a_look_reads_the_member_keys_with_one_range(open_: Callable[..., EtcdBackend],
+                                                      round_trips: list[int]) -> None:
+    """``peek_under`` answers the keys under a prefix (the pool's member slots) from one range read and
+    the others by one txn at that range's revision: two round trips however many slots are asked."""
+    a, b = open_(), open_()
+    for slot in (0, 1, 5):
+        assert a.try_acquire([f"m:{slot}"], f"member-{slot}", 30) is not None
+    assert a.try_acquire(["m-other"], "x", 30) is not None  # outside the prefix: never in the range
+    assert a.try_acquire(["s1"], "member-1", 30) is not None
+    keys = [f"m:{slot}" for slot in range(200)] + ["s1", "s2", "m-other"]
+    round_trips[0] = 0
+    seen = b.peek_under(keys, "m:")
+    assert round_trips[0] == 2
+    assert seen == b.peek(keys)
+    assert {k for k, h in seen.items() if h is not None} == {"m:0", "m:1", "m:5", "s1", "m-other"}

@@ -568,3 +568,30 @@ def test_a_big_pool_leaves_joiners_more_room_and_every_reader_sees_them() -> Non
     for j in [*range(1000), 1000 + 120]:
         backend.try_acquire([member_key(j)], f"host/m.{j}:1:ab", 10.0)
     assert len(members(backend)) == 1001
+
+
+def test_lost_join_rounds_keep_one_owner_id(setup: tuple[Worker, Faulty], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose join rounds are lost to other joiners tries again under the same owner id; a join
+    that succeeds, and a later one, get fresh ones. Regression: every round took a new owner id, which
+    on etcd is a new lease granted (and revoked at its expiry) through the cluster's log: a pool of 300
+    joining at once kept etcd granting about 40 leases a second for nobody."""
+    worker, backend = setup
+    owners: list[str] = []
+    real_acquire = Faulty.try_acquire
+
+    def busy(self: Faulty, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        if keys[0].startswith("shardpreempt:member:"):
+            owners.append(owner)
+            if len(owners) <= 40:
+                return None  # others joining got there first
+        return real_acquire(self, keys, owner, ttl)
+
+    monkeypatch.setattr(Faulty, "try_acquire", busy)
+    rounds = 0
+    while not worker._join(backend):
+        rounds += 1
+    assert rounds >= 2 and len(set(owners)) == 1 and worker.owner == owners[0]
+    assert worker.member is not None
+    worker.member.release()
+    worker.member = None
+    assert worker._join(backend) and worker.owner != owners[0]

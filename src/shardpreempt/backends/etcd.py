@@ -282,14 +282,38 @@ class EtcdBackend:
         time left made a look of N members N round trips more (and N LeaseTimeToLive at the leader);
         a look needs only who holds what. A lease that expired but is not yet revoked (the leader
         revokes expired leases within about half a second) still shows as held: the next look sees it."""
-        found = self.txns.read([self._raw_key(k) for k in keys])
+        return self._peek(keys, 0)
+
+    def peek_under(self, keys: Sequence[str], under: str) -> dict[str, Holder | None]:
+        """:meth:`peek`, with the keys that start with ``under`` answered by one range read of every key
+        under it (a pool's member slots: the range returns the members alone, where point reads asked
+        every slot, about twice as many, at about 70 µs of the server's time each), the others by point
+        reads at that range's revision."""
+        start = self._raw_key(under)
+        end = start[:-1] + bytes([start[-1] + 1])  # under's last character is ASCII (":")
+        kvs, revision = etcd_read.scan(self._post, start, end, self.page, keys_only=False)
+        out = self._peek([k for k in keys if not k.startswith(under)], revision)
+        wanted = set(keys)
+        out.update(dict.fromkeys(k for k in keys if k.startswith(under)))
+        cut = len(self.prefix)
+        for kv in kvs:
+            key = unb64(kv["key"])[cut:].decode("utf-8", "surrogatepass")
+            if key in wanted:
+                out[key] = self._holder(key, kv)
+        return out
+
+    def _peek(self, keys: Sequence[str], revision: int) -> dict[str, Holder | None]:
+        found = self.txns.read([self._raw_key(k) for k in keys], revision)
         out: dict[str, Holder | None] = dict.fromkeys(keys)
         for key in keys:
             kv = found.get(self._raw_key(key))
             if kv is not None:
-                grant = (int(kv.get("lease", 0)), int(kv["create_revision"]))
-                out[key] = etcd_read.holder(key, grant, kv.get("value", ""), None, self.url)
+                out[key] = self._holder(key, kv)
         return out
+
+    def _holder(self, key: str, kv: dict[str, Any]) -> Holder | None:
+        grant = (int(kv.get("lease", 0)), int(kv["create_revision"]))
+        return etcd_read.holder(key, grant, kv.get("value", ""), None, self.url)
 
     def inspect(self, keys: Sequence[str]) -> dict[str, Holder | None]:
         """Up to 64 keys: one txn reading them. More: the prefix scanned in pages of keys only, then the value of

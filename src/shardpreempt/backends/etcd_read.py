@@ -26,13 +26,13 @@ Post = Callable[[str, dict[str, Any]], dict[str, Any]]
 Grant = tuple[int, int]
 
 
-def scan(post: Post, start: bytes, end: bytes, page: int) -> tuple[list[dict[str, Any]], int]:
-    """Every key in ``[start, end)`` without its value, ``page`` keys per request, every page at the first
-    page's revision; the kvs and that revision."""
+def scan(post: Post, start: bytes, end: bytes, page: int, keys_only: bool = True) -> tuple[list[dict[str, Any]], int]:
+    """Every key in ``[start, end)`` (without its value unless ``keys_only`` is false), ``page`` keys per
+    request, every page at the first page's revision; the kvs and that revision."""
     found: list[dict[str, Any]] = []
     revision = 0
     while True:
-        body: dict[str, Any] = {"key": b64(start), "range_end": b64(end), "limit": page, "keys_only": True}
+        body: dict[str, Any] = {"key": b64(start), "range_end": b64(end), "limit": page, "keys_only": keys_only}
         if revision:
             body["revision"] = revision
         reply = post("/kv/range", body)
