@@ -654,10 +654,20 @@ class Worker:
             # must not send joiners further and further out, where members would not see them.
             width = 4 << min(self.join_races, 5)
             above: list[int] = []  # free slots just above the highest in use, from a read of 64 slots
+            # The slot tried first: the one this worker had, else its index among its supervisor's
+            # workers, so that the workers of one supervisor joining at once do not race each other
+            # (those of several race per slot, one winner each). While it is beyond the margin, the
+            # workers below are still joining: wait for them (a few rounds) instead of racing them.
+            wanted = self.member_slot if self.member_slot is not None else opts.index
+            if wanted not in free and wanted > top + join_margin(top) and self.join_races < 8:
+                top, above = self._slots_above(backend, top)
+                self.join_view = (top, free)
+                if wanted > top + join_margin(top):
+                    self.join_races += 1
+                    return None
             for attempt in range(16):
-                if attempt == 0 and self.member_slot is not None and (
-                        self.member_slot in free or top < self.member_slot <= top + join_margin(top)):
-                    j = self.member_slot
+                if attempt == 0 and (wanted in free or top < wanted <= top + join_margin(top)):
+                    j = wanted
                 elif free:
                     j = free.pop(random.randrange(min(width, len(free))))
                 else:
@@ -666,6 +676,8 @@ class Worker:
                     j = above.pop(random.randrange(min(width, len(above))))
                 if j in free:
                     free.remove(j)
+                if j in above:
+                    above.remove(j)
                 if j >= MAX_SLOTS:
                     break
                 key = member_key(j)

@@ -595,3 +595,34 @@ def test_lost_join_rounds_keep_one_owner_id(setup: tuple[Worker, Faulty], monkey
     worker.member.release()
     worker.member = None
     assert worker._join(backend) and worker.owner != owners[0]
+
+
+def test_the_workers_of_one_supervisor_join_at_their_index_without_racing() -> None:
+    """A worker's first try is the member slot of its index among its supervisor's workers, so workers
+    started together do not race for the same few slots; one whose slot is beyond the join margin waits
+    (a lost round, no acquire) until the workers below it have joined, then takes its own. Regression:
+    every joiner picked among the lowest four free slots at random, so a supervisor of 100 workers
+    joining an empty pool let about four in per round, and each round on a busy server took seconds."""
+    url = f"memory://{uuid.uuid4().hex}"
+    backend = MemoryBackend(url)
+    slices = make_slices(SHARDS, 2)
+    tried: list[str] = []
+    real_acquire = MemoryBackend.try_acquire
+
+    def acquire(self: MemoryBackend, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
+        tried.extend(k for k in keys if k.startswith("shardpreempt:member:"))
+        return real_acquire(self, keys, owner, ttl)
+
+    workers = {i: Worker(WorkerOptions(url, 10.0, slices, Layout.of(SHARDS, "round-robin", 2), f"host/s.{i}",
+                                       RunSettings(index=i, job=wait_job), index=i)) for i in (0, 1, 5, 15, 30)}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(MemoryBackend, "try_acquire", acquire)
+            assert workers[30]._join(backend) is None and tried == []  # slot 30 is out of sight: it waits
+            for i in (15, 5, 1, 0):
+                assert workers[i]._join(backend) and workers[i].member_slot == i
+            assert tried == [member_key(i) for i in (15, 5, 1, 0)]  # one acquire each, no race
+            assert workers[30]._join(backend) and workers[30].member_slot == 30  # 15 + 16 is in sight now
+    finally:
+        for w in workers.values():
+            stop(w)
