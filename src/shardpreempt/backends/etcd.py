@@ -287,7 +287,7 @@ class EtcdBackend:
     def peek_under(self, keys: Sequence[str], under: str) -> dict[str, Holder | None]:
         """:meth:`peek`, with the keys that start with ``under`` answered by one range read of every key
         under it (a pool's member slots: the range returns the members alone, where point reads asked
-        every slot, about twice as many, at about 70 µs of the server's time each), the others by point
+        every slot, about twice as many, at about 95 µs of the server's time each), the others by point
         reads at that range's revision."""
         start = self._raw_key(under)
         end = start[:-1] + bytes([start[-1] + 1])  # under's last character is ASCII (":")
@@ -359,7 +359,7 @@ class EtcdBackend:
         need = min(failed, default=0) + 1  # report every release from here on
         try:
             if self._watch is not None and need > 1 and not self._watch.covers(need):
-                self._watch.close()  # it may have passed a delete we care about: reopen from there
+                self._watch.close()  # it may have passed a release we care about: reopen from there
                 self._watch = None
             if self._watch is None:
                 self._watch = self._open_watch(need if need > 1 else 0)
