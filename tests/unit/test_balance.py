@@ -7,7 +7,6 @@ time advancing in steps so that ``grace``, ``min_hold`` and ``settle`` matter.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections import Counter
@@ -15,7 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import pytest
 
-from shardpreempt.balance import Decision, Members, Params, View, _weigh, decide, targets, weight
+from shardpreempt import balance
+from shardpreempt.balance import Decision, Members, Params, View, decide, meant_for, targets, weight
 
 P = Params()  # grace 0.5, settle 0.5, max_settle 30, flap_window 60, min_hold 0.5
 STEP = 0.1  # seconds per simulated round: grace, settle and min_hold span several rounds, more than any lag
@@ -643,10 +643,28 @@ def test_sim_restart_after_takeover_gets_most_slices_back() -> None:
 
 
 def test_decide_weighs_free_slices_as_weight_does() -> None:
-    """decide hashes each member's identity once per look (not once per free slice); the weights are
-    the same as weight() gives."""
+    """decide remembers the weights it computed (each pair hashed once per process, within a bound);
+    they are the ones weight() gives, and a full cache starts again."""
     members = ["host/a.0", "host/b.1", "ünï/c.2"]
-    prefix = {m: hashlib.blake2b(f"{m}\0".encode(), digest_size=8) for m in members}
-    for m in members:
-        for sid in ("s1", "0f3a9c", "slice-ü"):
-            assert _weigh(prefix, sid.encode(), m) == (weight(m, sid), m)
+    for sid in ("s1", "0f3a9c", "slice-ü"):
+        row = balance._weights_of(sid, members)
+        assert all(row[m] == weight(m, sid) for m in members)
+    balance._weights_of("s1", ["host/d.3"])  # one more member: only it is hashed
+    assert balance._weights["s1"]["host/d.3"] == weight("host/d.3", "s1")
+    cap = balance.CACHED_WEIGHTS
+    try:
+        balance.CACHED_WEIGHTS = balance._cached + 2
+        row = balance._weights_of("new", members)  # 3 more than the bound allows: the cache starts again
+        assert balance._cached == 3 and list(balance._weights) == ["new"]
+        assert all(row[m] == weight(m, "new") for m in members)
+    finally:
+        balance.CACHED_WEIGHTS = cap
+
+
+def test_meant_for_breaks_equal_weights_by_the_highest_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two members with the same weight for a slice: the one with the highest name gets it, as a
+    (weight, name) comparison gives (every member must compute the same)."""
+    monkeypatch.setattr(balance, "weight", lambda member, slice_id: 7)
+    monkeypatch.setattr(balance, "_weights", {})
+    view = View("a", 0.0, frozenset({"a", "b", "c"}), frozenset({"a", "b", "c"}), {"s1": None, "s2": None, "s3": None})
+    assert meant_for(view) == {"s1": "c", "s2": "b", "s3": "a"}  # one slice each, by name from the highest

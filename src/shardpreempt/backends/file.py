@@ -107,18 +107,24 @@ class FileBackend:
         self._host = socket.gethostname()
 
     def _open(self, key: str) -> int:
-        path = self.directory / lock_name(key)
+        name = lock_name(key)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(lock_name(key), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=self._dir_fd)
+            try:
+                # Without O_CREAT first: an open that may create takes the directory's lock exclusively
+                # even when the file exists, and a hundred workers acquiring at once queued on it.
+                fd = os.open(name, flags, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                fd = os.open(name, flags | os.O_CREAT, 0o600, dir_fd=self._dir_fd)
         except OSError as exc:
+            path = self.directory / name
             if exc.errno == errno.ELOOP:
                 raise BackendError(f"refusing lock file {str(path)!r}: it is a symlink") from exc
             raise BackendError(f"cannot open lock file {str(path)!r}: {exc.strerror}") from exc
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             os.close(fd)
-            raise BackendError(f"refusing lock file {str(path)!r}: not a regular file of ours")
+            raise BackendError(f"refusing lock file {str(self.directory / name)!r}: not a regular file of ours")
         return fd
 
     def try_acquire(self, keys: Sequence[str], owner: str, ttl: float) -> Lease | None:
