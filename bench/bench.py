@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import compileall
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -147,15 +148,26 @@ def summary(name: str, values: list[float], unit: str = "s", baseline: float | N
     return text
 
 
-def coverage_once(tmp: Path, url: str, shards: int, workers: int, ttl: float) -> float:
+@dataclasses.dataclass
+class Coverage:
+    seconds: float  # start -> every shard owned
+    forked: float  # the first worker's start -> the last one's
+    handoffs: int  # slices released before every shard was owned (taken, then handed over)
+
+
+def coverage_once(tmp: Path, url: str, shards: int, workers: int, ttl: float) -> Coverage:
     run = Run(tmp, url, shards, workers, ttl)
     try:
-        return run.wait_owned(0.0) - run.t0
+        owned = run.wait_owned(0.0)
     finally:
         run.stop()
+    evs = read_events(run.events)
+    started = [e["t"] for e in evs if e["event"] == "started"]
+    handoffs = {(e["slice"], e["owner"]) for e in evs if e["event"] == "released" and e["t"] <= owned}
+    return Coverage(owned - run.t0, max(started) - min(started), len(handoffs))
 
 
-def coverage(tmp: Path, urls: Callable[[], str], args: argparse.Namespace) -> tuple[float, list[float]]:
+def coverage(tmp: Path, urls: Callable[[], str], args: argparse.Namespace) -> tuple[Coverage, list[Coverage]]:
     """The first run on a fresh namespace (lock files or rows created), then repeated runs on it."""
     url = urls()
     cold = coverage_once(tmp, url, args.shards, args.workers, args.ttl)
@@ -164,13 +176,17 @@ def coverage(tmp: Path, urls: Callable[[], str], args: argparse.Namespace) -> tu
 
 def cmd_coverage(args: argparse.Namespace, tmp: Path) -> None:
     with url_factory(args.backend, tmp) as urls:
-        cold, times = coverage(tmp, urls, args)
+        cold, runs = coverage(tmp, urls, args)
     base = None
     if args.backend != "file":
-        base = statistics.median(coverage(tmp, lambda: f"file://{tmp}/locks-{unique()}", args)[1])
+        base = statistics.median(c.seconds for c in coverage(tmp, lambda: f"file://{tmp}/locks-{unique()}", args)[1])
         print(summary(f"baseline file:// S={args.shards} W={args.workers}", [base]))
-    print(f"first run on a fresh namespace: {cold:.4f} s")
-    print(summary(f"coverage {args.backend} S={args.shards} W={args.workers}", times, baseline=base))
+    print(f"first run on a fresh namespace: {cold.seconds:.4f} s")
+    print(summary(f"coverage {args.backend} S={args.shards} W={args.workers}", [c.seconds for c in runs],
+                  baseline=base, per_run=True))
+    print(summary("  workers forked within", [c.forked for c in runs], per_run=True))
+    print(summary("  handed over before every shard was owned", [c.handoffs for c in runs], unit="slices",
+                  per_run=True))
 
 
 def failover_samples(tmp: Path, urls: Callable[[], str], args: argparse.Namespace, graceful: bool) -> list[float]:
