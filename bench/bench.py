@@ -178,7 +178,7 @@ def cmd_coverage(args: argparse.Namespace, tmp: Path) -> None:
     with url_factory(args.backend, tmp) as urls:
         cold, runs = coverage(tmp, urls, args)
     base = None
-    if args.backend != "file":
+    if args.backend != "file" and args.baseline:
         base = statistics.median(c.seconds for c in coverage(tmp, lambda: f"file://{tmp}/locks-{unique()}", args)[1])
         print(summary(f"baseline file:// S={args.shards} W={args.workers}", [base]))
     print(f"first run on a fresh namespace: {cold.seconds:.4f} s")
