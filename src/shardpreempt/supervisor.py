@@ -112,10 +112,7 @@ class Supervisor:
         self._on_signal(signal.SIGTERM, None)
 
     # -- workers ----------------------------------------------------------------------------------
-    def _spawn(self, slot: _Slot, gate: tuple[int, int] | None = None) -> None:
-        """Fork the worker of ``slot``. With a ``gate`` (a pipe), the new worker waits until the pipe's
-        write end is closed (every descriptor of it: the supervisor closes its own once all the first
-        workers are forked) before it runs: see :meth:`run`."""
+    def _spawn(self, slot: _Slot) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         parent = os.getpid()
         # Block the stop signals across fork: one sent to the new worker before it has reset the
@@ -134,10 +131,6 @@ class Supervisor:
                     signal.signal(s, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # a pending SIGTERM ends it here
-                if gate is not None:
-                    os.close(gate[1])
-                    os.read(gate[0], 1)  # end of file: every first worker is forked
-                    os.close(gate[0])
                 code = self.worker_main(slot.index, write_fd, parent)
             finally:
                 os._exit(code)
@@ -282,18 +275,8 @@ class Supervisor:
         try:
             if self.on_tick is not None:
                 self.on_tick(self)
-            # The first workers wait at a gate until all are forked. Started one by one, each worker's
-            # start (its join, its looks, its first slices) took the CPU from the supervisor still
-            # forking the rest: on 2 cores, 100 workers took 10 s to fork instead of 0.3 s, and the
-            # early ones, no longer counting their unstarted siblings after a second, took their slices
-            # and handed them over again when the siblings joined.
-            gate = os.pipe2(os.O_CLOEXEC)
-            try:
-                for slot in self.slots:
-                    self._spawn(slot, gate)
-            finally:
-                os.close(gate[1])
-                os.close(gate[0])
+            for slot in self.slots:
+                self._spawn(slot)
             next_tick = time.monotonic()
             while any(s.pid is not None or s.restart_at is not None for s in self.slots):
                 now = time.monotonic()

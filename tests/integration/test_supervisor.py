@@ -5,12 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from shardpreempt.events import EventLog
-from shardpreempt.supervisor import Supervisor
 from shardpreempt.testing import check, wait_until
 
 from .conftest import alive, events, write_config
@@ -155,23 +152,3 @@ def test_failing_slice_is_given_up_so_another_worker_can_try(tmp_path: Path, loc
     wait_until(lambda: ok.exists() and ok.read_text().strip() == "1", 30, message="worker 1 took over")
     run.signal(signal.SIGTERM)
     run.wait(20)
-
-
-def test_the_first_workers_run_only_once_all_are_forked(tmp_path: Path) -> None:
-    """Each of the first workers starts its work after the supervisor has forked all of them. Regression:
-    started one by one, the workers already running took the CPU from the supervisor still forking the
-    rest (100 workers on 2 cores took 10 s to fork, instead of 0.3 s)."""
-    out = tmp_path / "began"
-
-    def main(index: int, heartbeat_fd: int, parent: int) -> int:
-        with open(out, "a") as f:
-            f.write(f"{time.time()}\n")
-        return 0
-
-    log = EventLog(tmp_path / "events.jsonl")
-    assert Supervisor(6, main, once=True, events=log).run() == 0
-    log.close()
-    forked = [e["t"] for e in events(tmp_path / "events.jsonl") if e["event"] == "started"]
-    began = [float(t) for t in out.read_text().split()]
-    assert len(forked) == len(began) == 6
-    assert min(began) >= max(forked)  # the first one began after the last fork
