@@ -151,7 +151,7 @@ def summary(name: str, values: list[float], unit: str = "s", baseline: float | N
 @dataclasses.dataclass
 class Coverage:
     seconds: float  # start -> every shard owned
-    forked: float  # the first worker's start -> the last one's
+    forked: float  # the first worker's start -> the last start of any (a restart counts)
     handoffs: int  # slices released before every shard was owned (taken, then handed over)
 
 
@@ -184,7 +184,8 @@ def cmd_coverage(args: argparse.Namespace, tmp: Path) -> None:
     print(f"first run on a fresh namespace: {cold.seconds:.4f} s")
     print(summary(f"coverage {args.backend} S={args.shards} W={args.workers}", [c.seconds for c in runs],
                   baseline=base, per_run=True))
-    print(summary("  workers forked within", [c.forked for c in runs], per_run=True))
+    print(summary("  workers forked within (first start to last, restarts too)", [c.forked for c in runs],
+                  per_run=True))
     print(summary("  handed over before every shard was owned", [c.handoffs for c in runs], unit="slices",
                   per_run=True))
 

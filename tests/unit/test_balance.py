@@ -642,15 +642,18 @@ def test_sim_restart_after_takeover_gets_most_slices_back() -> None:
     assert back / total > 0.5, f"{back} of {total} came back"
 
 
-def test_decide_weighs_free_slices_as_weight_does() -> None:
+def test_decide_weighs_free_slices_as_weight_does(monkeypatch: pytest.MonkeyPatch) -> None:
     """decide remembers the weights it computed (each pair hashed once per process, within a bound);
     they are the ones weight() gives, and a full cache starts again."""
     members = ["host/a.0", "host/b.1", "ünï/c.2"]
     for sid in ("s1", "0f3a9c", "slice-ü"):
         row = balance._weights_of(sid, members)
         assert all(row[m] == weight(m, sid) for m in members)
-    balance._weights_of("s1", ["host/d.3"])  # one more member: only it is hashed
-    assert balance._weights["s1"]["host/d.3"] == weight("host/d.3", "s1")
+    hashed: list[str] = []
+    monkeypatch.setattr(balance, "weight", lambda m, s: hashed.append(m) or weight(m, s))
+    balance._weights_of("s1", [*members, "host/d.3"])  # one more member: only it is hashed
+    assert hashed == ["host/d.3"] and balance._weights["s1"]["host/d.3"] == weight("host/d.3", "s1")
+    monkeypatch.undo()
     cap = balance.CACHED_WEIGHTS
     try:
         balance.CACHED_WEIGHTS = balance._cached + 2
@@ -666,5 +669,6 @@ def test_meant_for_breaks_equal_weights_by_the_highest_name(monkeypatch: pytest.
     (weight, name) comparison gives (every member must compute the same)."""
     monkeypatch.setattr(balance, "weight", lambda member, slice_id: 7)
     monkeypatch.setattr(balance, "_weights", {})
+    monkeypatch.setattr(balance, "_cached", 0)
     view = View("a", 0.0, frozenset({"a", "b", "c"}), frozenset({"a", "b", "c"}), {"s1": None, "s2": None, "s3": None})
     assert meant_for(view) == {"s1": "c", "s2": "b", "s3": "a"}  # one slice each, by name from the highest
